@@ -1,0 +1,160 @@
+"""Server benchmarks under paced real-time load, each server in its own process and the load
+from ``bench.loadgen`` in another (raw sockets, calls spread over the 20 ms period).
+
+* ``server``: CPU per received frame, the real service (asyncio and uvloop, no handler, and
+  with the recorder) against the bare websockets receive loop and a naive server that
+  ``json.loads`` every frame on stock asyncio; ratios against the naive server.
+* ``capacity``: the most concurrent real-time calls one server process carries with p99
+  receive-to-handler latency under 20 ms and no frame lost, found by stepping the load, for
+  inbound-only and both-track calls.
+* ``memory``: RSS per idle call (started, no audio) and per active call.
+
+CPU is read from ``/proc/<pid>/stat`` of the server process alone; every figure is the
+median of the repeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LATENCY_LIMIT_MS = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def have_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
+             both_tracks: bool = False, idle: bool = False) -> dict[str, Any]:
+    """One server process, one load generator process; what the server spent and saw."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.servers", variant, "--port", str(port), "--loop", loop],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        json.loads(server.stdout.readline())  # ready
+        rss_before = rss_kb(server.pid)
+        command = [sys.executable, "-m", "bench.loadgen", "--url",
+                   f"ws://127.0.0.1:{port}/stream", "--calls", str(calls),
+                   "--seconds", str(seconds)]
+        command += ["--both-tracks"] * both_tracks + ["--idle"] * idle
+        generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert generator.stdout is not None
+        json.loads(generator.stdout.readline())  # all calls connected and started
+        cpu_before = cpu_seconds(server.pid)
+        time.sleep(seconds / 2)
+        rss_during = rss_kb(server.pid)
+        load = json.loads(generator.stdout.read())
+        generator.wait()
+        time.sleep(0.3)  # the last frames in flight
+        cpu_spent = cpu_seconds(server.pid) - cpu_before
+        server.terminate()
+        seen = json.loads(server.communicate(timeout=60)[0].splitlines()[-1])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            server.kill()
+    sent = load["frames_sent"]
+    return {
+        "calls": load["calls"], "failed": load["failed"], "frames_sent": sent,
+        "frames_received": seen["frames"], "cpu_s": cpu_spent,
+        "cpu_us_per_frame": cpu_spent / sent * 1e6 if sent else 0.0,
+        "latency_ms": seen.get("latency_ms", {}), "rss_before_kb": rss_before,
+        "rss_during_kb": rss_during, "sender_lateness_ms": load["sender_lateness_ms"],
+    }
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def cpu_suite(*, quick: bool = False) -> None:
+    calls, seconds, repeats = (150, 3.0, 1) if quick else (300, 6.0, 3)
+    variants = [("naive", "naive", "asyncio"), ("bare websockets", "bare", "asyncio"),
+                ("streamsvc", "service", "asyncio"),
+                ("streamsvc + recorder", "service-recorder", "asyncio")]
+    if have_uvloop():
+        variants[3:3] = [("streamsvc, uvloop", "service", "uvloop")]
+        variants.append(("streamsvc + recorder, uvloop", "service-recorder", "uvloop"))
+    print(f"\nserver CPU per frame: {calls} real-time calls x {seconds:g} s, "
+          f"median of {repeats}")
+    print(f"{'server':30} {'us/frame':>9} {'x naive':>8} {'lost':>6}")
+    results = {}
+    for name, variant, loop in variants:
+        runs = [run_load(variant, calls, seconds, loop=loop) for _ in range(repeats)]
+        lost = max(r["frames_sent"] - r["frames_received"] for r in runs)
+        results[name] = (median_of(runs, "cpu_us_per_frame"), lost)
+    naive = results["naive"][0]
+    for name, (micros, lost) in results.items():
+        print(f"{name:30} {micros:9.1f} {micros / naive:8.2f} {lost:6d}")
+
+
+def passes(run: dict[str, Any]) -> bool:
+    return (run["failed"] == 0 and run["frames_received"] == run["frames_sent"]
+            and run["latency_ms"].get("p99", 1e9) < LATENCY_LIMIT_MS)
+
+
+def capacity_suite(*, quick: bool = False) -> None:
+    seconds = 4.0 if quick else 8.0
+    loop = "uvloop" if have_uvloop() else "asyncio"
+    steps = [250, 500, 750, 1000, 1250, 1500, 1750, 2000]
+    print(f"\ncalls per server process ({loop}): p99 receive-to-handler latency "
+          f"< {LATENCY_LIMIT_MS:g} ms and no frame lost, {seconds:g} s per step")
+    print(f"{'tracks':8} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6} "
+          f"{'cpu %':>6} {'sender p99 ms':>14}")
+    for both in (False, True):
+        best = 0
+        for calls in steps:
+            run = run_load("service-latency", calls, seconds, loop=loop, both_tracks=both)
+            latency = run["latency_ms"]
+            print(f"{'both' if both else 'inbound':8} {calls:6d} {latency.get('p50', 0):8.2f} "
+                  f"{latency.get('p99', 0):8.2f} {run['frames_sent'] - run['frames_received']:6d} "
+                  f"{100 * run['cpu_s'] / seconds:6.0f} {run['sender_lateness_ms']['p99']:14.2f}",
+                  flush=True)
+            if not passes(run):
+                break
+            best = calls
+        print(f"{'both' if both else 'inbound':8} most calls passing: {best}")
+
+
+def memory_suite(*, quick: bool = False) -> None:
+    calls = 200 if quick else 500
+    print(f"\nmemory: RSS of one server process with {calls} calls")
+    idle = run_load("service", calls, 4.0, idle=True)
+    active = run_load("service", calls, 4.0)
+    for name, run in (("idle (started, no audio)", idle), ("active (50 frames/s)", active)):
+        per_call = (run["rss_during_kb"] - run["rss_before_kb"]) / calls
+        print(f"{name:28} {run['rss_before_kb']:7d} kB before {run['rss_during_kb']:7d} kB "
+              f"during  {per_call:6.1f} kB per call")

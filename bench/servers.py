@@ -1,0 +1,138 @@
+"""The servers the benchmarks compare, each run as its own process:
+
+    python -m bench.servers VARIANT --port PORT
+
+* ``service``: streamsvc with no handler; ``service-latency``: with a handler that measures
+  receive-to-handler latency from the sender's timestamp in each payload;
+  ``service-recorder``: with the recorder;
+* ``bare``: the websockets receive loop and nothing else (the floor for any websockets
+  server);
+* ``naive``: websockets on stock asyncio, ``json.loads`` and ``base64.b64decode`` on every
+  frame, as Twilio's samples do.
+
+``--loop uvloop`` runs the variant on uvloop (when installed). On SIGTERM the process
+prints one JSON line (frames received, latency percentiles where measured) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+
+from streamsvc import wire
+from streamsvc.config import Route, Settings
+from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
+from streamsvc.logs import configure_logging
+from streamsvc.server import StreamServer
+
+
+class LatencyHandler(Handler):
+    """Receive-to-handler latency: now minus the sender's monotonic_ns in the payload."""
+
+    samples = array.array("q")
+    frames = 0
+
+    def on_media(self, frame: wire.Media) -> None:
+        sent = int.from_bytes(frame.payload[:8], "little", signed=True)
+        LatencyHandler.samples.append(time.monotonic_ns() - sent)
+
+
+class Counter(Handler):
+    frames = 0
+
+    def on_media(self, frame: wire.Media) -> None:
+        Counter.frames += 1
+
+
+def percentiles(samples: array.array[int]) -> dict[str, float]:
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(len(ordered) * q))] / 1e6, 3)  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1] / 1e6, 3)}
+
+
+async def run_service(port: int, handlers: tuple[HandlerSpec, ...], stop: asyncio.Event) -> dict:
+    settings = Settings(port=port, ping_interval_s=0, max_connections=100_000,
+                        routes=(Route("/stream", handlers),), idle_timeout_s=60)
+    server = StreamServer(settings)
+    await server.start()
+    print(json.dumps({"ready": True}), flush=True)
+    await stop.wait()
+    await server.stop()
+    return {"frames": server.metrics.frames["inbound"] + server.metrics.frames["outbound"]}
+
+
+async def run_bare(port: int, stop: asyncio.Event, naive: bool) -> dict:
+    frames = 0
+
+    async def handler(connection: ServerConnection) -> None:
+        nonlocal frames
+        async for message in connection:
+            if naive:
+                event = json.loads(message)
+                if event.get("event") == "media":
+                    base64.b64decode(event["media"]["payload"])
+                    frames += 1
+            elif b'"media"' in message if isinstance(message, bytes) else '"media"' in message:
+                frames += 1
+
+    async with serve(handler, "127.0.0.1", port, ping_interval=None, compression=None,
+                     max_size=65536):
+        print(json.dumps({"ready": True}), flush=True)
+        await stop.wait()
+    return {"frames": frames}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", choices=["service", "service-latency", "service-recorder",
+                                            "bare", "naive"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    args = parser.parse_args()
+    configure_logging(level="error")  # keep stdout for the result line
+
+    async def main_task() -> dict:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        coroutine: Coroutine[Any, Any, dict]
+        if args.variant == "service":
+            coroutine = run_service(args.port, (), stop)
+        elif args.variant == "service-latency":
+            coroutine = run_service(args.port, (HandlerSpec("latency", LatencyHandler),), stop)
+        elif args.variant == "service-recorder":
+            directory = tempfile.mkdtemp(prefix="streamsvc-bench-")
+            recorder = resolve_handler("recorder", {"dir": directory}, key="bench")
+            coroutine = run_service(args.port, (recorder,), stop)
+        else:
+            coroutine = run_bare(args.port, stop, naive=args.variant == "naive")
+        return await coroutine
+
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result = runner.run(main_task())
+    result["latency_ms"] = percentiles(LatencyHandler.samples)
+    result["latency_samples"] = len(LatencyHandler.samples)
+    print(json.dumps(result), flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

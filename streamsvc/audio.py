@@ -1,0 +1,96 @@
+"""Audio for Media Streams: G.711 mu-law <-> PCM16 and sample-rate conversion.
+
+Twilio's audio is 8 kHz mono mu-law both ways (``shared/protocol.md``). Conversion uses the
+standard library's ``audioop`` (``audioop-lts`` on Python 3.13+, installed by an environment
+marker); resampling uses soxr with one stateful stream per call and direction, so that
+consecutive 20 ms frames join without clicks at their edges.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Final
+
+import numpy as np
+import soxr
+
+with warnings.catch_warnings():
+    # audioop is deprecated in 3.11/3.12 (removed in 3.13, where audioop-lts provides it).
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+__all__ = [
+    "TWILIO_SAMPLE_RATE",
+    "Resampler",
+    "dbfs",
+    "mulaw_to_pcm16",
+    "pcm16_rms_peak",
+    "pcm16_to_mulaw",
+]
+
+TWILIO_SAMPLE_RATE: Final = 8000
+SAMPLE_WIDTH: Final = 2  # PCM16
+FULL_SCALE: Final = 32768.0
+SILENCE_DBFS: Final = -120.0  # what digital silence reports instead of -inf
+
+
+def mulaw_to_pcm16(mulaw: bytes) -> bytes:
+    """Decode G.711 mu-law bytes to little-endian PCM16 (one sample per byte)."""
+    return audioop.ulaw2lin(mulaw, SAMPLE_WIDTH)
+
+
+def pcm16_to_mulaw(pcm: bytes) -> bytes:
+    """Encode little-endian PCM16 to G.711 mu-law (one byte per sample)."""
+    return audioop.lin2ulaw(pcm, SAMPLE_WIDTH)
+
+
+def pcm16_rms_peak(pcm: bytes) -> tuple[int, int]:
+    """RMS and peak absolute sample of PCM16 audio (0 for no audio)."""
+    if not pcm:
+        return 0, 0
+    return audioop.rms(pcm, SAMPLE_WIDTH), audioop.max(pcm, SAMPLE_WIDTH)
+
+
+def dbfs(value: float) -> float:
+    """A sample magnitude in dBFS: 0 is full scale; silence gives -120, not -inf."""
+    return 20 * math.log10(value / FULL_SCALE) if value > 0 else SILENCE_DBFS
+
+
+class Resampler:
+    """A stateful PCM16 mono rate converter for one call and one direction (for example
+    16 kHz from a speech engine to Twilio's 8 kHz). Feed chunks in order with
+    :meth:`process`; call :meth:`flush` at the end for the filter's tail."""
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._stream: Any = self._new_stream()
+
+    def _new_stream(self) -> Any:
+        if self.in_rate == self.out_rate:
+            return None
+        return soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="int16", quality="HQ")
+
+    def process(self, pcm: bytes) -> bytes:
+        """Convert one chunk; the output may lag the input by the filter's delay."""
+        if self._stream is None:
+            return pcm
+        samples = np.frombuffer(pcm, dtype="<i2")
+        return bytes(self._stream.resample_chunk(samples, last=False).astype("<i2").tobytes())
+
+    def flush(self) -> bytes:
+        """The remaining output once the input has ended; the resampler then starts afresh
+        (for the next utterance)."""
+        if self._stream is None:
+            return b""
+        empty = np.zeros(0, dtype="<i2")
+        tail = self._stream.resample_chunk(empty, last=True).astype("<i2").tobytes()
+        self._stream = self._new_stream()
+        return bytes(tail)
+
+    def reset(self) -> None:
+        """Drop what the filter holds (after a ``clear``) and start afresh."""
+        self._stream = self._new_stream()

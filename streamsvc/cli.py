@@ -1,0 +1,326 @@
+"""The ``streamsvc`` command: ``serve`` runs the service, ``replay`` plays fixtures at one,
+``fixture synth`` makes fixtures from audio, ``twiml`` prints TwiML that streams a call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from . import __version__
+from .config import SETTINGS, Settings, load_settings
+from .exceptions import ConfigError
+from .fixtures import FixtureError, dump_fixture, load_fixture
+from .logs import configure_logging
+from .replay import replay
+from .server import StreamServer
+from .session import DEFAULT_PARAMETER_BUDGET_BYTES, parameters_size
+from .synth import SessionPlan, expected_outcome, read_wav, synthesize
+from .twiml import parse_pairs, render_stream_twiml
+
+__all__ = ["main"]
+
+DESCRIPTION = """\
+A Twilio Media Streams consumer. Point <Start><Stream url="wss://HOST/stream"> or
+<Connect><Stream> at it; each stream becomes a session whose ids and custom parameters are
+bound into every log line, and whose frames reach the route's handlers.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamsvc", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"streamsvc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the stream server",
+        description="Run the stream server. SIGTERM or SIGINT drains it (no new calls, those "
+        "in progress go on for up to --drain-timeout-s), a second one stops it at once. "
+        "Settings come from defaults < TOML file < environment < these flags.",
+    )
+    serve.add_argument("--config", metavar="FILE",
+                       help="TOML file with [server], [[routes]], [handlers.NAME] "
+                       "(env STREAMSVC_CONFIG)")
+    for setting in SETTINGS:
+        help_text = f"{setting.help} (env {' or '.join(setting.env)}"
+        if setting.secret:
+            help_text += "; prefer the environment: flags show in process lists)"
+        else:
+            help_text += f"; default {setting.default})"
+        if setting.type is bool:
+            serve.add_argument(setting.flag, dest=setting.key, action="store_true",
+                               default=None, help=help_text)
+        else:
+            serve.add_argument(setting.flag, dest=setting.key, choices=setting.choices or None,
+                               metavar=setting.key.split("_")[-1].upper(), help=help_text)
+
+    play = commands.add_parser(
+        "replay", help="play fixture sessions at a running server",
+        description="Play fixture sessions (streamsvc JSONL fixtures or raw captures, one "
+        "Twilio message per line) at a server, as Twilio would. Exits 1 if any session "
+        "failed.",
+    )
+    play.add_argument("fixtures", nargs="+", metavar="FIXTURE")
+    play.add_argument("--url", required=True, help="ws://host:port/path of the stream route")
+    play.add_argument("--speed", type=float, default=1.0,
+                      help="1 = real time (default), 2 = twice as fast, 0 = as fast as possible")
+    play.add_argument("--concurrency", type=int, default=1, metavar="N",
+                      help="play each fixture N times at once, as distinct calls")
+    play.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN"),
+                      help="sign each handshake with X-Twilio-Signature as Twilio does "
+                      "(env TWILIO_AUTH_TOKEN)")
+    play.add_argument("--public-url", default=os.environ.get("STREAMSVC_PUBLIC_URL"),
+                      help="origin Twilio was given, e.g. wss://voice.example.com: the signed "
+                      "URL is this plus --url's path (env STREAMSVC_PUBLIC_URL; default: "
+                      "--url itself)")
+    play.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+
+    twiml = commands.add_parser(
+        "twiml", help="print TwiML that starts a stream (for TwiML Bins and static setups)",
+        description="Print validated TwiML that streams a call to URL, with the given "
+        "<Parameter>s (XML-escaped; 800 bytes in total is Twilio's guidance).",
+    )
+    twiml.add_argument("--url", required=True, help="wss://host/path, no query string")
+    twiml.add_argument("--connect", action="store_true",
+                       help="<Connect><Stream> (bidirectional) instead of <Start><Stream>")
+    twiml.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a custom parameter (repeatable)")
+    twiml.add_argument("--track", default="inbound_track",
+                       choices=["inbound_track", "outbound_track", "both_tracks"],
+                       help="for <Start><Stream>")
+    twiml.add_argument("--status-callback", metavar="URL",
+                       help="where Twilio posts stream-started/-stopped/-error")
+    twiml.add_argument("--after", default="", metavar="TWIML",
+                       help='verbs after <Start>, e.g. \'<Pause length="60"/>\'')
+
+    fixture = commands.add_parser("fixture", help="make fixture sessions")
+    fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True,
+                                              metavar="COMMAND")
+    synth = fixture_commands.add_parser(
+        "synth", help="build a Twilio-faithful session from WAV audio",
+        description="Build a fixture from audio: any WAV the standard library reads, converted "
+        "to 8 kHz mu-law in 20 ms frames, first timestamp not 0, numbers as strings, both "
+        "tracks interleaved when --outbound is given. The header carries the expected outcome.",
+    )
+    synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
+    synth.add_argument("--outbound", metavar="WAV", help="the other party's audio "
+                       "(makes a both_tracks stream)")
+    synth.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a custom parameter (repeatable)")
+    synth.add_argument("--no-custom-parameters", action="store_true",
+                       help="leave the customParameters key out of start altogether")
+    synth.add_argument("--dtmf", default="", metavar="D@Ts,...",
+                       help="key presses and their times, e.g. 4@1.2s,5@2.0s")
+    synth.add_argument("--mark", default="", metavar="NAME@Ts,...",
+                       help="mark echoes and their times, e.g. greeting@0.8s")
+    synth.add_argument("--drop", default="", metavar="I-J,...",
+                       help="frame indexes never sent, e.g. 50-52,90")
+    synth.add_argument("--swap", default="", metavar="I,...",
+                       help="frame I is sent after frame I+1, e.g. 120")
+    synth.add_argument("--path", default="/stream", help="URL path recorded in the header")
+    synth.add_argument("--description", default="", help="free text for the header")
+    synth.add_argument("-o", "--output", required=True, metavar="FILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args, argv)
+    if args.command == "fixture":
+        try:
+            return _synth(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.command == "twiml":
+        try:
+            return _twiml(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return _replay(args)
+
+
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        settings = load_settings(
+            config_path=args.config, cli={s.key: getattr(args, s.key) for s in SETTINGS}
+        )
+        loop_factory = _loop_factory(settings.event_loop)
+    except ConfigError as exc:
+        print(f"streamsvc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    if settings.workers > 1:
+        return _run_workers(settings.workers, argv)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_run_server(settings))
+    except OSError as exc:  # e.g. address in use
+        structlog.get_logger("streamsvc").error("server.failed", error=str(exc))
+        return 1
+    return 0
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when asked for or (``auto``) installed; None for asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("event_loop", "uvloop is not installed "
+                              "(pip install 'streamsvc[fast]')") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _run_workers(workers: int, argv: list[str]) -> int:
+    """Run ``workers`` copies of this server sharing the port through SO_REUSEPORT (the
+    kernel spreads connections over them); forward SIGTERM and SIGINT; exit with the worst
+    status. Each worker drains on its own and answers its own /metrics."""
+    command = [sys.executable, "-m", "streamsvc", *argv, "--workers", "1", "--reuse-port"]
+    children = [subprocess.Popen(command) for _ in range(workers)]
+    logger = structlog.get_logger("streamsvc")
+    logger.info("server.workers", pids=[child.pid for child in children])
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    return max(child.wait() for child in children)
+
+
+async def _run_server(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: calls in progress go on for up to
+    ``drain_timeout_s``; a second signal ends them at once."""
+    drain, abort = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (abort if drain.is_set() else drain).set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+    server = StreamServer(settings)
+    await server.start()
+    try:
+        await drain.wait()
+    finally:
+        await server.drain(settings.drain_timeout_s, abort=abort)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    if args.speed < 0 or args.concurrency < 1:
+        print("streamsvc replay: --speed must be >= 0 and --concurrency >= 1", file=sys.stderr)
+        return 2
+    try:
+        fixtures = [load_fixture(path) for path in args.fixtures]
+    except FixtureError as exc:
+        print(f"streamsvc replay: {exc}", file=sys.stderr)
+        return 2
+    report = asyncio.run(replay(
+        fixtures, args.url, speed=args.speed, concurrency=args.concurrency,
+        auth_token=args.auth_token, public_url=args.public_url,
+    ))
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        _print_summary(summary)
+    return 1 if report.failed else 0
+
+
+def _print_summary(summary: dict[str, object]) -> None:
+    lateness = summary["lateness_ms"]
+    assert isinstance(lateness, dict)
+    print(f"sessions: {summary['sessions']}  ok: {summary['ok']}  failed: {summary['failed']}")
+    print(f"frames sent: {summary['frames_sent']}  received back: {summary['frames_received']}"
+          f"  marks played: {summary['marks_played']}  cleared: {summary['marks_cleared']}")
+    print(f"pacing lateness ms: p50 {lateness['p50']}  p99 {lateness['p99']}  "
+          f"max {lateness['max']}")
+    print(f"wall time: {summary['wall_s']} s")
+    for error in summary["errors"]:  # type: ignore[attr-defined]
+        print(f"error: {error}")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    parameters = None if args.no_custom_parameters else dict(
+        _split_pair(item, "=", "--param") for item in args.param
+    )
+    plan = SessionPlan(
+        inbound=read_wav(args.inbound),
+        outbound=read_wav(args.outbound) if args.outbound else None,
+        custom_parameters=parameters,
+        dtmf=_timed(args.dtmf, "--dtmf"),
+        marks=_timed(args.mark, "--mark"),
+        drop=frozenset(_indexes(args.drop, "--drop")),
+        swap=frozenset(_indexes(args.swap, "--swap")),
+        stream_sid="MZ" + secrets.token_hex(16),
+        call_sid="CA" + secrets.token_hex(16),
+        account_sid="AC" + secrets.token_hex(16),
+    )
+    header = {"description": args.description, "path": args.path,
+              "expect": expected_outcome(plan)}
+    frames = synthesize(plan)
+    Path(args.output).write_text(dump_fixture(header, frames), encoding="utf-8")
+    print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
+    return 0
+
+
+def _split_pair(item: str, separator: str, flag: str) -> tuple[str, str]:
+    name, found, value = item.partition(separator)
+    if not found or not name:
+        raise ValueError(f"{flag}: expected NAME{separator}VALUE, got {item!r}")
+    return name, value
+
+
+def _timed(spec: str, flag: str) -> list[tuple[str, float]]:
+    """``4@1.2s,5@2.0s`` -> [("4", 1.2), ("5", 2.0)]."""
+    timed = []
+    for item in filter(None, spec.split(",")):
+        name, at = _split_pair(item.strip(), "@", flag)
+        try:
+            timed.append((name, float(at.removesuffix("s"))))
+        except ValueError:
+            raise ValueError(f"{flag}: bad time in {item!r}") from None
+    return timed
+
+
+def _indexes(spec: str, flag: str) -> set[int]:
+    """``50-52,90`` -> {50, 51, 52, 90}."""
+    indexes: set[int] = set()
+    for item in filter(None, spec.split(",")):
+        first, _, last = item.strip().partition("-")
+        try:
+            indexes.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ValueError(f"{flag}: expected I or I-J, got {item!r}") from None
+    return indexes
+
+
+def _twiml(args: argparse.Namespace) -> int:
+    parameters = parse_pairs(args.param)
+    size = parameters_size(parameters)
+    print(render_stream_twiml(args.url, parameters, connect=args.connect, track=args.track,
+                              status_callback=args.status_callback, after=args.after))
+    if size > DEFAULT_PARAMETER_BUDGET_BYTES:
+        print(f"warning: parameters take {size} bytes, over Twilio's "
+              f"{DEFAULT_PARAMETER_BUDGET_BYTES}-byte guidance", file=sys.stderr)
+    return 0

@@ -1,0 +1,365 @@
+"""Settings: one frozen object built at the edge from, in rising precedence, the defaults, a
+TOML file (``--config`` or ``STREAMSVC_CONFIG``), environment variables and CLI flags.
+
+Every scalar setting has one name in each place, listed in :data:`SETTINGS`: TOML key
+``[server] max_connections``, env ``STREAMSVC_MAX_CONNECTIONS``, flag ``--max-connections``.
+Routes and handler options only come from TOML::
+
+    [[routes]]
+    path = "/stream"
+    handlers = ["log", "mypkg.handlers:Recorder"]
+    bidirectional = false
+
+    [handlers.log]            # keyword options for that handler's factory
+
+A bad value fails at start-up with :class:`~streamsvc.exceptions.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from .exceptions import ConfigError
+from .handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
+from .twiml import ContextMapping, render_stream_twiml
+
+__all__ = ["DEFAULT_ROUTES", "SETTINGS", "Route", "Setting", "Settings", "load_settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One scalar setting: its TOML key under ``[server]``, its env vars (first set wins),
+    its type, default and help text. The CLI flag is ``--`` + key with dashes."""
+
+    key: str
+    env: tuple[str, ...]
+    type: type
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    secret: bool = False  # never shown: not in --help defaults, not in error messages
+
+    @property
+    def default(self) -> Any:
+        """The default, as :class:`Settings` declares it (the one place that owns it)."""
+        return _DEFAULTS[self.key]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A URL path and the handlers each stream on it gets, in order; and for the voice
+    webhook, which call context becomes ``<Parameter>``s and the TwiML around the stream."""
+
+    path: str
+    handlers: tuple[HandlerSpec, ...]
+    bidirectional: bool = False
+    context: ContextMapping = field(default_factory=ContextMapping)
+    stream_track: str = "inbound_track"  # <Start><Stream track=...>
+    after_twiml: str = ""  # verbs after <Start>, e.g. '<Pause length="3600"/>'
+
+
+# The embedded default: <Start><Stream> calls on /stream, <Connect><Stream> on /connect.
+DEFAULT_ROUTES: Final = (
+    Route("/stream", (resolve_handler("log", {}, key="handlers"),), bidirectional=False),
+    Route("/connect", (resolve_handler("log", {}, key="handlers"),), bidirectional=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server needs; build with :func:`load_settings`. The defaults are safe
+    for production and serve ``/stream`` and ``/connect`` (bidirectional) with the
+    built-in ``log`` handler."""
+
+    # Listening
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    reuse_port: bool = False
+    event_loop: str = "auto"
+    # Security
+    public_url: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    auth_token_previous: str | None = field(default=None, repr=False)
+    insecure: bool = False
+    # Limits
+    max_message_bytes: int = 64 * 1024
+    max_connections: int = 1000
+    parameter_budget_bytes: int = 800
+    # Timeouts
+    start_timeout_s: float = 10.0
+    idle_timeout_s: float = 15.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    handler_stop_timeout_s: float = 10.0
+    drain_timeout_s: float = 25.0
+    # Webhooks
+    webhook_path: str = "/twiml"
+    status_callback_path: str = "/stream-status"
+    # Logging
+    log_format: str = "json"
+    log_level: str = "info"
+    # Routing
+    routes: tuple[Route, ...] = DEFAULT_ROUTES
+
+    @property
+    def auth_tokens(self) -> tuple[str, ...]:
+        """The tokens a signature may be made with (the previous one during rotation)."""
+        return tuple(t for t in (self.auth_token, self.auth_token_previous) if t)
+
+    def route_for(self, path: str) -> Route | None:
+        """The route serving ``path`` (exact match), or None."""
+        for route in self.routes:
+            if route.path == path:
+                return route
+        return None
+
+
+_DEFAULTS: Final = {f.name: f.default for f in dataclasses.fields(Settings)}
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    # Listening
+    Setting("host", ("STREAMSVC_HOST",), str, "address to listen on"),
+    Setting("port", ("STREAMSVC_PORT", "PORT"), int, "TCP port (0 picks a free one)",
+            minimum=0),
+    Setting("workers", ("STREAMSVC_WORKERS",), int,
+            "server processes sharing the port (SO_REUSEPORT), e.g. one per core", minimum=1),
+    Setting("reuse_port", ("STREAMSVC_REUSE_PORT",), bool,
+            "bind with SO_REUSEPORT so that several processes share the port"),
+    Setting("event_loop", ("STREAMSVC_EVENT_LOOP",), str,
+            "auto (uvloop when installed), asyncio or uvloop",
+            choices=("auto", "asyncio", "uvloop")),
+    # Security
+    Setting("public_url", ("STREAMSVC_PUBLIC_URL",), str,
+            "origin Twilio connects to, e.g. wss://voice.example.com: signatures are checked "
+            "against it plus the request path, never the Host header"),
+    Setting("auth_token", ("STREAMSVC_AUTH_TOKEN", "TWILIO_AUTH_TOKEN"), str,
+            "Twilio auth token: when set, every handshake needs a valid X-Twilio-Signature",
+            secret=True),
+    Setting("auth_token_previous", ("STREAMSVC_AUTH_TOKEN_PREVIOUS",
+                                    "TWILIO_AUTH_TOKEN_PREVIOUS"), str,
+            "a second token also accepted, while the account's token is rotated", secret=True),
+    Setting("insecure", ("STREAMSVC_INSECURE",), bool,
+            "allow a non-loopback host with no auth token (signatures unchecked)"),
+    # Limits
+    Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
+            "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
+    Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,
+            "concurrent streams; handshakes beyond get HTTP 503", minimum=1),
+    Setting("parameter_budget_bytes", ("STREAMSVC_PARAMETER_BUDGET_BYTES",), int,
+            "custom parameter bytes above which a warning is logged (kept whole)", minimum=0),
+    # Timeouts
+    Setting("start_timeout_s", ("STREAMSVC_START_TIMEOUT_S",), float,
+            "seconds from connect to `start`; then the stream is closed with 1008", minimum=0.001),
+    Setting("idle_timeout_s", ("STREAMSVC_IDLE_TIMEOUT_S",), float,
+            "seconds without any frame after which a stream is closed (1008)", minimum=0.001),
+    Setting("ping_interval_s", ("STREAMSVC_PING_INTERVAL_S",), float,
+            "seconds between WebSocket pings that detect a dead peer (0: none)", minimum=0.0),
+    Setting("ping_timeout_s", ("STREAMSVC_PING_TIMEOUT_S",), float,
+            "seconds a pong may take before the connection counts as dead", minimum=0.001),
+    Setting("handler_stop_timeout_s", ("STREAMSVC_HANDLER_STOP_TIMEOUT_S",), float,
+            "seconds queued handlers get to finish on_stop before they are cancelled",
+            minimum=0.0),
+    Setting("drain_timeout_s", ("STREAMSVC_DRAIN_TIMEOUT_S",), float,
+            "on SIGTERM, seconds calls in progress may go on before they are closed (1001)",
+            minimum=0.0),
+    # Webhooks
+    Setting("webhook_path", ("STREAMSVC_WEBHOOK_PATH",), str,
+            "voice webhook answering TwiML that streams to this service (first route; "
+            "PATH/<name> for the route /<name>)"),
+    Setting("status_callback_path", ("STREAMSVC_STATUS_CALLBACK_PATH",), str,
+            "where Twilio posts stream-started/-stopped/-error callbacks"),
+    # Logging
+    Setting("log_format", ("STREAMSVC_LOG_FORMAT",), str,
+            "json (one object per line) or console", choices=("json", "console")),
+    Setting("log_level", ("STREAMSVC_LOG_LEVEL",), str, "lowest level logged",
+            choices=("debug", "info", "warning", "error")),
+)
+_BY_KEY: Final = {setting.key: setting for setting in SETTINGS}
+
+
+def load_settings(
+    *,
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings. ``config_path`` (else ``STREAMSVC_CONFIG`` in ``env``) names a
+    TOML file; ``cli`` holds flag values by setting key (None means not given).
+    Raises :class:`ConfigError` naming the offending key."""
+    env = os.environ if env is None else env
+    config_path = config_path or env.get("STREAMSVC_CONFIG") or None
+    document = _read_toml(config_path) if config_path else {}
+    _check_keys(document, {"server", "routes", "handlers"}, "")
+    server = _table(document, "server")
+    _check_keys(server, set(_BY_KEY), "server.")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.key in server:
+            values[setting.key] = _coerce(setting, server[setting.key], f"server.{setting.key}")
+        for name in reversed(setting.env):  # the first listed wins, so apply it last
+            if env.get(name):
+                values[setting.key] = _coerce(setting, env[name], name)
+        if cli and cli.get(setting.key) is not None:
+            values[setting.key] = _coerce(setting, cli[setting.key], setting.flag)
+    if "routes" in document:
+        values["routes"] = _routes(document)
+    settings = dataclasses.replace(Settings(), **values)
+    _check_security(settings)
+    return settings
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+
+
+def _table(document: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = document.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a table")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], known: set[str], prefix: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(prefix + key, f"unknown setting; known: {', '.join(sorted(known))}")
+
+
+def _coerce(setting: Setting, raw: Any, key: str) -> Any:
+    value: Any
+    try:
+        if setting.type is bool:
+            value = _boolean(raw)
+        elif setting.type is int and not isinstance(raw, bool):
+            value = int(raw)
+        elif setting.type is float and not isinstance(raw, bool):
+            value = float(raw)
+        elif setting.type is str and isinstance(raw, str):
+            value = raw.strip().lower() if setting.choices else raw
+            if not value.strip():
+                if setting.default is not None:
+                    raise ValueError(raw)
+                value = None  # an empty optional setting means unset
+        else:
+            raise TypeError
+    except (TypeError, ValueError):
+        shown = "(hidden)" if setting.secret else repr(raw)
+        raise ConfigError(key, f"expected {setting.type.__name__}, got {shown}") from None
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(key, f"expected one of {', '.join(setting.choices)}, got {raw!r}")
+    if setting.minimum is not None and value < setting.minimum:
+        raise ConfigError(key, f"must be at least {setting.minimum}, got {raw!r}")
+    return value
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError(raw)
+
+
+def _check_security(settings: Settings) -> None:
+    """Fail closed: a token needs the public URL to check against, and a server reachable
+    from elsewhere needs a token (or an explicit ``insecure``)."""
+    if settings.public_url is not None:
+        parts = urlsplit(settings.public_url)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc or parts.path not in ("", "/"):
+            raise ConfigError("public_url", "must be an origin like wss://voice.example.com, "
+                              f"got {settings.public_url!r}")
+    if settings.auth_tokens and settings.public_url is None:
+        raise ConfigError("public_url", "is needed to check signatures when an auth token "
+                          "is set (Twilio signs the URL it was given, not the Host header)")
+    for key in ("webhook_path", "status_callback_path"):
+        value = getattr(settings, key)
+        if not value.startswith("/") or settings.route_for(value) is not None:
+            raise ConfigError(key, f"must be a path that is not a stream route, got {value!r}")
+    if settings.workers > 1 and settings.port == 0:
+        raise ConfigError("workers", "several workers need a fixed port to share, not 0")
+    if not settings.auth_tokens and not settings.insecure and not _is_loopback(settings.host):
+        raise ConfigError("host", f"{settings.host!r} is reachable from other machines but no "
+                          "auth token is set: set TWILIO_AUTH_TOKEN and STREAMSVC_PUBLIC_URL, "
+                          "or pass --insecure to accept unsigned streams")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _routes(document: Mapping[str, Any]) -> tuple[Route, ...]:
+    raw_routes = document["routes"]
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise ConfigError("routes", "must be a non-empty array of tables ([[routes]])")
+    options = _table(document, "handlers")
+    routes = tuple(_route(raw, i, options) for i, raw in enumerate(raw_routes))
+    paths = [route.path for route in routes]
+    for path in paths:
+        if paths.count(path) > 1:
+            raise ConfigError("routes.path", f"{path!r} appears more than once")
+    return routes
+
+
+def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
+    key = f"routes[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a table")
+    _check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml"}, key + ".")
+    path = raw.get("path")
+    if not isinstance(path, str) or not path.startswith("/") or "?" in path:
+        raise ConfigError(key + ".path", f"must be a URL path like '/stream', got {path!r}")
+    names = raw.get("handlers", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(key + ".handlers", "must be an array of handler names")
+    bidirectional = raw.get("bidirectional", False)
+    if not isinstance(bidirectional, bool):
+        raise ConfigError(key + ".bidirectional", f"must be true or false, got {bidirectional!r}")
+    for name in names:
+        if name in BIDIRECTIONAL_ONLY and not bidirectional:
+            raise ConfigError(key + ".handlers",
+                              f"{name!r} talks back: the route needs bidirectional = true")
+    specs = tuple(_handler(name, options, key + ".handlers") for name in names)
+    context = ContextMapping.from_table(_table(raw, "context"), key=key + ".context")
+    twiml = _table(raw, "twiml")
+    _check_keys(twiml, {"track", "after"}, key + ".twiml.")
+    track, after = twiml.get("track", "inbound_track"), twiml.get("after", "")
+    try:
+        render_stream_twiml("wss://check.invalid" + path, {}, connect=bidirectional,
+                            track=track, after=after)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(key + ".twiml", str(exc)) from None
+    return Route(path, specs, bidirectional, context, track, after)
+
+
+def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:
+    handler_options = options.get(name, {})
+    if not isinstance(handler_options, dict):
+        raise ConfigError(f"handlers.{name}", "must be a table of options")
+    return resolve_handler(name, handler_options, key=key)

@@ -1,0 +1,152 @@
+"""Fixture sessions: recorded or synthesized streams that can be replayed at a server.
+
+Two layouts are read (``docs/fixtures.md`` has the details):
+
+* **streamsvc fixtures**, JSON Lines: a header ``{"streamsvc_fixture": 1, ...}`` (description,
+  URL ``path``, ``expect``-ed outcome), then ``{"at_ms": <ms since the socket opened>,
+  "frame": "<exact text frame>"}`` per frame, and optionally ``{"at_ms": …, "sent": "…"}``
+  lines for what a server sent (kept for reading, not replayed).
+* **raw captures**: one bare Twilio message per line, as many apps log them. Media are
+  paced by ``media.timestamp``, other messages go in order; a line that is not JSON is still
+  sent as a text frame (that is how garbage-in fixtures are written).
+
+The frame text is kept byte for byte so replays exercise the parser on real layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = ["FIXTURE_VERSION", "Fixture", "FixtureError", "FixtureFrame", "load_fixture"]
+
+FIXTURE_VERSION: Final = 1
+
+
+class FixtureError(ValueError):
+    """A fixture file cannot be read; the message names the file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class FixtureFrame:
+    """One frame to send: ``at_ms`` after the socket opened, ``text`` exactly as recorded."""
+
+    at_ms: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fixture:
+    """A session to replay: its frames in order and the header's metadata."""
+
+    name: str
+    frames: tuple[FixtureFrame, ...]
+    header: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str | None:
+        """The URL path the fixture is meant for, if the header names one."""
+        path = self.header.get("path")
+        return path if isinstance(path, str) else None
+
+    @property
+    def expect(self) -> Mapping[str, Any]:
+        """The expected outcome (ids, parameters, frame and gap counts), or {}."""
+        expect = self.header.get("expect")
+        return expect if isinstance(expect, dict) else {}
+
+    def stream_sid(self) -> str | None:
+        """The streamSid of the recorded ``start`` message, if there is one."""
+        for frame in self.frames:
+            message = _json_object(frame.text)
+            if message and message.get("event") == "start":
+                start = message.get("start")
+                if isinstance(start, dict) and isinstance(start.get("streamSid"), str):
+                    return str(start["streamSid"])
+        return None
+
+    def call_sid(self) -> str | None:
+        """The callSid of the recorded ``start`` message, if there is one."""
+        for frame in self.frames:
+            message = _json_object(frame.text)
+            if message and message.get("event") == "start":
+                start = message.get("start")
+                if isinstance(start, dict) and isinstance(start.get("callSid"), str):
+                    return str(start["callSid"])
+        return None
+
+
+def load_fixture(path: str | Path) -> Fixture:
+    """Read a streamsvc fixture or a raw capture. Raises :class:`FixtureError`."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FixtureError(f"{path}: cannot read: {exc}") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise FixtureError(f"{path}: empty")
+    header = _json_object(lines[0])
+    if header is not None and "streamsvc_fixture" in header:
+        return Fixture(path.name, _structured_frames(path, lines[1:]), header)
+    return Fixture(path.name, tuple(_raw_frames(lines)), {})
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _structured_frames(path: Path, lines: list[str]) -> tuple[FixtureFrame, ...]:
+    frames = []
+    for number, line in enumerate(lines, start=2):
+        entry = _json_object(line)
+        if entry is None or not isinstance(entry.get("at_ms"), int | float):
+            raise FixtureError(f"{path}:{number}: expected {{\"at_ms\": ..., \"frame\": ...}}")
+        if "sent" in entry:
+            continue
+        if not isinstance(entry.get("frame"), str):
+            raise FixtureError(f"{path}:{number}: `frame` must be the frame's text")
+        frames.append(FixtureFrame(float(entry["at_ms"]), entry["frame"]))
+    return tuple(frames)
+
+
+def _raw_frames(lines: Iterable[str]) -> Iterable[FixtureFrame]:
+    # Media are paced by their own timestamp (ms since the stream started); everything else
+    # goes right after the frame before it.
+    first_timestamp: float | None = None
+    at_ms = 0.0
+    for line in lines:
+        timestamp = _media_timestamp(line)
+        if timestamp is not None:
+            if first_timestamp is None:
+                first_timestamp = timestamp
+            at_ms = max(at_ms, timestamp - first_timestamp)
+        yield FixtureFrame(at_ms, line)
+
+
+def _media_timestamp(line: str) -> float | None:
+    message = _json_object(line)
+    if not message or message.get("event") != "media":
+        return None
+    media = message.get("media")
+    try:
+        return float(media["timestamp"]) if isinstance(media, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def dump_fixture(header: Mapping[str, Any], frames: Iterable[FixtureFrame]) -> str:
+    """The streamsvc fixture text for ``header`` and ``frames`` (header gets the version)."""
+    out = [json.dumps({"streamsvc_fixture": FIXTURE_VERSION, **header}, ensure_ascii=False)]
+    out.extend(
+        json.dumps({"at_ms": round(f.at_ms, 3), "frame": f.text}, ensure_ascii=False)
+        for f in frames
+    )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,156 @@
+"""Process metrics for ``GET /metrics`` in the Prometheus text format.
+
+Nothing here runs per frame: calls add their totals when they end, frame counts of calls in
+progress are read from their sessions at scrape time, and handler latency is kept in plain
+bucket counters. No label carries a per-call value (ids, parameters): track labels are
+``inbound``, ``outbound`` or ``other``, handler labels are configured names, reasons are a
+fixed set.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .session import CallSummary, Session
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Metrics"]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# Handler latency buckets in seconds: most of the interesting ones below a millisecond.
+LATENCY_BUCKETS_S: Final = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                            0.01, 0.025, 0.1, 0.5, 2.5)
+_TRACK_LABELS: Final = frozenset({"inbound", "outbound"})
+
+
+def track_label(track: str) -> str:
+    """A bounded label for a track name (the peer chooses track names)."""
+    return track if track in _TRACK_LABELS else "other"
+
+
+class LatencyHistogram:
+    """Bucket counts and a sum, in seconds."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.total += seconds
+
+
+class Metrics(Collector):
+    """The service's metrics. ``live_sessions`` lists the sessions in progress."""
+
+    def __init__(self, live_sessions: Callable[[], Iterable[Session]]) -> None:
+        self.live_sessions = live_sessions
+        self.active_calls = 0
+        self.calls_started = 0
+        self.calls_ended: collections.Counter[str] = collections.Counter()
+        self.frames: collections.Counter[str] = collections.Counter()
+        self.missing_frames: collections.Counter[str] = collections.Counter()
+        self.bad_frames = 0
+        self.handler_drops: collections.Counter[str] = collections.Counter()
+        self.handler_errors: collections.Counter[str] = collections.Counter()
+        self.handshakes_rejected: collections.Counter[str] = collections.Counter()
+        self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
+        self.handler_latency: dict[str, LatencyHistogram] = collections.defaultdict(
+            LatencyHistogram)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)  # RSS, CPU, open file descriptors
+
+    def observe_latency(self, handler: str, seconds: float) -> None:
+        self.handler_latency[handler].observe(seconds)
+
+    def call_ended(self, summary: CallSummary, errors: dict[str, int],
+                   drops: dict[str, int]) -> None:
+        self.calls_ended[summary.reason] += 1
+        for track, count in summary.frames.items():
+            self.frames[track_label(track)] += count
+        for track, count in summary.missing_frames.items():
+            self.missing_frames[track_label(track)] += count
+        self.bad_frames += summary.bad_frames
+        self.handler_errors.update(errors)
+        self.handler_drops.update(drops)
+
+    def render(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        frames = collections.Counter(self.frames)
+        missing = collections.Counter(self.missing_frames)
+        bad_frames = self.bad_frames
+        for session in self.live_sessions():
+            for track, stats in session.track_stats.items():
+                frames[track_label(track)] += stats.frames
+                missing[track_label(track)] += stats.missing
+            bad_frames += session.bad_frames
+        yield _gauge("streamsvc_active_calls", "Streams in progress.", self.active_calls)
+        yield _counter("streamsvc_calls_started", "Streams that sent start.",
+                       self.calls_started)
+        yield _labelled("streamsvc_calls_ended", "Streams ended, by reason.", "reason",
+                        self.calls_ended)
+        yield _labelled("streamsvc_frames", "Media frames received, by track.", "track",
+                        frames)
+        yield _labelled("streamsvc_missing_frames",
+                        "20 ms slots that never arrived, by track.", "track", missing)
+        yield _counter("streamsvc_bad_frames", "Malformed or misplaced frames.", bad_frames)
+        yield _labelled("streamsvc_handler_drops",
+                        "Events a queued handler fell too far behind to take.", "handler",
+                        self.handler_drops)
+        yield _labelled("streamsvc_handler_errors",
+                        "Handlers disabled for a call by an exception.", "handler",
+                        self.handler_errors)
+        yield _labelled("streamsvc_handshakes_rejected",
+                        "Connections refused before a session existed, by reason.",
+                        "reason", self.handshakes_rejected)
+        yield _labelled("streamsvc_stream_status_callbacks",
+                        "Stream status callbacks from Twilio, by event.", "event",
+                        self.stream_status_callbacks)
+        latency = HistogramMetricFamily(
+            "streamsvc_handler_latency_seconds",
+            "Time a handler spent on one event (media sampled 1 in 8).", labels=["handler"])
+        for handler, histogram in sorted(self.handler_latency.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), histogram.counts,
+                                    strict=True):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            latency.add_metric([handler], buckets, histogram.total)
+        yield latency
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+def _gauge(name: str, documentation: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> Metric:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _labelled(name: str, documentation: str, label: str,
+              values: collections.Counter[str]) -> Metric:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family

@@ -1,0 +1,283 @@
+"""The replay client: plays fixture sessions at a server the way Twilio would.
+
+Each copy of a fixture is one WebSocket; frames go out at their recorded time (scaled by
+``speed``; 0 sends as fast as possible) exactly as recorded. With ``concurrency`` > 1 every
+copy gets its own streamSid and callSid (same length, so frame layouts stay identical).
+
+What the server sends back is answered like Twilio does (``shared/protocol.md``): outbound
+``media`` is queued for playback at 8000 bytes of mu-law per second, a ``mark`` is echoed
+when playback reaches it, and a ``clear`` drops the queued audio and echoes every pending
+mark at once. With an auth token the handshake carries ``X-Twilio-Signature``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .fixtures import Fixture
+from .signature import SIGNATURE_HEADER, sign
+
+__all__ = ["ReplayReport", "SessionResult", "replay", "replay_session"]
+
+# Twilio's own frames are small; be generous with what the server may send back.
+CLIENT_MAX_MESSAGE_BYTES = 1 << 20
+# Outbound audio is 8 kHz mu-law: one byte per sample.
+PLAYBACK_BYTES_PER_SECOND = 8000
+
+
+@dataclass(slots=True)
+class SessionResult:
+    """What one replayed session did."""
+
+    fixture: str
+    stream_sid: str | None
+    ok: bool = False
+    error: str | None = None
+    frames_sent: int = 0
+    frames_received: int = 0
+    close_code: int | None = None
+    lateness_ms: list[float] = field(default_factory=list)
+    audio_bytes_received: int = 0
+    marks_played: list[str] = field(default_factory=list)
+    marks_cleared: list[str] = field(default_factory=list)
+    clears_received: int = 0
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """All sessions of one replay run, with the summary the CLI prints."""
+
+    sessions: list[SessionResult]
+    wall_s: float
+
+    @property
+    def failed(self) -> int:
+        return sum(not s.ok for s in self.sessions)
+
+    def summary(self) -> dict[str, Any]:
+        lateness = sorted(x for s in self.sessions for x in s.lateness_ms)
+        return {
+            "sessions": len(self.sessions),
+            "ok": len(self.sessions) - self.failed,
+            "failed": self.failed,
+            "frames_sent": sum(s.frames_sent for s in self.sessions),
+            "frames_received": sum(s.frames_received for s in self.sessions),
+            "audio_bytes_received": sum(s.audio_bytes_received for s in self.sessions),
+            "marks_played": sum(len(s.marks_played) for s in self.sessions),
+            "marks_cleared": sum(len(s.marks_cleared) for s in self.sessions),
+            "lateness_ms": {
+                "p50": _percentile(lateness, 0.50),
+                "p99": _percentile(lateness, 0.99),
+                "max": round(lateness[-1], 3) if lateness else 0.0,
+            },
+            "wall_s": round(self.wall_s, 3),
+            "errors": sorted({s.error for s in self.sessions if s.error}),
+        }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return round(values[0], 3)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1], 3)
+
+
+def _copy_ids(fixture: Fixture, copy: int) -> list[tuple[str, str]]:
+    """Replacements giving copy ``copy`` its own ids (the last 8 characters of each id
+    replaced by a hash of the id and the copy number, so lengths stay the same); copy 0
+    keeps the recorded ones."""
+    if copy == 0:
+        return []
+    pairs = []
+    for sid in (fixture.stream_sid(), fixture.call_sid()):
+        if sid and len(sid) > 8:
+            suffix = hashlib.sha256(f"{sid}/{copy}".encode()).hexdigest()[:8]
+            pairs.append((sid, sid[:-8] + suffix))
+    return pairs
+
+
+def signature_headers(url: str, auth_token: str | None,
+                      public_url: str | None = None) -> dict[str, str]:
+    """The ``X-Twilio-Signature`` header Twilio would send when connecting to ``url``: it
+    signs the public URL (``public_url``'s origin plus ``url``'s path) if one is given, else
+    ``url`` itself. Empty without a token."""
+    if not auth_token:
+        return {}
+    signed = url
+    if public_url:
+        signed = public_url.rstrip("/") + urlsplit(url).path
+    return {SIGNATURE_HEADER: sign(auth_token, signed)}
+
+
+async def replay_session(
+    fixture: Fixture, url: str, *, speed: float = 1.0, copy: int = 0,
+    headers: dict[str, str] | None = None,
+) -> SessionResult:
+    """Play one copy of ``fixture`` at ``url`` and return what happened. Never raises for
+    a failing server: the result says ``ok=False`` with the error. ``headers`` are added to
+    the handshake (see :func:`signature_headers`)."""
+    replacements = _copy_ids(fixture, copy)
+    stream_sid = fixture.stream_sid()
+    for old, new in replacements:
+        stream_sid = new if stream_sid == old else stream_sid
+    result = SessionResult(fixture.name, stream_sid)
+    try:
+        async with connect(
+            url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
+            additional_headers=headers, open_timeout=10,
+        ) as connection:
+            peer = _TwilioPeer(connection, result, stream_sid)
+            reader = asyncio.create_task(peer.read())
+            try:
+                await _send_frames(connection, fixture, speed, replacements, result)
+                await connection.close()
+            finally:
+                await reader
+                peer.stop()
+            result.close_code = connection.close_code
+            result.ok = connection.close_code in (1000, None)
+            if not result.ok:
+                result.error = f"server closed with {connection.close_code}"
+    except InvalidStatus as exc:
+        result.error = f"handshake rejected: HTTP {exc.response.status_code}"
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        result.error = f"cannot connect: {exc}"
+    except ConnectionClosed as exc:
+        result.close_code = exc.rcvd.code if exc.rcvd else None
+        result.error = f"server closed the stream early ({result.close_code})"
+    return result
+
+
+async def _send_frames(
+    connection: ClientConnection, fixture: Fixture, speed: float,
+    replacements: list[tuple[str, str]], result: SessionResult,
+) -> None:
+    started = time.monotonic()
+    for frame in fixture.frames:
+        text = frame.text
+        for old, new in replacements:
+            text = text.replace(old, new)
+        if speed > 0:
+            due = started + frame.at_ms / 1000 / speed
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            result.lateness_ms.append(max(0.0, (time.monotonic() - due) * 1000))
+        await connection.send(text)
+        result.frames_sent += 1
+
+
+class _TwilioPeer:
+    """Answers what the server sends, as Twilio does: plays outbound audio in real time,
+    echoes marks when playback reaches them, flushes on ``clear``."""
+
+    def __init__(self, connection: ClientConnection, result: SessionResult,
+                 stream_sid: str | None) -> None:
+        self.connection = connection
+        self.result = result
+        self.stream_sid = stream_sid
+        self.playback_ends = 0.0  # monotonic time the queued audio finishes playing
+        self.pending: collections.deque[tuple[float, str]] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.sequence_number = 1_000_000  # apart from the fixture's own numbers
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.player = asyncio.create_task(self._play())
+        self.sender = asyncio.create_task(self._send())
+
+    async def read(self) -> None:
+        try:
+            async for message in self.connection:
+                self.result.frames_received += 1
+                self._answer(message)
+        except ConnectionClosed:
+            pass
+
+    def stop(self) -> None:
+        self.player.cancel()
+        self.sender.cancel()
+
+    def _answer(self, message: str | bytes) -> None:
+        try:
+            event = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        now = time.monotonic()
+        kind = event.get("event")
+        if kind == "media":
+            payload = event.get("media", {}).get("payload", "")
+            size = len(payload) * 3 // 4 - payload.count("=")
+            self.result.audio_bytes_received += size
+            self.playback_ends = max(self.playback_ends, now) + size / PLAYBACK_BYTES_PER_SECOND
+        elif kind == "mark":
+            name = str(event.get("mark", {}).get("name", ""))
+            self.pending.append((max(self.playback_ends, now), name))
+            self.wakeup.set()
+        elif kind == "clear":
+            self.result.clears_received += 1
+            self.playback_ends = now
+            while self.pending:
+                name = self.pending.popleft()[1]
+                self.result.marks_cleared.append(name)
+                self._echo(name)
+
+    async def _play(self) -> None:
+        while True:
+            if not self.pending:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            due, name = self.pending[0]
+            delay = due - time.monotonic()
+            if delay > 0:
+                self.wakeup.clear()
+                # A clear or a new mark may change what is due first.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), delay)
+                continue
+            self.pending.popleft()
+            self.result.marks_played.append(name)
+            self._echo(name)
+
+    def _echo(self, name: str) -> None:
+        self.sequence_number += 1
+        echo = json.dumps({"event": "mark", "sequenceNumber": str(self.sequence_number),
+                           "streamSid": self.stream_sid, "mark": {"name": name}})
+        self.outbox.put_nowait(echo)
+
+    async def _send(self) -> None:
+        # One sender keeps the echoes in order; a closed socket just ends it.
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.connection.send(await self.outbox.get())
+
+
+async def replay(
+    fixtures: Sequence[Fixture], url: str, *, speed: float = 1.0, concurrency: int = 1,
+    auth_token: str | None = None, public_url: str | None = None,
+) -> ReplayReport:
+    """Play every fixture ``concurrency`` times at once at ``url``; a fixture's own ``path``
+    is not used: ``url`` names the route. With ``auth_token`` the handshakes are signed."""
+    started = time.monotonic()
+    headers = signature_headers(url, auth_token, public_url)
+    sessions = await asyncio.gather(*(
+        replay_session(fixture, url, speed=speed, copy=copy, headers=headers)
+        for fixture in fixtures
+        for copy in range(concurrency)
+    ))
+    return ReplayReport(list(sessions), time.monotonic() - started)

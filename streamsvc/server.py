@@ -1,0 +1,518 @@
+"""The asyncio shell: a websockets server moving frames between each socket, its
+:class:`~streamsvc.session.Session` and the route's handler chain.
+
+Timers, limits, signals and backpressure live here and only here. One connection is one
+stream; its ids are bound into every log line through contextvars.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import http
+import time
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.http11 import Request, Response
+
+from . import wire
+from .config import Route, Settings
+from .exceptions import CLOSE_POLICY_VIOLATION, LocalProtocolError
+from .handlers import HandlerChain, RawFrame
+from .live import LiveSession
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .session import BadFrame, State, StopReason
+from .signature import SIGNATURE_HEADER, signature_matches
+from .webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
+from .webhooks import HttpRequest, HttpResponse, Webhooks
+
+__all__ = ["HEALTH_PATH", "METRICS_PATH", "READY_PATH", "StreamServer"]
+
+logger = structlog.get_logger("streamsvc.server")
+
+HEALTH_PATH: Final = "/healthz"  # the process is alive (stays 200 while draining)
+READY_PATH: Final = "/readyz"  # the process takes new calls (503 while draining)
+METRICS_PATH: Final = "/metrics"
+# Bad frames logged individually per call; the rest are only counted.
+BAD_FRAMES_LOGGED: Final = 5
+# Frames before `start` kept for handlers that record raw frames (connected, start, a few
+# bad ones); later ones are not kept: the start timeout bounds how many can come.
+EARLY_FRAMES_KEPT: Final = 16
+# RFC 6455 close codes.
+CLOSE_GOING_AWAY: Final = 1001
+# asyncio's selector transport reads up to 256 KiB per recv(); glibc serves buffers that
+# large with mmap/munmap, a syscall pair per read (CPython issue 85451). Twilio's frames are
+# ~300 bytes: 16 KiB reads stay on the heap. Measured by bench/server.py.
+TRANSPORT_READ_BYTES: Final = 16 * 1024
+# Outbound frames queued for one connection (20 ms each: 5 minutes of audio); more means
+# the peer is not reading and the sending handler gets LocalProtocolError.
+MAX_OUTBOUND_FRAMES: Final = 15_000
+# How long a peer closed for idleness gets to answer the close handshake before the TCP
+# connection is dropped.
+IDLE_CLOSE_GRACE_S: Final = 1.0
+# Longest HTTP request head read before deciding where a request goes.
+MAX_HTTP_HEAD_BYTES: Final = 16 * 1024
+
+
+class StreamServer:
+    """Serves Media Streams on ``settings.host:settings.port``, with ``/healthz``,
+    ``/readyz`` and ``/metrics`` on the same port.
+
+    ``await start()`` binds (``port`` then holds the real port, useful with 0);
+    ``await drain(timeout)`` stops taking calls and lets those in progress finish;
+    ``await stop()`` closes every stream with 1001 after its handlers got ``on_stop``.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port: int = settings.port
+        # Streams in progress, keyed by stream_sid: several streams may belong to one call
+        # (a <Start> beside a <Connect>), so a call is found by scanning its call_sid.
+        self.streams: dict[str, LiveSession] = {}
+        self.metrics = Metrics(lambda: list(self.streams.values()))
+        self.webhooks = Webhooks(settings)
+        self.metrics.stream_status_callbacks = self.webhooks.status_callbacks
+        self.draining = False
+        self._idle = asyncio.Event()  # set while no call is in progress
+        self._idle.set()
+        self._server: Server | None = None
+        self._shutting_down = False
+
+    @property
+    def active_calls(self) -> int:
+        return self.metrics.active_calls
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            compression=None,  # Twilio does not negotiate it; it would cost CPU and memory
+            max_size=s.max_message_bytes,
+            max_queue=64,  # frames buffered per connection before TCP backpressure
+            ping_interval=s.ping_interval_s or None,
+            ping_timeout=s.ping_timeout_s,
+            server_header=None,
+            reuse_port=s.reuse_port or None,
+            create_connection=_http_aware_connection(self.webhooks),
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("server.listening", host=s.host, port=self.port,
+                    routes=[r.path for r in s.routes], signed=bool(s.auth_tokens))
+
+    async def drain(self, timeout_s: float, *, abort: asyncio.Event | None = None) -> None:
+        """Stop taking calls (``/readyz`` and new handshakes answer 503, ``/healthz`` stays
+        200), wait until the calls in progress end, ``timeout_s`` passes or ``abort`` is
+        set, then :meth:`stop`."""
+        self.draining = True
+        logger.info("server.draining", active_calls=self.active_calls, timeout_s=timeout_s)
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if abort is not None:
+            waits.append(asyncio.ensure_future(abort.wait()))
+        _done, pending = await asyncio.wait(waits, timeout=timeout_s,
+                                            return_when=asyncio.FIRST_COMPLETED)
+        for waiting in pending:
+            waiting.cancel()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Close every stream (1001, reason ``shutdown``) and wait for their handlers."""
+        if self._server is None:
+            return
+        self._shutting_down = True
+        self._server.close()
+        await self._server.wait_closed()
+        logger.info("server.stopped")
+
+    def streams_for_call(self, call_sid: str) -> list[LiveSession]:
+        """The sessions in progress that belong to ``call_sid``."""
+        return [session for session in self.streams.values() if session.call_sid == call_sid]
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Start, serve until ``stop`` is set, then stop."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        probe = self._probe(connection, path)
+        if probe is not None:
+            return probe
+        if self.settings.route_for(path) is None:
+            return self._reject(connection, http.HTTPStatus.NOT_FOUND, "no_route", path)
+        if self.settings.auth_tokens:
+            problem = self._signature_problem(request, path)
+            if problem is not None:
+                return self._reject(connection, http.HTTPStatus.FORBIDDEN, problem, path)
+        if self.draining or self._shutting_down:
+            return self._reject(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining",
+                                path)
+        if self.active_calls >= self.settings.max_connections:
+            return self._reject(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "busy", path)
+        return None
+
+    def _probe(self, connection: ServerConnection, path: str) -> Response | None:
+        """Answers for the probes and the metrics, or None for other paths. Not logged."""
+        if path == HEALTH_PATH:
+            return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == READY_PATH:
+            if self.draining or self._shutting_down:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return connection.respond(http.HTTPStatus.OK, "ready\n")
+        if path == METRICS_PATH:
+            response = connection.respond(http.HTTPStatus.OK, "")
+            response.body = self.metrics.render()
+            del response.headers["Content-Type"], response.headers["Content-Length"]
+            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+            response.headers["Content-Length"] = str(len(response.body))
+            return response
+        return None
+
+    def _signature_problem(self, request: Request, path: str) -> str | None:
+        """Why the handshake's X-Twilio-Signature is not acceptable, or None if it is. The
+        URL is the configured public origin plus the request path (shared/protocol.md)."""
+        signature = request.headers.get(SIGNATURE_HEADER)
+        if not signature:
+            return "missing_signature"
+        assert self.settings.public_url is not None  # load_settings requires it with a token
+        url = self.settings.public_url.rstrip("/") + path
+        if not signature_matches(signature, url, self.settings.auth_tokens):
+            return "bad_signature"
+        return None
+
+    def _reject(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
+                path: str) -> Response:
+        self.metrics.handshakes_rejected[reason] += 1
+        logger.warning("handshake.rejected", reason=reason, status=int(status), path=path)
+        return connection.respond(status, f"{status.phrase}: {reason}\n")
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        _limit_read_size(connection)
+        path = urlsplit(connection.request.path).path if connection.request else "/"
+        route = self.settings.route_for(path)
+        assert route is not None  # _process_request answered 404 otherwise
+        self.metrics.active_calls += 1
+        self._idle.clear()
+        try:
+            with structlog.contextvars.bound_contextvars(path=path):
+                await _Call(self, connection, route).run()
+        finally:
+            self.metrics.active_calls -= 1
+            if self.metrics.active_calls == 0:
+                self._idle.set()
+
+
+class _Mode(enum.Enum):
+    SNIFFING = "sniffing"  # reading the request head
+    HTTP = "http"  # a webhook request, answered here
+    WEBSOCKET = "websocket"  # everything else: websockets' own handshake
+
+
+def _http_aware_connection(webhooks: Webhooks) -> type[ServerConnection]:
+    """A websockets connection class that answers the webhook paths itself: websockets'
+    HTTP parser takes no request body, and Twilio's webhooks are form-encoded POSTs."""
+
+    class HttpAwareConnection(ServerConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._mode = _Mode.SNIFFING
+            self._buffer = bytearray()
+            self._head: tuple[str, str, dict[str, str]] | None = None
+            self._body_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self._mode is _Mode.WEBSOCKET:
+                super().data_received(data)
+                return
+            self._buffer += data
+            if self._mode is _Mode.SNIFFING:
+                self._sniff()
+            if self._mode is _Mode.HTTP:
+                self._maybe_answer()
+
+        def _sniff(self) -> None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0 and len(self._buffer) <= MAX_HTTP_HEAD_BYTES:
+                return  # the head is not complete yet
+            head = parse_http_head(bytes(self._buffer[: max(end, 0)])) if end >= 0 else None
+            if head is None or not webhooks.handles(urlsplit(head[1]).path):
+                self._mode = _Mode.WEBSOCKET
+                data, self._buffer = bytes(self._buffer), bytearray()
+                super().data_received(data)
+                return
+            self._mode = _Mode.HTTP
+            self._head = head
+            del self._buffer[: end + 4]
+            try:
+                self._body_bytes = int(head[2].get("content-length", "0"))
+            except ValueError:
+                self._body_bytes = -1
+
+        def _maybe_answer(self) -> None:
+            assert self._head is not None
+            method, target, headers = self._head
+            if not 0 <= self._body_bytes <= MAX_HTTP_BODY_BYTES:
+                self._answer(HttpResponse(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                          b"body too large or without length\n"))
+                return
+            if len(self._buffer) < self._body_bytes:
+                return  # more of the body to come
+            body = bytes(self._buffer[: self._body_bytes])
+            try:
+                response = webhooks.respond(HttpRequest(method, target, headers, body))
+            except Exception:  # a bug of ours: answer 500, keep serving
+                logger.exception("webhook.failed", target=target)
+                response = HttpResponse(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n")
+            self._answer(response)
+
+        def _answer(self, response: HttpResponse) -> None:
+            self._mode = _Mode.WEBSOCKET  # anything more goes to websockets, which closes
+            self.transport.write(response.serialize())
+            self.transport.close()
+
+    return HttpAwareConnection
+
+
+def parse_http_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
+    """``(method, target, headers)`` of an HTTP/1.x request head (headers lower-cased), or
+    None when it is not one."""
+    try:
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, protocol = lines[0].split(" ")
+    except ValueError:
+        return None
+    if not protocol.startswith("HTTP/1."):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, found, value = line.partition(":")
+        if not found:
+            return None
+        headers[name.strip().lower()] = value.strip()
+    return method, target, headers
+
+
+def _limit_read_size(connection: ServerConnection) -> None:
+    # Only the selector transport has this knob (uvloop manages its own buffers).
+    transport = connection.transport
+    if hasattr(transport, "max_size"):
+        transport.max_size = TRANSPORT_READ_BYTES
+
+
+class _Call:
+    """One connection: receive loop, handler chain, outbound writer, summary."""
+
+    def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
+        self.server = server
+        self.connection = connection
+        self.route = route
+        settings = server.settings
+        self.session = LiveSession(
+            wake=self._flush,
+            path=route.path,
+            bidirectional=route.bidirectional,
+            parameter_budget_bytes=settings.parameter_budget_bytes,
+        )
+        self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
+        self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
+        self.writer: asyncio.Task[None] | None = None
+        self.connected_at = time.monotonic()
+        self.early_frames: list[RawFrame] = []
+        self.frames_received = 0  # read by the idle watchdog
+        self.idle_closed = False
+        # The budget report of the webhook that started this call's stream, if it was ours.
+        self.context_budget: dict[str, object] | None = None
+
+    async def run(self) -> None:
+        reason: StopReason = "error"
+        try:
+            if await self._await_start():
+                reason = await self._stream()
+        finally:
+            if self.session.stream_sid is not None:  # a stream started: summarize it
+                await self._finish(reason)
+            if self.writer is not None:
+                self.writer.cancel()
+
+    async def _await_start(self) -> bool:
+        """Receive until ``start``; False if the stream ended or timed out first."""
+        limit = self.server.settings.start_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                while self.session.state is State.AWAITING_START:
+                    self._receive(await self.connection.recv(decode=False))
+        except TimeoutError:
+            logger.warning("stream.start_timeout", timeout_s=limit,
+                           bad_frames=self.session.bad_frames)
+            await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
+            return False
+        except ConnectionClosed as exc:
+            logger.info("stream.closed_before_start", reason=self._closed_reason(exc),
+                        bad_frames=self.session.bad_frames)
+            return False
+        return self.session.state is State.STREAMING
+
+    async def _stream(self) -> StopReason:
+        receive, connection, session = self._receive, self.connection, self.session
+        watchdog = asyncio.get_running_loop().create_task(self._watch_idle())
+        try:
+            while session.state is State.STREAMING:
+                frame = await connection.recv(decode=False)
+                self.frames_received += 1
+                receive(frame)
+        except ConnectionClosed as exc:
+            return self._closed_reason(exc)
+        finally:
+            watchdog.cancel()
+        return "stop"
+
+    async def _watch_idle(self) -> None:
+        """Close a stream that has sent nothing for ``idle_timeout_s`` (a half-open peer:
+        Twilio sends a frame every 20 ms). Checks a counter; costs nothing per frame."""
+        loop = asyncio.get_running_loop()
+        limit = self.server.settings.idle_timeout_s
+        seen, quiet_since = -1, loop.time()
+        while True:
+            await asyncio.sleep(min(limit / 4, 1.0))
+            if self.frames_received != seen:
+                seen, quiet_since = self.frames_received, loop.time()
+            elif loop.time() - quiet_since >= limit:
+                break
+        self.idle_closed = True
+        logger.warning("stream.idle_timeout", timeout_s=limit)
+        try:  # a silent peer may never answer the close handshake
+            async with asyncio.timeout(IDLE_CLOSE_GRACE_S):
+                await self.connection.close(CLOSE_POLICY_VIOLATION, "no frame in time")
+        except TimeoutError:
+            self.connection.transport.abort()
+
+    def _closed_reason(self, exc: ConnectionClosed) -> StopReason:
+        if self.server._shutting_down:
+            return "shutdown"
+        if self.idle_closed:
+            return "aborted"  # the peer went silent: it is gone
+        if isinstance(exc, ConnectionClosedOK):
+            return "closed"
+        if exc.sent is not None and exc.rcvd is None and exc.sent.code != CLOSE_GOING_AWAY:
+            return "error"  # we closed it: oversize message, protocol violation
+        return "aborted"
+
+    def _now_ms(self) -> float:
+        return (time.monotonic() - self.connected_at) * 1000
+
+    def _receive(self, frame: bytes) -> None:
+        session = self.session
+        if session.state is State.AWAITING_START:
+            if len(self.early_frames) < EARLY_FRAMES_KEPT:
+                self.early_frames.append(RawFrame(self._now_ms(), frame))
+        elif self.chain.wants_raw_frames:
+            self.chain.on_raw_frame(RawFrame(self._now_ms(), frame))
+        session.receive_message(frame)
+        for event in session.events_received():
+            if type(event) is wire.Media:
+                self.chain.on_media(event)
+            elif isinstance(event, BadFrame):
+                self._log_bad_frame(event)
+            elif isinstance(event, wire.Start):
+                self._started()
+            else:
+                if isinstance(event, wire.Mark):
+                    session.mark_echoed(event.name)
+                self.chain.dispatch(event)
+        if session.bidirectional:
+            self._flush()
+
+    def _started(self) -> None:
+        session = self.session
+        structlog.contextvars.bind_contextvars(
+            call_sid=session.call_sid, stream_sid=session.stream_sid
+        )
+        media_format = session.media_format
+        logger.info(
+            "stream.started",
+            call_sid=session.call_sid,
+            stream_sid=session.stream_sid,
+            account_sid=session.account_sid,
+            tracks=list(session.tracks),
+            media_format={
+                "encoding": media_format.encoding,
+                "sample_rate": media_format.sample_rate,
+                "channels": media_format.channels,
+            } if media_format else None,
+            custom_parameters=dict(session.custom_parameters),
+            path=session.path,
+            bidirectional=session.bidirectional,
+            protocol_version=session.protocol_version,
+        )
+        if session.parameters_over_budget:
+            logger.warning(
+                "stream.parameters_over_budget",
+                custom_parameters_bytes=session.custom_parameters_bytes,
+                budget_bytes=session.parameter_budget_bytes,
+            )
+        assert session.stream_sid is not None  # set by start
+        if session.stream_sid in self.server.streams:
+            logger.warning("stream.duplicate_stream_sid")
+        self.server.streams[session.stream_sid] = session
+        self.server.metrics.calls_started += 1
+        self.context_budget = self.server.webhooks.pop_context_report(session.call_sid)
+        if session.bidirectional:
+            self.writer = asyncio.get_running_loop().create_task(self._write())
+        self.chain.start(session)
+        if self.chain.wants_raw_frames:
+            for raw in self.early_frames:
+                self.chain.on_raw_frame(raw)
+        self.early_frames = []
+
+    def _log_bad_frame(self, bad: BadFrame) -> None:
+        if bad.count <= BAD_FRAMES_LOGGED:
+            logger.warning("stream.bad_frame", reason=bad.reason, excerpt=bad.excerpt,
+                           count=bad.count, last_logged=bad.count == BAD_FRAMES_LOGGED)
+
+    def _flush(self) -> None:
+        if self.outgoing.qsize() >= MAX_OUTBOUND_FRAMES:
+            self.session.data_to_send()  # dropped: the peer has stopped reading
+            raise LocalProtocolError(f"{MAX_OUTBOUND_FRAMES} frames already wait to be sent")
+        for frame in self.session.data_to_send():
+            self.outgoing.put_nowait(frame)
+            if self.chain.wants_raw_frames:
+                self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, sent=True))
+
+    async def _write(self) -> None:
+        # Own task: a slow peer never blocks the receive loop.
+        try:
+            while True:
+                frame = await self.outgoing.get()
+                await self.connection.send(frame, text=True)
+        except ConnectionClosed:
+            pass
+
+    async def _finish(self, reason: StopReason) -> None:
+        stream_sid = self.session.stream_sid
+        if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
+            del self.server.streams[stream_sid]
+        self.session.abandon_marks()  # no echo can come any more
+        summary = await self.chain.finish(self.session, self.session.close(reason),
+                                          self.server.settings.handler_stop_timeout_s)
+        self.server.metrics.call_ended(summary, self.chain.errors(), self.chain.drops())
+        logger.info(
+            "stream.stopped",
+            call_sid=self.session.call_sid,
+            stream_sid=self.session.stream_sid,
+            **summary.log_fields(),
+            handler_errors=self.chain.errors(),
+            handler_drops=self.chain.drops(),
+            custom_parameters_bytes=self.session.custom_parameters_bytes,
+            context_budget=self.context_budget,
+            wall_ms=round((time.monotonic() - self.connected_at) * 1000),
+        )

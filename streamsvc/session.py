@@ -1,0 +1,358 @@
+"""The per-stream state machine: whole messages in, typed events out. No I/O, no clock.
+
+Four verbs, as in websockets' ``Protocol`` one level up:
+
+* :meth:`Session.receive_message` takes one inbound text frame;
+* :meth:`Session.events_received` returns what it produced: wire events, plus a
+  :class:`BadFrame` for anything malformed or out of place (counted, never fatal);
+* :meth:`Session.send_media`, :meth:`Session.send_mark`, :meth:`Session.send_clear` queue
+  outbound messages (bidirectional streams only);
+* :meth:`Session.data_to_send` returns the queued frames for the shell to write.
+
+:meth:`Session.close` ends the session and returns its :class:`CallSummary`.
+
+States: ``AWAITING_START`` -> ``STREAMING`` (on ``start``) -> ``STOPPED`` (on ``stop`` or
+:meth:`~Session.close`). One session is one stream: key sessions by ``stream_sid`` (several
+streams may belong to one call, ``shared/protocol.md``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal, TypeAlias
+
+from . import wire
+from .exceptions import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_PARAMETER_BUDGET_BYTES",
+    "BadFrame",
+    "CallSummary",
+    "Session",
+    "SessionEvent",
+    "State",
+    "StopReason",
+    "TrackStats",
+]
+
+# Twilio advises at most 800 bytes of custom parameters in total (shared/protocol.md).
+DEFAULT_PARAMETER_BUDGET_BYTES: Final = 800
+# Media frames are 20 ms apart (shared/protocol.md); slots are counted in these.
+FRAME_MS: Final = 20
+# A track remembers at most this many missing slots individually (a late frame can fill
+# them); slots past it are counted as missing for good. Bounds memory per track.
+MAX_REMEMBERED_HOLES: Final = 65_536
+# How much of a bad frame is kept for the log line.
+BAD_FRAME_EXCERPT_CHARS: Final = 120
+
+StopReason: TypeAlias = Literal["stop", "closed", "aborted", "error", "shutdown"]
+
+
+class State(enum.Enum):
+    AWAITING_START = "awaiting_start"
+    STREAMING = "streaming"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class BadFrame:
+    """A frame that was malformed or not allowed in the session's state. It was counted in
+    ``bad_frames`` and otherwise ignored; ``count`` is its 1-based number in this session."""
+
+    reason: str
+    excerpt: str
+    count: int
+
+
+SessionEvent: TypeAlias = wire.Event | BadFrame
+
+
+@dataclass(slots=True)
+class TrackStats:
+    """Counters for one track. ``missing`` counts the 20 ms slots between the track's
+    earliest and latest timestamp that never arrived; a frame that arrives after a later one
+    fills its slot and counts as ``out_of_order``, not missing; a second frame for a slot
+    counts as ``duplicates``."""
+
+    frames: int = 0
+    bytes: int = 0
+    out_of_order: int = 0
+    duplicates: int = 0
+    first_timestamp_ms: int = -1
+    lowest_slot: int = 0
+    highest_slot: int = 0
+    holes: set[int] = field(default_factory=set)
+    forgotten_holes: int = 0
+
+    @property
+    def missing(self) -> int:
+        return len(self.holes) + self.forgotten_holes
+
+    @property
+    def last_timestamp_ms(self) -> int:
+        return self.first_timestamp_ms + self.highest_slot * FRAME_MS
+
+    def add_frame(self, timestamp_ms: int, payload_bytes: int) -> None:
+        """Account one frame at ``timestamp_ms`` carrying ``payload_bytes`` of audio."""
+        self.frames += 1
+        self.bytes += payload_bytes
+        if self.first_timestamp_ms < 0:
+            self.first_timestamp_ms = timestamp_ms
+            return
+        # Round to the nearest slot: timestamps jitter by a millisecond or two.
+        slot = (timestamp_ms - self.first_timestamp_ms + FRAME_MS // 2) // FRAME_MS
+        if slot == self.highest_slot + 1:  # the usual case: the next frame
+            self.highest_slot = slot
+        elif slot > self.highest_slot:
+            self._add_holes(range(self.highest_slot + 1, slot))
+            self.highest_slot = slot
+        elif slot < self.lowest_slot:
+            self._add_holes(range(slot + 1, self.lowest_slot))
+            self.lowest_slot = slot
+            self.out_of_order += 1
+        elif slot in self.holes:
+            self.holes.discard(slot)
+            self.out_of_order += 1
+        else:
+            self.duplicates += 1
+
+    def _add_holes(self, slots: range) -> None:
+        room = max(0, MAX_REMEMBERED_HOLES - len(self.holes))
+        self.holes.update(slots[:room])
+        self.forgotten_holes += max(0, len(slots) - room)
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    """What happened on one stream, produced once by :meth:`Session.close`. These fields
+    are what the ``stream.stopped`` log line carries."""
+
+    reason: StopReason
+    frames: Mapping[str, int]
+    missing_frames: Mapping[str, int]
+    bytes: Mapping[str, int]
+    out_of_order_frames: Mapping[str, int]
+    duplicate_frames: Mapping[str, int]
+    bad_frames: int
+    ignored_events: int
+    dtmf: str
+    marks_sent: int
+    marks_received: int
+    duration_ms: int
+    # What each handler reported about the call (Handler.report), by handler name.
+    handlers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+    def log_fields(self) -> dict[str, object]:
+        """The summary as plain JSON-ready fields for ``stream.stopped``."""
+        return {
+            "reason": self.reason,
+            "frames": dict(self.frames),
+            "missing_frames": dict(self.missing_frames),
+            "bytes": dict(self.bytes),
+            "out_of_order_frames": dict(self.out_of_order_frames),
+            "duplicate_frames": dict(self.duplicate_frames),
+            "bad_frames": self.bad_frames,
+            "ignored_events": self.ignored_events,
+            "dtmf": self.dtmf,
+            "marks_sent": self.marks_sent,
+            "marks_received": self.marks_received,
+            "duration_ms": self.duration_ms,
+            "handlers": {name: dict(report) for name, report in self.handlers.items()},
+        }
+
+
+_EMPTY_PARAMETERS: Final[Mapping[str, str]] = MappingProxyType({})
+_KNOWN_TRACKS: Final = frozenset({"inbound", "outbound"})
+
+
+class Session:
+    """One Media Streams stream, from its first frame to its summary.
+
+    ``path`` is the URL path the stream connected to. ``bidirectional`` says whether the
+    server may talk back (``<Connect><Stream>``); on a ``<Start><Stream>`` it must not.
+    ``parameter_budget_bytes`` is the size of the custom parameters above which
+    :attr:`parameters_over_budget` is set (they are kept whole either way).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str = "/",
+        bidirectional: bool = False,
+        parameter_budget_bytes: int = DEFAULT_PARAMETER_BUDGET_BYTES,
+    ) -> None:
+        self.path = path
+        self.bidirectional = bidirectional
+        self.parameter_budget_bytes = parameter_budget_bytes
+        self.state = State.AWAITING_START
+        self.protocol_version: str | None = None
+        self.stream_sid: str | None = None
+        self.call_sid: str | None = None
+        self.account_sid: str | None = None
+        self.tracks: tuple[str, ...] = ()
+        self.media_format: wire.MediaFormat | None = None
+        self.custom_parameters: Mapping[str, str] = _EMPTY_PARAMETERS
+        self.custom_parameters_bytes = 0
+        self.track_stats: dict[str, TrackStats] = {}
+        self.bad_frames = 0
+        self.ignored_events = 0
+        self.dtmf_digits: list[str] = []
+        self.marks_sent = 0
+        self.marks_received = 0
+        self.summary: CallSummary | None = None
+        self._allowed_tracks: frozenset[str] = _KNOWN_TRACKS
+        self._events: list[SessionEvent] = []
+        self._outgoing: list[bytes] = []
+
+    # Inbound
+
+    def receive_message(self, frame: bytes | str) -> None:
+        """Take one inbound text frame. Never raises for bad input: it becomes a
+        :class:`BadFrame` event. Call :meth:`events_received` next."""
+        try:
+            event = wire.parse_media(frame)
+            if type(event) is wire.Media:
+                self._on_media(event)
+            else:
+                self._on_other(event)
+        except RemoteProtocolError as exc:
+            self._bad_frame(exc.reason, frame)
+            return
+        self._events.append(event)
+
+    def events_received(self) -> list[SessionEvent]:
+        """Return the events produced since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def _on_media(self, media: wire.Media) -> None:
+        if self.state is not State.STREAMING:
+            raise RemoteProtocolError(f"media while {self.state.value}")
+        if media.stream_sid != self.stream_sid:
+            raise RemoteProtocolError(f"media for another stream {media.stream_sid!r}")
+        body = media.media  # the nested struct: plain slots, cheaper than the properties
+        stats = self.track_stats.get(body.track)
+        if stats is None:
+            stats = self._new_track(body.track)
+        stats.add_frame(body.timestamp, len(body.payload))
+
+    def _new_track(self, track: str) -> TrackStats:
+        if track not in self._allowed_tracks:
+            raise RemoteProtocolError(f"media on unknown track {track!r}")
+        stats = self.track_stats[track] = TrackStats()
+        return stats
+
+    def _on_other(self, event: wire.Event) -> None:
+        if isinstance(event, wire.UnknownEvent):
+            self.ignored_events += 1
+        elif isinstance(event, wire.Connected):
+            self.protocol_version = event.version
+        elif isinstance(event, wire.Start):
+            self._on_start(event)
+        else:
+            self._check_streaming(event)
+            if isinstance(event, wire.Dtmf):
+                self.dtmf_digits.append(event.digit)
+            elif isinstance(event, wire.Mark):
+                self.marks_received += 1
+            elif isinstance(event, wire.Stop):
+                self.state = State.STOPPED
+
+    def _check_streaming(self, event: wire.Dtmf | wire.Mark | wire.Stop | wire.Media) -> None:
+        name = type(event).__name__.lower()
+        if self.state is not State.STREAMING:
+            raise RemoteProtocolError(f"{name} while {self.state.value}")
+        if event.stream_sid is not None and event.stream_sid != self.stream_sid:
+            raise RemoteProtocolError(f"{name} for another stream {event.stream_sid!r}")
+
+    def _on_start(self, start: wire.Start) -> None:
+        if self.state is not State.AWAITING_START:
+            raise RemoteProtocolError(f"start while {self.state.value}")
+        self.state = State.STREAMING
+        self.stream_sid = start.started_stream_sid
+        self.call_sid = start.call_sid
+        self.account_sid = start.account_sid
+        self.tracks = start.tracks
+        self.media_format = start.media_format
+        self._allowed_tracks = _KNOWN_TRACKS | frozenset(start.tracks)
+        parameters = dict(start.custom_parameters)
+        self.custom_parameters = MappingProxyType(parameters)
+        self.custom_parameters_bytes = parameters_size(parameters)
+
+    def _bad_frame(self, reason: str, frame: bytes | str) -> None:
+        self.bad_frames += 1
+        if isinstance(frame, str):  # may hold lone surrogates, which no log line can carry
+            frame = frame[:BAD_FRAME_EXCERPT_CHARS].encode("utf-8", "replace")
+        excerpt = frame[: BAD_FRAME_EXCERPT_CHARS * 4].decode("utf-8", "replace")
+        self._events.append(BadFrame(reason, excerpt[:BAD_FRAME_EXCERPT_CHARS], self.bad_frames))
+
+    @property
+    def parameters_over_budget(self) -> bool:
+        return self.custom_parameters_bytes > self.parameter_budget_bytes
+
+    # Outbound
+
+    def send_media(self, payload: bytes) -> None:
+        """Queue audio to play: raw 8 kHz mu-law bytes, any length.
+
+        Raises :class:`LocalProtocolError` on a unidirectional stream or when the stream is
+        not streaming."""
+        self._outgoing.append(wire.serialize_media(self._sendable_stream_sid(), payload))
+
+    def send_mark(self, name: str) -> None:
+        """Queue a mark; Twilio echoes it when playback reaches it or ``clear`` flushes it."""
+        self._outgoing.append(wire.serialize_mark(self._sendable_stream_sid(), name))
+        self.marks_sent += 1
+
+    def send_clear(self) -> None:
+        """Queue a ``clear``: Twilio drops its buffered audio and echoes pending marks."""
+        self._outgoing.append(wire.serialize_clear(self._sendable_stream_sid()))
+
+    def data_to_send(self) -> list[bytes]:
+        """Return the frames queued since the last call, to be sent as text frames."""
+        frames, self._outgoing = self._outgoing, []
+        return frames
+
+    def _sendable_stream_sid(self) -> str:
+        if not self.bidirectional:
+            raise LocalProtocolError("cannot send on a unidirectional stream (<Start><Stream>)")
+        if self.state is not State.STREAMING or self.stream_sid is None:
+            raise LocalProtocolError(f"cannot send while {self.state.value}")
+        return self.stream_sid
+
+    # End
+
+    def close(self, reason: StopReason) -> CallSummary:
+        """End the session and return its summary. The first call decides the summary;
+        later calls return the same one. ``reason`` is ``stop`` when Twilio sent ``stop``."""
+        if self.summary is None:
+            self.state = State.STOPPED
+            self.summary = self._summarize(reason)
+        return self.summary
+
+    def _summarize(self, reason: StopReason) -> CallSummary:
+        stats = self.track_stats
+        last_ms = max((s.last_timestamp_ms + FRAME_MS for s in stats.values()), default=0)
+        return CallSummary(
+            reason=reason,
+            frames={track: s.frames for track, s in stats.items()},
+            missing_frames={track: s.missing for track, s in stats.items()},
+            bytes={track: s.bytes for track, s in stats.items()},
+            out_of_order_frames={track: s.out_of_order for track, s in stats.items()},
+            duplicate_frames={track: s.duplicates for track, s in stats.items()},
+            bad_frames=self.bad_frames,
+            ignored_events=self.ignored_events,
+            dtmf="".join(self.dtmf_digits),
+            marks_sent=self.marks_sent,
+            marks_received=self.marks_received,
+            duration_ms=last_ms,
+        )
+
+
+def parameters_size(parameters: Mapping[str, str]) -> int:
+    """Bytes the custom parameters take as UTF-8, names and values together (what Twilio's
+    800-byte guidance counts)."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in parameters.items())

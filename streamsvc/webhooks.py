@@ -1,0 +1,185 @@
+"""The HTTP side of the service, on the stream port: the voice webhook that answers TwiML
+starting a stream to this service, and the stream status callback.
+
+* ``GET|POST {webhook_path}`` (default ``/twiml``) answers for the first route,
+  ``{webhook_path}/<name>`` for the route at ``/<name>``: ``<Connect><Stream>`` for a
+  bidirectional route, ``<Start><Stream>`` (then the route's follow-on TwiML) otherwise, with
+  the call's context as ``<Parameter>``s chosen by the route's context mapping
+  (:mod:`streamsvc.twiml`), the stream URL built from ``public_url`` and a status callback.
+* ``POST {status_callback_path}`` (default ``/stream-status``) takes Twilio's
+  ``stream-started`` / ``stream-stopped`` / ``stream-error`` callbacks and logs them as
+  ``stream.status`` with the stream's ids, so a failed handshake shows up next to its call.
+
+With an auth token set, requests must carry Twilio's ``X-Twilio-Signature`` over the
+public URL (``https://`` for ``wss://``) with its query, plus the sorted POST fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import http
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+from urllib.parse import parse_qsl, urlsplit
+
+import structlog
+
+from .signature import SIGNATURE_HEADER
+from .twiml import render_stream_twiml, select_parameters
+
+if TYPE_CHECKING:
+    from .config import Route, Settings
+
+__all__ = ["HttpRequest", "HttpResponse", "Webhooks"]
+
+logger = structlog.get_logger("streamsvc.webhooks")
+
+MAX_BODY_BYTES: Final = 64 * 1024  # Twilio's webhook bodies are a few kB
+# Context reports kept until their stream starts (a webhook whose stream never comes).
+MAX_PENDING_REPORTS: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    target: str  # path with its query, as requested
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes = b""
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> str:
+        return urlsplit(self.target).query
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: http.HTTPStatus
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+
+    def serialize(self) -> bytes:
+        head = (f"HTTP/1.1 {self.status.value} {self.status.phrase}\r\n"
+                f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n"
+                "Connection: close\r\n\r\n")
+        return head.encode() + self.body
+
+
+def twilio_signature(auth_token: str, url: str, fields: list[tuple[str, str]]) -> str:
+    """Twilio's webhook signature: HMAC-SHA1 over the URL followed by each POST field's name
+    and value, names sorted (values sorted within a name)."""
+    grouped: dict[str, set[str]] = collections.defaultdict(set)
+    for name, value in fields:
+        grouped[name].add(value)
+    data = url + "".join(name + value for name in sorted(grouped)
+                         for value in sorted(grouped[name]))
+    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+class Webhooks:
+    """The webhook endpoints of one server (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.context_reports: collections.OrderedDict[str, dict[str, object]] = (
+            collections.OrderedDict())
+        self.status_callbacks: collections.Counter[str] = collections.Counter()
+
+    def handles(self, path: str) -> bool:
+        return self._route(path) is not None or path == self.settings.status_callback_path
+
+    def _route(self, path: str) -> Route | None:
+        prefix = self.settings.webhook_path
+        if path == prefix:
+            return self.settings.routes[0]
+        if path.startswith(prefix + "/"):
+            return self.settings.route_for(path[len(prefix):])
+        return None
+
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        """Answer one request; never raises for bad input."""
+        if request.method not in ("GET", "POST"):
+            return self._refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
+        body_fields = parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True)
+        query_fields = parse_qsl(request.query, keep_blank_values=True)
+        if self.settings.auth_tokens and not self._signed(request, body_fields):
+            return self._refuse(http.HTTPStatus.FORBIDDEN, "bad_signature", request)
+        fields = dict(query_fields) | dict(body_fields)
+        if request.path == self.settings.status_callback_path:
+            return self._status(fields)
+        route = self._route(request.path)
+        assert route is not None  # handles() said so
+        return self._twiml(route, fields, dict(query_fields))
+
+    def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
+        """The budget report of the webhook that started this call's stream, once."""
+        return self.context_reports.pop(call_sid, None) if call_sid else None
+
+    def _public(self, scheme: str) -> str | None:
+        public = self.settings.public_url
+        if public is None:
+            return None
+        parts = urlsplit(public)
+        secure = parts.scheme == "wss"
+        return f"{scheme}{'s' if secure else ''}://{parts.netloc}"
+
+    def _signed(self, request: HttpRequest, body_fields: list[tuple[str, str]]) -> bool:
+        signature = request.headers.get(SIGNATURE_HEADER.lower(), "")
+        origin = self._public("http")
+        if not signature or origin is None:
+            return False
+        url = origin + request.target
+        posted = body_fields if request.method == "POST" else []
+        expected = [twilio_signature(token, url, posted) for token in self.settings.auth_tokens]
+        matched = False
+        for candidate in expected:
+            matched |= hmac.compare_digest(signature.encode(), candidate.encode())
+        return matched
+
+    def _twiml(self, route: Route, fields: dict[str, str],
+               query: dict[str, str]) -> HttpResponse:
+        origin = self._public("ws")
+        http_origin = self._public("http")
+        if origin is None or http_origin is None:
+            logger.error("twiml.no_public_url",
+                         message="set STREAMSVC_PUBLIC_URL to the origin Twilio reaches")
+            return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
+        selection = select_parameters(fields, query, route.context)
+        call_sid = fields.get("CallSid")
+        if selection.over_budget:
+            logger.warning("twiml.parameters_over_budget", call_sid=call_sid,
+                           **selection.report())
+        if call_sid:
+            self.context_reports[call_sid] = selection.report()
+            while len(self.context_reports) > MAX_PENDING_REPORTS:
+                self.context_reports.popitem(last=False)
+        document = render_stream_twiml(
+            origin + route.path, selection.parameters, connect=route.bidirectional,
+            track=route.stream_track, after=route.after_twiml,
+            status_callback=http_origin + self.settings.status_callback_path,
+        )
+        logger.info("twiml.served", call_sid=call_sid, path=route.path,
+                    parameters=list(selection.parameters))
+        return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
+
+    def _status(self, fields: dict[str, str]) -> HttpResponse:
+        event = fields.get("StreamEvent", "")
+        known = event in ("stream-started", "stream-stopped", "stream-error")
+        self.status_callbacks[event if known else "other"] += 1
+        log = logger.warning if event == "stream-error" else logger.info
+        log("stream.status", stream_event=event, stream_sid=fields.get("StreamSid"),
+            call_sid=fields.get("CallSid"), stream_name=fields.get("StreamName"),
+            stream_error=fields.get("StreamError"), timestamp=fields.get("Timestamp"))
+        return HttpResponse(http.HTTPStatus.NO_CONTENT)
+
+    def _refuse(self, status: http.HTTPStatus, reason: str, request: HttpRequest) -> HttpResponse:
+        logger.warning("webhook.rejected", reason=reason, status=int(status), path=request.path)
+        return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())

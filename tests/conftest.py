@@ -1,0 +1,33 @@
+"""Shared fixtures: captured log events, and a way to wait for what the server does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+LogEvents = list[dict[str, Any]]
+
+
+@pytest.fixture
+def logs() -> Iterator[LogEvents]:
+    """Every structlog event emitted during the test, as dicts."""
+    with capture_logs() as captured:
+        yield captured  # type: ignore[misc]
+
+
+def events(logs: LogEvents, name: str) -> LogEvents:
+    """The captured events called ``name``, in order."""
+    return [entry for entry in logs if entry["event"] == name]
+
+
+async def until(predicate: Callable[[], object]) -> None:
+    """Wait until ``predicate()`` holds (what the server logs or records), for up to 5 s."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not met within 5 s")
