@@ -68,6 +68,8 @@ class Metrics(Collector):
         self.handler_errors: collections.Counter[str] = collections.Counter()
         self.handshakes_rejected: collections.Counter[str] = collections.Counter()
         self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
+        # Voice webhook answers by outcome: served, over_budget, or a rejection reason.
+        self.webhooks: collections.Counter[str] = collections.Counter()
         self.handler_latency: dict[str, LatencyHistogram] = collections.defaultdict(
             LatencyHistogram)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -123,6 +125,9 @@ class Metrics(Collector):
         yield _labelled("streamsvc_stream_status_callbacks",
                         "Stream status callbacks from Twilio, by event.", "event",
                         self.stream_status_callbacks)
+        yield _labelled("streamsvc_webhooks",
+                        "Voice webhook and status callback requests, by outcome.", "outcome",
+                        self.webhooks)
         latency = HistogramMetricFamily(
             "streamsvc_handler_latency_seconds",
             "Time a handler spent on one event (media sampled 1 in 8).", labels=["handler"])

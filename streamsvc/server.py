@@ -75,8 +75,9 @@ class StreamServer:
         # (a <Start> beside a <Connect>), so a call is found by scanning its call_sid.
         self.streams: dict[str, LiveSession] = {}
         self.metrics = Metrics(lambda: list(self.streams.values()))
-        self.webhooks = Webhooks(settings)
+        self.webhooks = Webhooks(settings, self.streams)
         self.metrics.stream_status_callbacks = self.webhooks.status_callbacks
+        self.metrics.webhooks = self.webhooks.outcomes
         self.draining = False
         self._idle = asyncio.Event()  # set while no call is in progress
         self._idle.set()
@@ -262,8 +263,9 @@ def _http_aware_connection(webhooks: Webhooks) -> type[ServerConnection]:
             assert self._head is not None
             method, target, headers = self._head
             if not 0 <= self._body_bytes <= MAX_HTTP_BODY_BYTES:
-                self._answer(HttpResponse(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                          b"body too large or without length\n"))
+                self._answer(webhooks.refuse(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                             "body_too_large", HttpRequest(method, target,
+                                                                           headers)))
                 return
             if len(self._buffer) < self._body_bytes:
                 return  # more of the body to come
@@ -272,6 +274,7 @@ def _http_aware_connection(webhooks: Webhooks) -> type[ServerConnection]:
                 response = webhooks.respond(HttpRequest(method, target, headers, body))
             except Exception:  # a bug of ours: answer 500, keep serving
                 logger.exception("webhook.failed", target=target)
+                webhooks.outcomes["error"] += 1
                 response = HttpResponse(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n")
             self._answer(response)
 

@@ -18,6 +18,9 @@ Which fields become parameters (per route, ``[routes.context]``):
 * ``priority``: parameter names kept first when over budget;
 * ``budget_bytes``: the budget (default 800, Twilio's guidance).
 
+Names and values lose the characters XML cannot carry (control characters, lone
+surrogates) before they are counted; a name with nothing left is skipped.
+
 Budget policy, deterministic: parameters are taken in order (``priority`` names first, in
 their order; then query parameters, SIP headers and custom fields, each sorted by name; then
 ``webhook_fields`` in their order). Each costs the UTF-8 bytes of its name and value. A
@@ -164,7 +167,11 @@ def candidates(fields: Mapping[str, str], query: Mapping[str, str],
     twilio = [(named(k), fields[k]) for k in mapping.webhook_fields if k in fields]
     ordered: dict[str, str] = {}
     for name, value in [*from_query, *sip, *custom, *twilio]:
-        ordered.setdefault(name, value)  # the first source of a name wins
+        # Counted as written: without what XML cannot carry; a name with nothing left
+        # is no parameter. The first source of a name wins.
+        name = xml_safe(name)
+        if name:
+            ordered.setdefault(name, xml_safe(value))
     first = [(n, ordered[n]) for n in mapping.priority if n in ordered]
     rest = [(n, v) for n, v in ordered.items() if n not in mapping.priority]
     return [*first, *rest]
@@ -216,8 +223,10 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
     """TwiML that starts a stream to ``url`` carrying ``parameters``: ``<Connect><Stream>``
     (bidirectional; Twilio streams only the inbound track there) or ``<Start><Stream>``
     followed by ``after`` (TwiML verbs, e.g. ``<Pause length="60"/>``). Everything is
-    XML-escaped. Raises ValueError for a URL with a query string (Twilio would strip it),
-    a URL that is not ws(s)://, an unknown track, or an ``after`` that is not TwiML."""
+    XML-escaped, without the characters XML cannot carry. Raises ValueError for a URL with a
+    query string (Twilio would strip it), a URL that is not ws(s)://, an unknown track, a
+    parameter name with nothing left or two that become one, or an ``after`` that is not
+    TwiML."""
     if not re.match(r"wss?://[^/?#\s]+(/[^?#\s]*)?$", url):
         raise ValueError(f"stream url must be ws:// or wss:// with no query string: {url!r}")
     if track not in _TRACKS:
@@ -228,9 +237,13 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
     if status_callback:
         attributes += (f" statusCallback={quoteattr(status_callback)}"
                        ' statusCallbackMethod="POST"')
+    cleaned = {xml_safe(name): xml_safe(value) for name, value in parameters.items()}
+    if "" in cleaned or len(cleaned) < len(parameters):
+        raise ValueError("parameter names must keep at least one character XML can carry and "
+                         f"stay distinct without the others: {list(parameters)!r}")
     children = "".join(
-        f"<Parameter name={quoteattr(xml_safe(name))} value={quoteattr(xml_safe(value))}/>"
-        for name, value in parameters.items())
+        f"<Parameter name={quoteattr(name)} value={quoteattr(value)}/>"
+        for name, value in cleaned.items())
     stream = f"<Stream {attributes}>{children}</Stream>"
     verb = f"<Connect>{stream}</Connect>" if connect else f"<Start>{stream}</Start>{after}"
     document = f'<?xml version="1.0" encoding="UTF-8"?><Response>{verb}</Response>'

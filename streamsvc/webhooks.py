@@ -33,6 +33,7 @@ from .twiml import render_stream_twiml, select_parameters
 
 if TYPE_CHECKING:
     from .config import Route, Settings
+    from .session import Session
 
 __all__ = ["HttpRequest", "HttpResponse", "Webhooks"]
 
@@ -87,11 +88,14 @@ def twilio_signature(auth_token: str, url: str, fields: list[tuple[str, str]]) -
 class Webhooks:
     """The webhook endpoints of one server (see the module docstring)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 streams: Mapping[str, Session] | None = None) -> None:
         self.settings = settings
+        self.streams: Mapping[str, Session] = {} if streams is None else streams  # by sid
         self.context_reports: collections.OrderedDict[str, dict[str, object]] = (
             collections.OrderedDict())
         self.status_callbacks: collections.Counter[str] = collections.Counter()
+        self.outcomes: collections.Counter[str] = collections.Counter()  # for the metrics
 
     def handles(self, path: str) -> bool:
         return self._route(path) is not None or path == self.settings.status_callback_path
@@ -107,11 +111,12 @@ class Webhooks:
     def respond(self, request: HttpRequest) -> HttpResponse:
         """Answer one request; never raises for bad input."""
         if request.method not in ("GET", "POST"):
-            return self._refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
+            return self.refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
         body_fields = parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True)
         query_fields = parse_qsl(request.query, keep_blank_values=True)
-        if self.settings.auth_tokens and not self._signed(request, body_fields):
-            return self._refuse(http.HTTPStatus.FORBIDDEN, "bad_signature", request)
+        problem = self._signature_problem(request, body_fields)
+        if problem is not None:
+            return self.refuse(http.HTTPStatus.FORBIDDEN, problem, request)
         fields = dict(query_fields) | dict(body_fields)
         if request.path == self.settings.status_callback_path:
             return self._status(fields)
@@ -131,30 +136,39 @@ class Webhooks:
         secure = parts.scheme == "wss"
         return f"{scheme}{'s' if secure else ''}://{parts.netloc}"
 
-    def _signed(self, request: HttpRequest, body_fields: list[tuple[str, str]]) -> bool:
+    def _signature_problem(self, request: HttpRequest,
+                           body_fields: list[tuple[str, str]]) -> str | None:
+        """None when no token is set or the request is signed by one; else the reason."""
+        if not self.settings.auth_tokens:
+            return None
         signature = request.headers.get(SIGNATURE_HEADER.lower(), "")
         origin = self._public("http")
-        if not signature or origin is None:
-            return False
+        if not signature:
+            return "missing_signature"
+        if origin is None:  # unreachable: settings refuse a token without public_url
+            return "bad_signature"
         url = origin + request.target
         posted = body_fields if request.method == "POST" else []
         expected = [twilio_signature(token, url, posted) for token in self.settings.auth_tokens]
         matched = False
         for candidate in expected:
             matched |= hmac.compare_digest(signature.encode(), candidate.encode())
-        return matched
+        return None if matched else "bad_signature"
 
     def _twiml(self, route: Route, fields: dict[str, str],
                query: dict[str, str]) -> HttpResponse:
         origin = self._public("ws")
         http_origin = self._public("http")
         if origin is None or http_origin is None:
+            self.outcomes["no_public_url"] += 1
             logger.error("twiml.no_public_url",
                          message="set STREAMSVC_PUBLIC_URL to the origin Twilio reaches")
             return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
         selection = select_parameters(fields, query, route.context)
         call_sid = fields.get("CallSid")
+        self.outcomes["twiml_served"] += 1
         if selection.over_budget:
+            self.outcomes["twiml_over_budget"] += 1
             logger.warning("twiml.parameters_over_budget", call_sid=call_sid,
                            **selection.report())
         if call_sid:
@@ -174,12 +188,19 @@ class Webhooks:
         event = fields.get("StreamEvent", "")
         known = event in ("stream-started", "stream-stopped", "stream-error")
         self.status_callbacks[event if known else "other"] += 1
+        stream_sid = fields.get("StreamSid")
+        session = self.streams.get(stream_sid) if stream_sid else None
         log = logger.warning if event == "stream-error" else logger.info
-        log("stream.status", stream_event=event, stream_sid=fields.get("StreamSid"),
+        # The same call_sid/stream_sid (and path, while the stream is live) as the stream's
+        # own lines, so a handshake Twilio could not complete shows up beside its call.
+        log("stream.status", stream_event=event, stream_sid=stream_sid,
             call_sid=fields.get("CallSid"), stream_name=fields.get("StreamName"),
-            stream_error=fields.get("StreamError"), timestamp=fields.get("Timestamp"))
+            stream_error=fields.get("StreamError"), timestamp=fields.get("Timestamp"),
+            live=session is not None, path=session.path if session is not None else None)
         return HttpResponse(http.HTTPStatus.NO_CONTENT)
 
-    def _refuse(self, status: http.HTTPStatus, reason: str, request: HttpRequest) -> HttpResponse:
+    def refuse(self, status: http.HTTPStatus, reason: str, request: HttpRequest) -> HttpResponse:
+        """Answer ``status``, logged as ``webhook.rejected`` and counted by ``reason``."""
+        self.outcomes[reason] += 1
         logger.warning("webhook.rejected", reason=reason, status=int(status), path=request.path)
         return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())

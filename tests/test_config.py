@@ -112,3 +112,22 @@ def test_the_readme_documents_every_setting() -> None:
         assert f"| `{setting.key}`" in readme, setting.key
         assert f"`{setting.flag}`" in readme, setting.flag
         assert f"`{setting.env[0]}`" in readme, setting.env[0]
+
+
+def test_every_toml_example_in_the_readme_loads(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reader's own handler package that the README's example names.
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "handlers.py").write_text(
+        "class Transcriber:\n"
+        "    def __init__(self, language: str) -> None:\n"
+        "        self.language = language\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in readme.split("```toml\n")[1:]]
+    assert len(blocks) >= 2
+    for text in blocks:
+        settings = load_settings(config_path=toml(tmp_path, text), env={
+            "TWILIO_AUTH_TOKEN": "12345", "STREAMSVC_PUBLIC_URL": "wss://voice.example.com"})
+        assert settings.routes
