@@ -56,12 +56,22 @@ def have_uvloop() -> bool:
     return True
 
 
+def have_picows() -> bool:
+    try:
+        import picows  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
-             both_tracks: bool = False, idle: bool = False) -> dict[str, Any]:
+             transport: str = "websockets", both_tracks: bool = False,
+             idle: bool = False) -> dict[str, Any]:
     """One server process, one load generator process; what the server spent and saw."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "bench.servers", variant, "--port", str(port), "--loop", loop],
+        [sys.executable, "-m", "bench.servers", variant, "--port", str(port), "--loop", loop,
+         "--transport", transport],
         stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
@@ -102,23 +112,31 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
 
 def cpu_suite(*, quick: bool = False) -> None:
     calls, seconds, repeats = (150, 3.0, 1) if quick else (300, 6.0, 3)
-    variants = [("naive", "naive", "asyncio"), ("bare websockets", "bare", "asyncio"),
-                ("streamsvc", "service", "asyncio"),
-                ("streamsvc + recorder", "service-recorder", "asyncio")]
+    variants = [("naive", "naive", "asyncio", "websockets"),
+                ("bare websockets", "bare", "asyncio", "websockets"),
+                ("streamsvc", "service", "asyncio", "websockets"),
+                ("streamsvc + recorder", "service-recorder", "asyncio", "websockets")]
     if have_uvloop():
-        variants[3:3] = [("streamsvc, uvloop", "service", "uvloop")]
-        variants.append(("streamsvc + recorder, uvloop", "service-recorder", "uvloop"))
+        variants[3:3] = [("streamsvc, uvloop", "service", "uvloop", "websockets")]
+        variants.append(("streamsvc + recorder, uvloop", "service-recorder", "uvloop",
+                         "websockets"))
+    if have_picows():
+        loop = "uvloop" if have_uvloop() else "asyncio"
+        variants += [(f"streamsvc, picows, {loop}", "service", loop, "picows"),
+                     (f"streamsvc + recorder, picows, {loop}", "service-recorder", loop,
+                      "picows")]
     print(f"\nserver CPU per frame: {calls} real-time calls x {seconds:g} s, "
           f"median of {repeats}")
-    print(f"{'server':30} {'us/frame':>9} {'x naive':>8} {'lost':>6}")
+    print(f"{'server':38} {'us/frame':>9} {'x naive':>8} {'lost':>6}")
     results = {}
-    for name, variant, loop in variants:
-        runs = [run_load(variant, calls, seconds, loop=loop) for _ in range(repeats)]
+    for name, variant, loop, transport in variants:
+        runs = [run_load(variant, calls, seconds, loop=loop, transport=transport)
+                for _ in range(repeats)]
         lost = max(r["frames_sent"] - r["frames_received"] for r in runs)
         results[name] = (median_of(runs, "cpu_us_per_frame"), lost)
     naive = results["naive"][0]
     for name, (micros, lost) in results.items():
-        print(f"{name:30} {micros:9.1f} {micros / naive:8.2f} {lost:6d}")
+        print(f"{name:38} {micros:9.1f} {micros / naive:8.2f} {lost:6d}")
 
 
 def passes(run: dict[str, Any]) -> bool:
@@ -127,17 +145,23 @@ def passes(run: dict[str, Any]) -> bool:
 
 
 def capacity_suite(*, quick: bool = False) -> None:
+    for transport in ("websockets", "picows") if have_picows() else ("websockets",):
+        capacity(transport, quick=quick)
+
+
+def capacity(transport: str, *, quick: bool) -> None:
     seconds = 4.0 if quick else 8.0
     loop = "uvloop" if have_uvloop() else "asyncio"
     steps = [250, 500, 750, 1000, 1250, 1500, 1750, 2000]
-    print(f"\ncalls per server process ({loop}): p99 receive-to-handler latency "
+    print(f"\ncalls per server process ({transport}, {loop}): p99 receive-to-handler latency "
           f"< {LATENCY_LIMIT_MS:g} ms and no frame lost, {seconds:g} s per step")
     print(f"{'tracks':8} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6} "
           f"{'cpu %':>6} {'sender p99 ms':>14}")
     for both in (False, True):
         best = 0
         for calls in steps:
-            run = run_load("service-latency", calls, seconds, loop=loop, both_tracks=both)
+            run = run_load("service-latency", calls, seconds, loop=loop, transport=transport,
+                           both_tracks=both)
             latency = run["latency_ms"]
             print(f"{'both' if both else 'inbound':8} {calls:6d} {latency.get('p50', 0):8.2f} "
                   f"{latency.get('p99', 0):8.2f} {run['frames_sent'] - run['frames_received']:6d} "
@@ -152,9 +176,13 @@ def capacity_suite(*, quick: bool = False) -> None:
 def memory_suite(*, quick: bool = False) -> None:
     calls = 200 if quick else 500
     print(f"\nmemory: RSS of one server process with {calls} calls")
-    idle = run_load("service", calls, 4.0, idle=True)
-    active = run_load("service", calls, 4.0)
-    for name, run in (("idle (started, no audio)", idle), ("active (50 frames/s)", active)):
+    runs = [("idle (started, no audio)", run_load("service", calls, 4.0, idle=True)),
+            ("active (50 frames/s)", run_load("service", calls, 4.0))]
+    if have_picows():
+        runs += [("picows idle", run_load("service", calls, 4.0, idle=True,
+                                          transport="picows")),
+                 ("picows active", run_load("service", calls, 4.0, transport="picows"))]
+    for name, run in runs:
         per_call = (run["rss_during_kb"] - run["rss_before_kb"]) / calls
         print(f"{name:28} {run['rss_before_kb']:7d} kB before {run['rss_during_kb']:7d} kB "
               f"during  {per_call:6.1f} kB per call")

@@ -10,7 +10,8 @@
 * ``naive``: websockets on stock asyncio, ``json.loads`` and ``base64.b64decode`` on every
   frame, as Twilio's samples do.
 
-``--loop uvloop`` runs the variant on uvloop (when installed). On SIGTERM the process
+``--loop uvloop`` runs the variant on uvloop (when installed); ``--transport picows`` runs
+the service variants on the optional picows transport. On SIGTERM the process
 prints one JSON line (frames received, latency percentiles where measured) and exits.
 """
 
@@ -63,9 +64,11 @@ def percentiles(samples: array.array[int]) -> dict[str, float]:
     return {"p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1] / 1e6, 3)}
 
 
-async def run_service(port: int, handlers: tuple[HandlerSpec, ...], stop: asyncio.Event) -> dict:
+async def run_service(port: int, handlers: tuple[HandlerSpec, ...], stop: asyncio.Event,
+                      transport: str) -> dict:
     settings = Settings(port=port, ping_interval_s=0, max_connections=100_000,
-                        routes=(Route("/stream", handlers),), idle_timeout_s=60)
+                        routes=(Route("/stream", handlers),), idle_timeout_s=60,
+                        transport=transport)
     server = StreamServer(settings)
     await server.start()
     print(json.dumps({"ready": True}), flush=True)
@@ -102,6 +105,8 @@ def main() -> None:
                                             "bare", "naive"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--transport", choices=["websockets", "picows"], default="websockets",
+                        help="for the service variants")
     args = parser.parse_args()
     configure_logging(level="error")  # keep stdout for the result line
 
@@ -110,13 +115,14 @@ def main() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         coroutine: Coroutine[Any, Any, dict]
         if args.variant == "service":
-            coroutine = run_service(args.port, (), stop)
+            coroutine = run_service(args.port, (), stop, args.transport)
         elif args.variant == "service-latency":
-            coroutine = run_service(args.port, (HandlerSpec("latency", LatencyHandler),), stop)
+            coroutine = run_service(args.port, (HandlerSpec("latency", LatencyHandler),), stop,
+                                    args.transport)
         elif args.variant == "service-recorder":
             directory = tempfile.mkdtemp(prefix="streamsvc-bench-")
             recorder = resolve_handler("recorder", {"dir": directory}, key="bench")
-            coroutine = run_service(args.port, (recorder,), stop)
+            coroutine = run_service(args.port, (recorder,), stop, args.transport)
         else:
             coroutine = run_bare(args.port, stop, naive=args.variant == "naive")
         return await coroutine

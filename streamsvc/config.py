@@ -89,6 +89,7 @@ class Settings:
     workers: int = 1
     reuse_port: bool = False
     event_loop: str = "auto"
+    transport: str = "websockets"
     # Security
     public_url: str | None = None
     auth_token: str | None = field(default=None, repr=False)
@@ -141,6 +142,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("event_loop", ("STREAMSVC_EVENT_LOOP",), str,
             "auto (uvloop when installed), asyncio or uvloop",
             choices=("auto", "asyncio", "uvloop")),
+    Setting("transport", ("STREAMSVC_TRANSPORT",), str,
+            "websockets, or picows (faster; pip install 'streamsvc[fast]'; the webhook then "
+            "answers GET only)", choices=("websockets", "picows")),
     # Security
     Setting("public_url", ("STREAMSVC_PUBLIC_URL",), str,
             "origin Twilio connects to, e.g. wss://voice.example.com: signatures are checked "

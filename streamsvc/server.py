@@ -82,14 +82,28 @@ class StreamServer:
         self._idle = asyncio.Event()  # set while no call is in progress
         self._idle.set()
         self._server: Server | None = None
+        self._fast_server: asyncio.Server | None = None  # transport = "picows"
+        self.picows_calls: set[Any] = set()  # their connections in progress
         self._shutting_down = False
 
     @property
     def active_calls(self) -> int:
         return self.metrics.active_calls
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
     async def start(self) -> None:
         s = self.settings
+        if s.transport == "picows":
+            from . import fast  # optional: pip install 'streamsvc[fast]'
+
+            self._fast_server = await fast.serve(self)
+            self.port = self._fast_server.sockets[0].getsockname()[1]
+            logger.info("server.listening", host=s.host, port=self.port, transport="picows",
+                        routes=[r.path for r in s.routes], signed=bool(s.auth_tokens))
+            return
         self._server = await serve(
             self._handle,
             s.host,
@@ -125,6 +139,16 @@ class StreamServer:
 
     async def stop(self) -> None:
         """Close every stream (1001, reason ``shutdown``) and wait for their handlers."""
+        if self._fast_server is not None:
+            self._shutting_down = True
+            self._fast_server.close()
+            calls = list(self.picows_calls)
+            for call in calls:
+                call.close_for_shutdown()
+            await asyncio.gather(*(call.finished for call in calls))
+            self._fast_server = None
+            logger.info("server.stopped")
+            return
         if self._server is None:
             return
         self._shutting_down = True
@@ -144,45 +168,56 @@ class StreamServer:
         finally:
             await self.stop()
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        probe = self._probe(connection, path)
-        if probe is not None:
-            return probe
+    def admit(self, path: str, signature: str | None) -> tuple[http.HTTPStatus, str] | None:
+        """Why a stream handshake for ``path`` carrying ``signature`` is refused (status and
+        reason, logged and counted), or None to accept it. Every transport asks this."""
+        refusal: tuple[http.HTTPStatus, str] | None = None
         if self.settings.route_for(path) is None:
-            return self._reject(connection, http.HTTPStatus.NOT_FOUND, "no_route", path)
-        if self.settings.auth_tokens:
-            problem = self._signature_problem(request, path)
-            if problem is not None:
-                return self._reject(connection, http.HTTPStatus.FORBIDDEN, problem, path)
-        if self.draining or self._shutting_down:
-            return self._reject(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining",
-                                path)
-        if self.active_calls >= self.settings.max_connections:
-            return self._reject(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "busy", path)
-        return None
+            refusal = http.HTTPStatus.NOT_FOUND, "no_route"
+        elif self.settings.auth_tokens and (problem := self._signature_problem(signature, path)):
+            refusal = http.HTTPStatus.FORBIDDEN, problem
+        elif self.draining or self._shutting_down:
+            refusal = http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
+        elif self.active_calls >= self.settings.max_connections:
+            refusal = http.HTTPStatus.SERVICE_UNAVAILABLE, "busy"
+        if refusal is not None:
+            status, reason = refusal
+            self.metrics.handshakes_rejected[reason] += 1
+            logger.warning("handshake.rejected", reason=reason, status=int(status), path=path)
+        return refusal
 
-    def _probe(self, connection: ServerConnection, path: str) -> Response | None:
+    def probe(self, path: str) -> HttpResponse | None:
         """Answers for the probes and the metrics, or None for other paths. Not logged."""
         if path == HEALTH_PATH:
-            return connection.respond(http.HTTPStatus.OK, "ok\n")
+            return HttpResponse(http.HTTPStatus.OK, b"ok\n")
         if path == READY_PATH:
             if self.draining or self._shutting_down:
-                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            return connection.respond(http.HTTPStatus.OK, "ready\n")
+                return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"draining\n")
+            return HttpResponse(http.HTTPStatus.OK, b"ready\n")
         if path == METRICS_PATH:
-            response = connection.respond(http.HTTPStatus.OK, "")
-            response.body = self.metrics.render()
-            del response.headers["Content-Type"], response.headers["Content-Length"]
-            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
-            response.headers["Content-Length"] = str(len(response.body))
-            return response
+            return HttpResponse(http.HTTPStatus.OK, self.metrics.render(),
+                                METRICS_CONTENT_TYPE)
         return None
 
-    def _signature_problem(self, request: Request, path: str) -> str | None:
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        answer = self.probe(path)
+        if answer is None:
+            refusal = self.admit(path, request.headers.get(SIGNATURE_HEADER))
+            if refusal is None:
+                return None
+            status, reason = refusal
+            answer = HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
+        response = connection.respond(answer.status, "")
+        response.body = answer.body
+        del response.headers["Content-Type"], response.headers["Content-Length"]
+        response.headers["Content-Type"] = answer.content_type
+        response.headers["Content-Length"] = str(len(answer.body))
+        return response
+
+    def _signature_problem(self, signature: str | None, path: str) -> str | None:
         """Why the handshake's X-Twilio-Signature is not acceptable, or None if it is. The
         URL is the configured public origin plus the request path (shared/protocol.md)."""
-        signature = request.headers.get(SIGNATURE_HEADER)
         if not signature:
             return "missing_signature"
         assert self.settings.public_url is not None  # load_settings requires it with a token
@@ -191,26 +226,26 @@ class StreamServer:
             return "bad_signature"
         return None
 
-    def _reject(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
-                path: str) -> Response:
-        self.metrics.handshakes_rejected[reason] += 1
-        logger.warning("handshake.rejected", reason=reason, status=int(status), path=path)
-        return connection.respond(status, f"{status.phrase}: {reason}\n")
+    def call_began(self) -> None:
+        self.metrics.active_calls += 1
+        self._idle.clear()
+
+    def call_ended(self) -> None:
+        self.metrics.active_calls -= 1
+        if self.metrics.active_calls == 0:
+            self._idle.set()
 
     async def _handle(self, connection: ServerConnection) -> None:
         _limit_read_size(connection)
         path = urlsplit(connection.request.path).path if connection.request else "/"
         route = self.settings.route_for(path)
         assert route is not None  # _process_request answered 404 otherwise
-        self.metrics.active_calls += 1
-        self._idle.clear()
+        self.call_began()
         try:
             with structlog.contextvars.bound_contextvars(path=path):
                 await _Call(self, connection, route).run()
         finally:
-            self.metrics.active_calls -= 1
-            if self.metrics.active_calls == 0:
-                self._idle.set()
+            self.call_ended()
 
 
 class _Mode(enum.Enum):
@@ -312,12 +347,14 @@ def _limit_read_size(connection: ServerConnection) -> None:
         transport.max_size = TRANSPORT_READ_BYTES
 
 
-class _Call:
-    """One connection: receive loop, handler chain, outbound writer, summary."""
+class CallCore:
+    """What one stream connection does whatever carries its frames: feeds them to the
+    session and the route's handler chain, logs the start and the summary. A transport
+    shell calls :meth:`receive` per message, sends what :meth:`take_outbound` yields (after
+    :meth:`wake`), and awaits :meth:`finish` once when the connection ends."""
 
-    def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
+    def __init__(self, server: StreamServer, route: Route) -> None:
         self.server = server
-        self.connection = connection
         self.route = route
         settings = server.settings
         self.session = LiveSession(
@@ -327,8 +364,6 @@ class _Call:
             parameter_budget_bytes=settings.parameter_budget_bytes,
         )
         self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
-        self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
-        self.writer: asyncio.Task[None] | None = None
         self.connected_at = time.monotonic()
         self.early_frames: list[RawFrame] = []
         self.frames_received = 0  # read by the idle watchdog
@@ -336,84 +371,18 @@ class _Call:
         # The budget report of the webhook that started this call's stream, if it was ours.
         self.context_budget: dict[str, object] | None = None
 
-    async def run(self) -> None:
-        reason: StopReason = "error"
-        try:
-            if await self._await_start():
-                reason = await self._stream()
-        finally:
-            if self.session.stream_sid is not None:  # a stream started: summarize it
-                await self._finish(reason)
-            if self.writer is not None:
-                self.writer.cancel()
+    def outbound_full(self) -> bool:
+        """True when the peer has stopped reading: frames to send are refused."""
+        raise NotImplementedError
 
-    async def _await_start(self) -> bool:
-        """Receive until ``start``; False if the stream ended or timed out first."""
-        limit = self.server.settings.start_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                while self.session.state is State.AWAITING_START:
-                    self._receive(await self.connection.recv(decode=False))
-        except TimeoutError:
-            logger.warning("stream.start_timeout", timeout_s=limit,
-                           bad_frames=self.session.bad_frames)
-            await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
-            return False
-        except ConnectionClosed as exc:
-            logger.info("stream.closed_before_start", reason=self._closed_reason(exc),
-                        bad_frames=self.session.bad_frames)
-            return False
-        return self.session.state is State.STREAMING
-
-    async def _stream(self) -> StopReason:
-        receive, connection, session = self._receive, self.connection, self.session
-        watchdog = asyncio.get_running_loop().create_task(self._watch_idle())
-        try:
-            while session.state is State.STREAMING:
-                frame = await connection.recv(decode=False)
-                self.frames_received += 1
-                receive(frame)
-        except ConnectionClosed as exc:
-            return self._closed_reason(exc)
-        finally:
-            watchdog.cancel()
-        return "stop"
-
-    async def _watch_idle(self) -> None:
-        """Close a stream that has sent nothing for ``idle_timeout_s`` (a half-open peer:
-        Twilio sends a frame every 20 ms). Checks a counter; costs nothing per frame."""
-        loop = asyncio.get_running_loop()
-        limit = self.server.settings.idle_timeout_s
-        seen, quiet_since = -1, loop.time()
-        while True:
-            await asyncio.sleep(min(limit / 4, 1.0))
-            if self.frames_received != seen:
-                seen, quiet_since = self.frames_received, loop.time()
-            elif loop.time() - quiet_since >= limit:
-                break
-        self.idle_closed = True
-        logger.warning("stream.idle_timeout", timeout_s=limit)
-        try:  # a silent peer may never answer the close handshake
-            async with asyncio.timeout(IDLE_CLOSE_GRACE_S):
-                await self.connection.close(CLOSE_POLICY_VIOLATION, "no frame in time")
-        except TimeoutError:
-            self.connection.transport.abort()
-
-    def _closed_reason(self, exc: ConnectionClosed) -> StopReason:
-        if self.server._shutting_down:
-            return "shutdown"
-        if self.idle_closed:
-            return "aborted"  # the peer went silent: it is gone
-        if isinstance(exc, ConnectionClosedOK):
-            return "closed"
-        if exc.sent is not None and exc.rcvd is None and exc.sent.code != CLOSE_GOING_AWAY:
-            return "error"  # we closed it: oversize message, protocol violation
-        return "aborted"
+    def send_now(self, frame: bytes) -> None:
+        """Hand one outbound text frame to the transport without blocking."""
+        raise NotImplementedError
 
     def _now_ms(self) -> float:
         return (time.monotonic() - self.connected_at) * 1000
 
-    def _receive(self, frame: bytes) -> None:
+    def receive(self, frame: bytes) -> None:
         session = self.session
         if session.state is State.AWAITING_START:
             if len(self.early_frames) < EARLY_FRAMES_KEPT:
@@ -470,7 +439,7 @@ class _Call:
         self.server.metrics.calls_started += 1
         self.context_budget = self.server.webhooks.pop_context_report(session.call_sid)
         if session.bidirectional:
-            self.writer = asyncio.get_running_loop().create_task(self._write())
+            self.start_writer()
         self.chain.start(session)
         if self.chain.wants_raw_frames:
             for raw in self.early_frames:
@@ -483,24 +452,15 @@ class _Call:
                            count=bad.count, last_logged=bad.count == BAD_FRAMES_LOGGED)
 
     def _flush(self) -> None:
-        if self.outgoing.qsize() >= MAX_OUTBOUND_FRAMES:
+        if self.outbound_full():
             self.session.data_to_send()  # dropped: the peer has stopped reading
-            raise LocalProtocolError(f"{MAX_OUTBOUND_FRAMES} frames already wait to be sent")
+            raise LocalProtocolError("the peer is not reading: too many frames wait to be sent")
         for frame in self.session.data_to_send():
-            self.outgoing.put_nowait(frame)
+            self.send_now(frame)
             if self.chain.wants_raw_frames:
                 self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, sent=True))
 
-    async def _write(self) -> None:
-        # Own task: a slow peer never blocks the receive loop.
-        try:
-            while True:
-                frame = await self.outgoing.get()
-                await self.connection.send(frame, text=True)
-        except ConnectionClosed:
-            pass
-
-    async def _finish(self, reason: StopReason) -> None:
+    async def finish(self, reason: StopReason) -> None:
         stream_sid = self.session.stream_sid
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
             del self.server.streams[stream_sid]
@@ -519,3 +479,109 @@ class _Call:
             context_budget=self.context_budget,
             wall_ms=round((time.monotonic() - self.connected_at) * 1000),
         )
+
+    def start_writer(self) -> None:
+        """Called when a bidirectional stream starts (before any handler can send)."""
+
+
+class _Call(CallCore):
+    """One websockets connection: receive loop, outbound writer task, timers."""
+
+    def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
+        super().__init__(server, route)
+        self.connection = connection
+        self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
+        self.writer: asyncio.Task[None] | None = None
+
+    def outbound_full(self) -> bool:
+        return self.outgoing.qsize() >= MAX_OUTBOUND_FRAMES
+
+    def send_now(self, frame: bytes) -> None:
+        self.outgoing.put_nowait(frame)
+
+    def start_writer(self) -> None:
+        self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def run(self) -> None:
+        reason: StopReason = "error"
+        try:
+            if await self._await_start():
+                reason = await self._stream()
+        finally:
+            if self.session.stream_sid is not None:  # a stream started: summarize it
+                await self.finish(reason)
+            if self.writer is not None:
+                self.writer.cancel()
+
+    async def _await_start(self) -> bool:
+        """Receive until ``start``; False if the stream ended or timed out first."""
+        limit = self.server.settings.start_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                while self.session.state is State.AWAITING_START:
+                    self.receive(await self.connection.recv(decode=False))
+        except TimeoutError:
+            logger.warning("stream.start_timeout", timeout_s=limit,
+                           bad_frames=self.session.bad_frames)
+            await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
+            return False
+        except ConnectionClosed as exc:
+            logger.info("stream.closed_before_start", reason=self._closed_reason(exc),
+                        bad_frames=self.session.bad_frames)
+            return False
+        return self.session.state is State.STREAMING
+
+    async def _stream(self) -> StopReason:
+        receive, connection, session = self.receive, self.connection, self.session
+        watchdog = asyncio.get_running_loop().create_task(self._watch_idle())
+        try:
+            while session.state is State.STREAMING:
+                frame = await connection.recv(decode=False)
+                self.frames_received += 1
+                receive(frame)
+        except ConnectionClosed as exc:
+            return self._closed_reason(exc)
+        finally:
+            watchdog.cancel()
+        return "stop"
+
+    async def _watch_idle(self) -> None:
+        """Close a stream that has sent nothing for ``idle_timeout_s`` (a half-open peer:
+        Twilio sends a frame every 20 ms). Checks a counter; costs nothing per frame."""
+        loop = asyncio.get_running_loop()
+        limit = self.server.settings.idle_timeout_s
+        seen, quiet_since = -1, loop.time()
+        while True:
+            await asyncio.sleep(min(limit / 4, 1.0))
+            if self.frames_received != seen:
+                seen, quiet_since = self.frames_received, loop.time()
+            elif loop.time() - quiet_since >= limit:
+                break
+        self.idle_closed = True
+        logger.warning("stream.idle_timeout", timeout_s=limit)
+        try:  # a silent peer may never answer the close handshake
+            async with asyncio.timeout(IDLE_CLOSE_GRACE_S):
+                await self.connection.close(CLOSE_POLICY_VIOLATION, "no frame in time")
+        except TimeoutError:
+            self.connection.transport.abort()
+
+    def _closed_reason(self, exc: ConnectionClosed) -> StopReason:
+        if self.server._shutting_down:
+            return "shutdown"
+        if self.idle_closed:
+            return "aborted"  # the peer went silent: it is gone
+        if isinstance(exc, ConnectionClosedOK):
+            return "closed"
+        if exc.sent is not None and exc.rcvd is None and exc.sent.code != CLOSE_GOING_AWAY:
+            return "error"  # we closed it: oversize message, protocol violation
+        return "aborted"
+
+    async def _write(self) -> None:
+        # Own task: a slow peer never blocks the receive loop.
+        try:
+            while True:
+                frame = await self.outgoing.get()
+                await self.connection.send(frame, text=True)
+        except ConnectionClosed:
+            pass
+

@@ -31,3 +31,9 @@ async def until(predicate: Callable[[], object]) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("condition not met within 5 s")
+
+
+@pytest.fixture(params=["websockets", "picows"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each transport the server can run on: the tests that take this run on both."""
+    return str(request.param)

@@ -64,8 +64,8 @@ def read_wav(path: Path) -> tuple[int, int, np.ndarray]:
     return channels, rate, data.reshape(-1, channels)
 
 
-async def serve(routes: tuple[Route, ...]) -> StreamServer:
-    server = StreamServer(Settings(port=0, routes=routes))
+async def serve(transport: str, routes: tuple[Route, ...]) -> StreamServer:
+    server = StreamServer(Settings(port=0, routes=routes, transport=transport))
     await server.start()
     return server
 
@@ -77,8 +77,8 @@ def recorder(directory: Path, **options: Any) -> HandlerSpec:
 @pytest.mark.parametrize("name", ["inbound_params.jsonl", "both_tracks.jsonl",
                                   "missing_reordered.jsonl", "garbage_midcall.jsonl"])
 async def test_recording_equals_the_g711_decode_of_what_was_sent(tmp_path: Path,
-                                                                 name: str) -> None:
-    server = await serve((Route("/stream", (recorder(tmp_path),)),))
+                                                                 name: str, transport: str) -> None:
+    server = await serve(transport, (Route("/stream", (recorder(tmp_path),)),))
     fixture = load_fixture(FIXTURES / name)
     try:
         assert (await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream",
@@ -99,8 +99,8 @@ async def test_recording_equals_the_g711_decode_of_what_was_sent(tmp_path: Path,
     assert [] == list(tmp_path.rglob("*.partial"))
 
 
-async def test_missing_frames_are_silence_in_the_recording(tmp_path: Path) -> None:
-    server = await serve((Route("/stream", (recorder(tmp_path),)),))
+async def test_missing_frames_are_silence_in_the_recording(tmp_path: Path, transport: str) -> None:
+    server = await serve(transport, (Route("/stream", (recorder(tmp_path),)),))
     fixture = load_fixture(FIXTURES / "missing_reordered.jsonl")  # frames 50-52, 90 dropped
     try:
         await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream", speed=0)
@@ -114,8 +114,9 @@ async def test_missing_frames_are_silence_in_the_recording(tmp_path: Path) -> No
 
 
 async def test_an_aborted_call_leaves_a_valid_wav_and_sidecar(tmp_path: Path,
-                                                              logs: LogEvents) -> None:
-    server = await serve((Route("/stream", (recorder(tmp_path, window_ms=200),)),))
+                                                              logs: LogEvents,
+                                                              transport: str) -> None:
+    server = await serve(transport, (Route("/stream", (recorder(tmp_path, window_ms=200),)),))
     fixture = load_fixture(FIXTURES / "both_tracks.jsonl")
     try:
         ws = await connect(f"ws://127.0.0.1:{server.port}/stream")
@@ -135,14 +136,19 @@ async def test_an_aborted_call_leaves_a_valid_wav_and_sidecar(tmp_path: Path,
     assert "aborted" == sidecar["summary"]["reason"]
 
 
-async def test_a_full_disk_stops_only_the_recorder(tmp_path: Path, logs: LogEvents) -> None:
+async def test_a_full_disk_stops_only_the_recorder(
+    tmp_path: Path,
+    logs: LogEvents,
+    transport: str,
+) -> None:
     fixture = load_fixture(FIXTURES / "inbound_params.jsonl")
     folder = tmp_path / fixture.expect["call_sid"]
     folder.mkdir()
     # A real ENOSPC: the recording's file is /dev/full, where every write fails.
     os.symlink("/dev/full", folder / f"{fixture.expect['stream_sid']}.wav.partial")
     levels = resolve_handler("levels", {}, key="test")
-    server = await serve((Route("/stream", (recorder(tmp_path, window_ms=200), levels)),))
+    route = Route("/stream", (recorder(tmp_path, window_ms=200), levels))
+    server = await serve(transport, (route,))
     try:
         result = await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream",
                                       speed=0)
@@ -225,9 +231,10 @@ def test_dtmf_times_presses_and_collects_digits_up_to_the_terminator() -> None:
 
 async def test_echo_route_returns_the_callers_audio_and_marks_come_back_played(
     logs: LogEvents,
+    transport: str,
 ) -> None:
     echo = resolve_handler("echo", {"delay_ms": 100, "mark_every_ms": 200}, key="test")
-    server = await serve((Route("/connect", (echo,), bidirectional=True),))
+    server = await serve(transport, (Route("/connect", (echo,), bidirectional=True),))
     fixture = load_fixture(FIXTURES / "no_custom_parameters.jsonl")  # 50 frames, 1 s
     try:
         result = await replay_session(fixture, f"ws://127.0.0.1:{server.port}/connect",
@@ -266,9 +273,9 @@ class Talker(Handler):
             self.session.clear()
 
 
-async def test_marks_resolve_played_or_cleared_like_twilio() -> None:
+async def test_marks_resolve_played_or_cleared_like_twilio(transport: str) -> None:
     Talker.results = []
-    server = await serve((Route("/connect", (HandlerSpec("talker", Talker),), True),))
+    server = await serve(transport, (Route("/connect", (HandlerSpec("talker", Talker),), True),))
     fixture = load_fixture(FIXTURES / "no_custom_parameters.jsonl")
     try:
         result = await replay_session(fixture, f"ws://127.0.0.1:{server.port}/connect",

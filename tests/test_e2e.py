@@ -57,10 +57,11 @@ def routes() -> tuple[Route, ...]:
 
 
 @pytest.fixture
-async def server(logs: list[dict[str, Any]]) -> AsyncIterator[StreamServer]:
+async def server(logs: list[dict[str, Any]], transport: str) -> AsyncIterator[StreamServer]:
     Probe.calls = {}
     server = StreamServer(Settings(port=0, routes=routes(), start_timeout_s=0.5,
-                                   max_message_bytes=4096, max_connections=20))
+                                   max_message_bytes=4096, max_connections=20,
+                                   transport=transport))
     await server.start()
     yield server
     await server.stop()
@@ -214,10 +215,10 @@ async def test_abrupt_tcp_drop_still_runs_on_stop(
 
 
 async def test_server_stop_ends_calls_in_flight_with_reason_shutdown(
-    logs: list[dict[str, Any]],
+    logs: list[dict[str, Any]], transport: str,
 ) -> None:
     Probe.calls = {}
-    server = StreamServer(Settings(port=0, routes=routes()))
+    server = StreamServer(Settings(port=0, routes=routes(), transport=transport))
     await server.start()
     fixture = load_fixture(FIXTURES / "both_tracks.jsonl")
     call = asyncio.create_task(replay_session(fixture, url(server), speed=1))
@@ -229,8 +230,10 @@ async def test_server_stop_ends_calls_in_flight_with_reason_shutdown(
     assert "stop:shutdown" == Probe.calls[fixture.expect["stream_sid"]][-1]
 
 
-async def test_connections_beyond_the_limit_get_503(logs: list[dict[str, Any]]) -> None:
-    server = StreamServer(Settings(port=0, routes=routes(), max_connections=1))
+async def test_connections_beyond_the_limit_get_503(logs: list[dict[str, Any]],
+                                                     transport: str) -> None:
+    server = StreamServer(Settings(port=0, routes=routes(), max_connections=1,
+                                   transport=transport))
     await server.start()
     try:
         async with connect(url(server)):

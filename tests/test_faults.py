@@ -62,9 +62,10 @@ def other_tasks() -> set[asyncio.Task[Any]]:
     return {task for task in asyncio.all_tasks() if task is not current}
 
 
-async def test_half_open_peer_is_closed_and_nothing_leaks(logs: LogEvents) -> None:
+async def test_half_open_peer_is_closed_and_nothing_leaks(logs: LogEvents, transport: str) -> None:
     Counting.counts = {}
-    server = StreamServer(Settings(port=0, idle_timeout_s=0.3, ping_interval_s=0,
+    server = StreamServer(Settings(port=0, transport=transport,
+                                   idle_timeout_s=0.3, ping_interval_s=0,
                                    routes=(Route("/s", (HandlerSpec("c", Counting),)),)))
     await server.start()
     before = other_tasks()
@@ -81,14 +82,17 @@ async def test_half_open_peer_is_closed_and_nothing_leaks(logs: LogEvents) -> No
     assert {} == server.streams
     peer.transport.abort()
     await server.stop()
-    await asyncio.sleep(0)
-    assert set() == {t for t in other_tasks() - before if not t.done()}
+    await until(lambda: not {t for t in other_tasks() - before if not t.done()})
 
 
-async def test_slow_handler_drops_while_fast_one_gets_every_frame(logs: LogEvents) -> None:
+async def test_slow_handler_drops_while_fast_one_gets_every_frame(
+    logs: LogEvents,
+    transport: str,
+) -> None:
     Counting.counts = {}
     handlers = (HandlerSpec("slow", Slow), HandlerSpec("fast", Counting))
-    server = StreamServer(Settings(port=0, ping_interval_s=0.2, ping_timeout_s=0.5,
+    server = StreamServer(Settings(port=0, transport=transport,
+                                   ping_interval_s=0.2, ping_timeout_s=0.5,
                                    routes=(Route("/s", handlers),)))
     await server.start()
     fixture = load_fixture(FIXTURES / "inbound_params.jsonl")  # 4 s in real time
@@ -106,10 +110,10 @@ async def test_slow_handler_drops_while_fast_one_gets_every_frame(logs: LogEvent
     assert {} == stopped["handler_errors"]
 
 
-async def test_a_raising_handler_is_contained(logs: LogEvents) -> None:
+async def test_a_raising_handler_is_contained(logs: LogEvents, transport: str) -> None:
     Counting.counts = {}
     handlers = (HandlerSpec("raises", Raises), HandlerSpec("fast", Counting))
-    server = StreamServer(Settings(port=0, routes=(Route("/s", handlers),)))
+    server = StreamServer(Settings(port=0, transport=transport, routes=(Route("/s", handlers),)))
     await server.start()
     fixture = load_fixture(FIXTURES / "missing_reordered.jsonl")
     try:
@@ -126,8 +130,8 @@ async def test_a_raising_handler_is_contained(logs: LogEvents) -> None:
     assert fixture.expect["frames"]["inbound"] == Counting.counts[fixture.expect["stream_sid"]]
 
 
-async def test_metrics_report_calls_frames_and_latency_without_call_labels() -> None:
-    server = StreamServer(Settings(port=0))
+async def test_metrics_report_calls_frames_and_latency_without_call_labels(transport: str) -> None:
+    server = StreamServer(Settings(port=0, transport=transport))
     await server.start()
     try:
         for name in ("inbound_params.jsonl", "garbage_midcall.jsonl"):
@@ -221,9 +225,9 @@ def serve(processes: list[subprocess.Popen[str]], *args: str) -> Server:
 
 
 def test_sigterm_drains_calls_in_flight_then_exits_0(
-    processes: list[subprocess.Popen[str]],
+    processes: list[subprocess.Popen[str]], transport: str,
 ) -> None:
-    server = serve(processes, "--drain-timeout-s", "20")
+    server = serve(processes, "--drain-timeout-s", "20", "--transport", transport)
     port = server.port
     call = replay_in_background(port, "inbound_params.jsonl")  # 4 s in real time
     processes.append(call)
@@ -244,9 +248,9 @@ def test_sigterm_drains_calls_in_flight_then_exits_0(
 
 
 def test_drain_deadline_closes_calls_with_1001_and_a_second_signal_ends_at_once(
-    processes: list[subprocess.Popen[str]],
+    processes: list[subprocess.Popen[str]], transport: str,
 ) -> None:
-    server = serve(processes, "--drain-timeout-s", "0.5")
+    server = serve(processes, "--drain-timeout-s", "0.5", "--transport", transport)
     call = replay_in_background(server.port, "inbound_params.jsonl")
     processes.append(call)
     server.wait_for_log("stream.started")
@@ -257,7 +261,7 @@ def test_drain_deadline_closes_calls_with_1001_and_a_second_signal_ends_at_once(
     assert ["server closed the stream early (1001)"] == json.loads(
         call.communicate(timeout=30)[0])["errors"]
 
-    server = serve(processes, "--drain-timeout-s", "60")
+    server = serve(processes, "--drain-timeout-s", "60", "--transport", transport)
     call = replay_in_background(server.port, "inbound_params.jsonl")
     processes.append(call)
     server.wait_for_log("stream.started")

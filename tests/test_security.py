@@ -36,10 +36,11 @@ def test_signature_agrees_with_twilios_own_validator() -> None:
 
 
 @pytest.fixture
-async def signed_server() -> AsyncIterator[StreamServer]:
+async def signed_server(transport: str) -> AsyncIterator[StreamServer]:
     route = Route("/media", (HandlerSpec("log", LogHandler),))
     server = StreamServer(Settings(port=0, routes=(route,), public_url=PUBLIC,
-                                   auth_token=TOKEN, auth_token_previous=PREVIOUS))
+                                   auth_token=TOKEN, auth_token_previous=PREVIOUS,
+                                   transport=transport))
     await server.start()
     yield server
     await server.stop()
