@@ -47,8 +47,10 @@ _lazy = msgspec.json.Decoder(_LazyMedia)
 
 
 def streamsvc_hot_path() -> object:
-    event = wire.parse_media(FRAME)
-    return event.track, event.timestamp_ms, event.payload  # type: ignore[union-attr]
+    # The same three values through the same nesting as the dict baselines
+    # (``event.track`` and friends are properties over these, ~65 ns each).
+    media = wire.parse_media(FRAME).media  # type: ignore[union-attr]
+    return media.track, media.timestamp, media.payload
 
 
 def json_b64decode() -> object:

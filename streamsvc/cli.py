@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import json
 import os
 import secrets
@@ -158,6 +159,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
             config_path=args.config, cli={s.key: getattr(args, s.key) for s in SETTINGS}
         )
         loop_factory = _loop_factory(settings.event_loop)
+        if settings.transport == "picows" and importlib.util.find_spec("picows") is None:
+            raise ConfigError("transport", "picows is not installed "
+                              "(pip install 'streamsvc[fast]')")
     except ConfigError as exc:
         print(f"streamsvc: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ logger = structlog.get_logger("streamsvc.server")
 # frames) beyond which the peer counts as not reading.
 MAX_OUTBOUND_BYTES: Final = 15_000 * 300
 IDLE_CLOSE_GRACE_S: Final = 1.0
+READ_BUFFER_BYTES: Final = 2048
 _TEXT, _BINARY, _CONTINUATION, _CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY,
                                          WSMsgType.CONTINUATION, WSMsgType.CLOSE)
 
@@ -68,6 +69,9 @@ async def serve(server: StreamServer) -> asyncio.Server:
         auto_ping_reply_timeout=(min(settings.ping_timeout_s, settings.ping_interval_s)
                                  if pinging else 20),
         max_frame_size=settings.max_message_bytes,
+        # Twilio's frames are ~350 bytes: a small first buffer (it grows for a larger
+        # message) keeps memory per call down; picows' default is 16 KiB.
+        read_buffer_init_size=READ_BUFFER_BYTES,
         reuse_port=settings.reuse_port or None,
     )
 
@@ -79,8 +83,13 @@ def _route(server: StreamServer,
     answer = server.probe(path)
     if answer is None and server.webhooks.handles(path):
         headers = {name.lower(): value for name, value in request.headers.items()}
-        answer = server.webhooks.respond(
-            HttpRequest(request.method.decode("latin-1"), target, headers))
+        webhook = HttpRequest(request.method.decode("latin-1"), target, headers)
+        if webhook.method != "GET" or headers.get("content-length", "0") != "0":
+            # picows reads no request body: a form POST needs the websockets transport.
+            answer = server.webhooks.refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method",
+                                            webhook)
+        else:
+            answer = server.webhooks.respond(webhook)
     if answer is None:
         refusal = server.admit(path, request.headers.get(SIGNATURE_HEADER))
         if refusal is None:

@@ -20,11 +20,12 @@ from websockets.exceptions import ConnectionClosed
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
+from streamsvc.fixtures import Fixture, load_fixture
 from streamsvc.handlers import Handler, HandlerSpec
 from streamsvc.replay import replay, replay_session
 from streamsvc.server import StreamServer
 from streamsvc.session import CallSummary, Session
+from streamsvc.synth import SessionPlan, synthesize
 
 from .conftest import events, until
 
@@ -191,6 +192,19 @@ async def test_oversize_message_closes_with_1009_and_handlers_stop(
     await until(lambda: events(logs, "stream.stopped"))
     assert "error" == events(logs, "stream.stopped")[0]["reason"]
     assert "stop:error" == Probe.calls[fixture.expect["stream_sid"]][-1]
+
+
+async def test_a_message_larger_than_the_first_read_buffer_arrives_whole(
+    server: StreamServer, logs: list[dict[str, Any]],
+) -> None:
+    parameters = {f"p{i:02d}": "é" * 60 for i in range(25)}  # 3,075 bytes of parameters
+    plan = SessionPlan(inbound=[0] * 1600, custom_parameters=parameters)
+    result = await replay_session(Fixture("big-start", tuple(synthesize(plan))),
+                                  url(server), speed=0)
+    assert (True, None) == (result.ok, result.error)
+    (started,) = events(logs, "stream.started")
+    assert parameters == started["custom_parameters"]
+    assert {"inbound": 10} == events(logs, "stream.stopped")[0]["frames"]
 
 
 async def test_abrupt_tcp_drop_still_runs_on_stop(

@@ -283,9 +283,10 @@ def rss_kb(pid: int) -> int:
 
 def test_hundreds_of_real_time_calls_lose_no_frame(
     processes: list[subprocess.Popen[str]], capsys: pytest.CaptureFixture[str],
+    transport: str,
 ) -> None:
     calls = 200
-    server = serve(processes)
+    server = serve(processes, "--transport", transport)
     port = server.port
     idle_rss = rss_kb(server.process.pid)
     fixture = load_fixture(FIXTURES / "no_custom_parameters.jsonl")  # 1 s of audio
@@ -309,6 +310,7 @@ def test_hundreds_of_real_time_calls_lose_no_frame(
     assert sent_media == received  # zero frames lost
     per_call_kb = (busy_rss - idle_rss) / calls
     with capsys.disabled():
-        print(f"\n{calls} concurrent calls: RSS {idle_rss} kB idle, {busy_rss} kB busy, "
+        print(f"\n{calls} concurrent calls on {transport}: RSS {idle_rss} kB idle, "
+              f"{busy_rss} kB busy, "
               f"{per_call_kb:.1f} kB per active call")
     assert per_call_kb < 1024
