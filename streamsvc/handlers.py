@@ -26,7 +26,7 @@ import dataclasses
 import importlib
 import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
@@ -100,12 +100,23 @@ class AsyncHandler:
     handler's own task, one at a time and in order, so they may await I/O."""
 
     queue_size: int = DEFAULT_QUEUE_SIZE
+    # Gather events for up to this many milliseconds before the handler's task wakes (0:
+    # wake for each). A handler that needs no low latency (a recorder, a writer) saves a
+    # task wake-up per frame; order and the queue limit are unchanged.
+    batch_ms: int = 0
 
     async def on_start(self, session: LiveSession) -> None:
         """As :meth:`Handler.on_start`."""
 
-    async def on_media(self, frame: wire.Media) -> None:
-        """As :meth:`Handler.on_media`; may be skipped (and counted) when the queue is full."""
+    def on_media(self, frame: wire.Media) -> Awaitable[None] | None:
+        """As :meth:`Handler.on_media`, as a coroutine (``async def``); may be skipped (and
+        counted) when the queue is full.
+
+        Defined as a plain method instead (``def on_media``), it is called in the receive
+        loop like an inline handler's once ``on_start`` has returned and nothing waits in
+        this handler's queue: no task wake-up per frame. It must then return quickly, and
+        may run while another of this handler's coroutines is suspended."""
+        return None
 
     async def on_dtmf(self, event: wire.Dtmf) -> None:
         """As :meth:`Handler.on_dtmf`."""
@@ -224,7 +235,11 @@ _Item: TypeAlias = tuple[str, tuple[Any, ...]]
 
 
 class _QueueRunner:
-    """Feeds one :class:`AsyncHandler` from a bounded queue in its own task."""
+    """Feeds one :class:`AsyncHandler` from a bounded queue in its own task.
+
+    Per frame this is the costliest part of a queued handler, so it uses bare futures
+    rather than :class:`asyncio.Event` (one future per wake-up, none while the task is
+    busy) and times one media item in ``MEDIA_LATENCY_SAMPLING``."""
 
     def __init__(self, slot: _Slot, handler: AsyncHandler, observe: LatencyObserver) -> None:
         self.slot = slot
@@ -232,11 +247,16 @@ class _QueueRunner:
         self.handler = handler
         self.limit = max(1, handler.queue_size)
         self.items: collections.deque[_Item] = collections.deque()
-        self.wakeup = asyncio.Event()
-        self.idle = asyncio.Event()  # set while the queue is empty and nothing runs
-        self.task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"handler:{slot.name}"
-        )
+        self.loop = asyncio.get_running_loop()
+        self.waiter: asyncio.Future[None] | None = None  # set while the task waits for items
+        self.drained: list[asyncio.Future[None]] = []  # resolved when the queue empties
+        self.media_count = 0
+        self.batch_s = max(0, handler.batch_ms) / 1000
+        # A plain (not async) on_media is called in the receive loop once on_start is done
+        # and nothing waits in the queue, so order holds and no task wakes per frame.
+        self.media_inline = not inspect.iscoroutinefunction(type(handler).on_media)
+        self.started = False
+        self.task = self.loop.create_task(self._run(), name=f"handler:{slot.name}")
 
     def put(self, method: str, args: tuple[Any, ...], *, droppable: bool) -> None:
         # Control items get twice the room so that a media flood cannot starve them, and
@@ -248,25 +268,62 @@ class _QueueRunner:
             self.slot.dropped += 1
             return
         self.items.append((method, args))
-        self.idle.clear()
-        self.wakeup.set()
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_drained(self) -> None:
+        """Return once every item given so far has been handled (or the task ended)."""
+        if self.waiter is not None or self.task.done():
+            return  # waiting for items: nothing is queued or running
+        drained: asyncio.Future[None] = self.loop.create_future()
+        self.drained.append(drained)
+        await drained
+
+    def _notify_drained(self) -> None:
+        drained, self.drained = self.drained, []
+        for future in drained:
+            if not future.done():
+                future.set_result(None)
 
     async def _run(self) -> None:
-        while True:
-            while not self.items:
-                self.idle.set()
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            method, args = self.items.popleft()
-            if not self.slot.failed:
-                started = time.perf_counter()
+        items, handler, slot = self.items, self.handler, self.slot
+        try:
+            while True:
+                if not items:
+                    if self.drained:
+                        self._notify_drained()
+                    self.waiter = self.loop.create_future()
+                    await self.waiter
+                    if self.batch_s and not self.drained:
+                        await asyncio.sleep(self.batch_s)  # let a batch gather
+                    continue
+                method, args = items.popleft()
+                if slot.failed:
+                    if method == "on_stop":
+                        return
+                    continue
+                timed = True
+                if method == "on_media":
+                    self.media_count += 1
+                    timed = self.media_count % MEDIA_LATENCY_SAMPLING == 0
+                started = time.perf_counter() if timed else 0.0
                 try:
-                    await getattr(self.handler, method)(*args)
+                    result = getattr(handler, method)(*args)
+                    if result is not None:  # a coroutine; a plain on_media returns None
+                        await result
                 except Exception:
-                    self.slot.fail(method)
-                self.observe(self.slot.name, time.perf_counter() - started)
-            if method == "on_stop":
-                return
+                    slot.fail(method)
+                if timed:
+                    self.observe(slot.name, time.perf_counter() - started)
+                if method == "on_start":
+                    self.started = True
+                elif method == "on_stop":
+                    return
+        finally:
+            self._notify_drained()
 
 
 def _overrides_raw_frame(handler: AnyHandler) -> bool:
@@ -331,8 +388,17 @@ class HandlerChain:
                         slot.fail("on_media")
         if len(self._inline_media) != len(self._slots):
             for slot in self._slots:
-                if slot.runner is not None:
-                    slot.runner.put("on_media", (frame,), droppable=True)
+                runner = slot.runner
+                if runner is None:
+                    continue
+                if (runner.media_inline and runner.started and not runner.items
+                        and not slot.failed):
+                    try:
+                        slot.handler.on_media(frame)
+                    except Exception:
+                        slot.fail("on_media")
+                else:
+                    runner.put("on_media", (frame,), droppable=True)
 
     def dispatch(self, event: wire.Event) -> None:
         """Hand one event to the handlers: media, dtmf and mark go on; others are the
@@ -357,10 +423,11 @@ class HandlerChain:
         it, and wait for them; all within ``grace_s`` seconds. Returns the summary."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        idle = [slot.runner.idle.wait() for slot in self._slots if slot.runner is not None]
-        if idle:
+        drained = [slot.runner.wait_drained() for slot in self._slots
+                   if slot.runner is not None]
+        if drained:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*idle), grace_s)
+                await asyncio.wait_for(asyncio.gather(*drained), grace_s)
         summary = dataclasses.replace(summary, handlers=self.reports())
         self.stop(session, summary)
         await self.wait_stopped(max(0.0, deadline - loop.time()))

@@ -185,6 +185,95 @@ async def test_queued_handler_that_raises_is_disabled_but_stops_cleanly() -> Non
     assert {"raises": 1} == chain.errors()
 
 
+class InlineMediaQueued(AsyncHandler):
+    """A queued handler whose on_media is plain: called inline once on_start is done."""
+
+    def __init__(self, calls: list[str], release: asyncio.Event) -> None:
+        self.calls = calls
+        self.release = release
+
+    async def on_start(self, session: Session) -> None:
+        self.calls.append("start")
+        await self.release.wait()
+
+    def on_media(self, frame: wire.Media) -> None:
+        self.calls.append(f"media:{frame.timestamp_ms}")
+
+    async def on_dtmf(self, event: wire.Dtmf) -> None:
+        self.calls.append("dtmf")
+        await asyncio.sleep(0.01)
+
+    async def on_stop(self, session: Session, summary: CallSummary) -> None:
+        self.calls.append("stop")
+
+
+async def test_a_plain_on_media_of_a_queued_handler_runs_inline_after_on_start_in_order(
+) -> None:
+    calls: list[str] = []
+    release = asyncio.Event()
+    chain = HandlerChain((spec("q", InlineMediaQueued, calls=calls, release=release),))
+    session = started_session()
+    chain.start(session)
+    await asyncio.sleep(0)  # stuck in on_start: media waits in the queue, in order
+    chain.dispatch(media(99))
+    chain.dispatch(media(119))
+    assert ["start"] == calls
+    release.set()
+    await asyncio.sleep(0.01)
+    assert ["start", "media:99", "media:119"] == calls
+    chain.dispatch(media(139))  # queue empty, on_start done: called right here
+    assert "media:139" == calls[-1]
+    chain.dispatch(DTMF)  # queued; media after it must wait its turn
+    chain.dispatch(media(159))
+    assert "media:159" not in calls
+    summary = await chain.finish(session, session.close("stop"), grace_s=5)
+    assert ["start", "media:99", "media:119", "media:139", "dtmf", "media:159", "stop"] == calls
+    assert {} == chain.errors() == summary.handlers
+
+
+async def test_a_raising_inline_on_media_of_a_queued_handler_disables_it() -> None:
+    class Raises(AsyncHandler):
+        stopped = False
+
+        def on_media(self, frame: wire.Media) -> None:
+            raise OSError("disk full")
+
+        async def on_stop(self, session: Session, summary: CallSummary) -> None:
+            Raises.stopped = True
+
+    chain = HandlerChain((spec("raises", Raises),))
+    session = started_session()
+    chain.start(session)
+    await asyncio.sleep(0)
+    chain.dispatch(media(99))
+    chain.dispatch(media(119))
+    await chain.finish(session, session.close("stop"), grace_s=5)
+    assert ({"raises": 1}, False) == (chain.errors(), Raises.stopped)
+
+
+async def test_a_batching_handler_gets_everything_in_order_and_finishes_promptly() -> None:
+    seen: list[int] = []
+
+    class Batching(AsyncHandler):
+        batch_ms = 50
+
+        async def on_media(self, frame: wire.Media) -> None:
+            seen.append(frame.timestamp_ms)
+
+    chain = HandlerChain((spec("b", Batching),))
+    session = started_session()
+    chain.start(session)
+    for i in range(20):
+        chain.dispatch(media(99 + 20 * i))
+        await asyncio.sleep(0.001)
+    assert len(seen) < 20  # gathered, not handled one wake-up at a time
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await chain.finish(session, session.close("stop"), grace_s=5)
+    assert [99 + 20 * i for i in range(20)] == seen
+    assert loop.time() - began < 1.0
+
+
 def test_builtin_and_import_string_handlers_resolve() -> None:
     assert LogHandler is resolve_handler("log", {}, key="k").factory
     resolved = resolve_handler("tests.test_handlers:Recording", {"calls": []}, key="k")

@@ -34,6 +34,7 @@ class CaptureHandler(AsyncHandler):
     """Records the call's frames as a fixture (see the module docstring)."""
 
     queue_size = 2000  # raw frames, not media: a capture should not drop
+    batch_ms = 100  # nothing waits on a capture: fewer task wake-ups
 
     def __init__(self, *, dir: str = "captures", flush_lines: int = 100) -> None:
         self.root = Path(dir)

@@ -11,13 +11,15 @@ silent, and a late frame lands in its slot if it is no more than half of ``windo
 goes to ``<dir>/<call_sid>/<stream_sid>.wav.partial``, whose header is kept valid as it
 grows. When the call ends, however it ends, the file is renamed to ``.wav`` next to
 ``<stream_sid>.json`` (ids, tracks, media format, custom parameters, the call summary). File
-work runs in a thread. A disk error (ENOSPC, EIO) stops the recorder for that call only: it
+work runs in a thread, in order, from one task; frames are placed in the window in the
+receive loop. A disk error (ENOSPC, EIO) stops the recorder for that call only: it
 is logged (``recorder.disk_error``) and counted in ``handler_errors``; the call goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -50,6 +52,7 @@ class RecorderHandler(AsyncHandler):
     """Records the stream to a WAV file (see the module docstring)."""
 
     queue_size = 1500  # 15 s of two tracks
+    batch_ms = 100  # nothing waits on a recording: wake up ten times a second, not fifty
 
     def __init__(self, *, dir: str = "recordings", window_ms: int = 2000,
                  max_duration_s: float = 4 * 3600) -> None:
@@ -66,6 +69,10 @@ class RecorderHandler(AsyncHandler):
         self.late_frames = 0  # frames too late for the window, or past max_duration_s
         self.wav: _WavFile | None = None
         self.path: Path | None = None
+        # Audio leaving the window, written in order by one task at a time.
+        self.writes: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.writer: asyncio.Task[None] | None = None
+        self.failure: OSError | None = None  # the disk error that stopped this recording
 
     async def on_start(self, session: LiveSession) -> None:
         tracks = [t for t in ("inbound", "outbound") if t in session.tracks] or ["inbound"]
@@ -76,7 +83,12 @@ class RecorderHandler(AsyncHandler):
         partial = self.path.with_suffix(".wav.partial")
         self.wav = await self._disk(_WavFile.create, partial, len(tracks))
 
-    async def on_media(self, frame: wire.Media) -> None:
+    def on_media(self, frame: wire.Media) -> None:
+        # Synchronous, so the chain calls it in the receive loop once on_start is done
+        # (no task wake-up per frame); only whole chunks of the window go to the disk task.
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure  # once: the chain disables this recorder and counts the error
         channel = self.channel_of.get(frame.track)
         if channel is None or self.wav is None:
             return
@@ -88,7 +100,7 @@ class RecorderHandler(AsyncHandler):
         if position < self.window_start or end > self.max_samples:
             self.late_frames += 1
             return
-        await self._make_room(end)
+        self._make_room(end)
         offset = position - self.window_start
         self.window[offset : offset + len(samples), channel] = samples
         self.end_sample = max(self.end_sample, end)
@@ -100,6 +112,10 @@ class RecorderHandler(AsyncHandler):
                 "late_frames": self.late_frames}
 
     async def on_stop(self, session: LiveSession, summary: CallSummary) -> None:
+        if self.writer is not None:
+            await self.writer
+        if self.failure is not None:
+            raise self.failure
         if self.wav is None or self.path is None:
             return
         tail = self.window[: max(0, self.end_sample - self.window_start)]
@@ -108,8 +124,8 @@ class RecorderHandler(AsyncHandler):
         sidecar = _sidecar(session, summary, self.path, self.end_sample, len(self.channel_of))
         await self._disk(_write_json, self.path.with_suffix(".json"), sidecar)
 
-    async def _make_room(self, end: int) -> None:
-        """Write out the oldest audio until ``end`` fits in the window."""
+    def _make_room(self, end: int) -> None:
+        """Send the oldest audio to the disk task until ``end`` fits in the window."""
         overflow = end - (self.window_start + self.window_samples)
         if overflow <= 0 or self.wav is None:
             return
@@ -117,13 +133,27 @@ class RecorderHandler(AsyncHandler):
         overflow = max(overflow, self.window_samples // 2)
         if overflow >= self.window_samples:  # a gap longer than the window: all of it goes
             silence = overflow - self.window_samples
-            await self._disk(self.wav.append, self.window.tobytes(), silence)
+            self._write_later(self.window.tobytes(), silence)
             self.window[:] = 0
         else:
-            await self._disk(self.wav.append, self.window[:overflow].tobytes(), 0)
+            self._write_later(self.window[:overflow].tobytes(), 0)
             self.window[:-overflow] = self.window[overflow:]
             self.window[-overflow:] = 0
         self.window_start += overflow
+
+    def _write_later(self, audio: bytes, silent_samples: int) -> None:
+        self.writes.append((audio, silent_samples))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(self._write_all())
+
+    async def _write_all(self) -> None:
+        while self.writes and self.wav is not None:
+            audio, silent_samples = self.writes.popleft()
+            try:
+                await self._disk(self.wav.append, audio, silent_samples)
+            except OSError as exc:
+                self.failure = exc
+                self.writes.clear()
 
     async def _disk(self, function: Any, *args: Any) -> Any:
         try:
