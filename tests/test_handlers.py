@@ -185,26 +185,15 @@ async def test_queued_handler_that_raises_is_disabled_but_stops_cleanly() -> Non
     assert {"raises": 1} == chain.errors()
 
 
-class InlineMediaQueued(AsyncHandler):
+class InlineMediaQueued(SlowQueued):
     """A queued handler whose on_media is plain: called inline once on_start is done."""
 
-    def __init__(self, calls: list[str], release: asyncio.Event) -> None:
-        self.calls = calls
-        self.release = release
-
-    async def on_start(self, session: Session) -> None:
-        self.calls.append("start")
-        await self.release.wait()
-
-    def on_media(self, frame: wire.Media) -> None:
+    def on_media(self, frame: wire.Media) -> None:  # type: ignore[override]
         self.calls.append(f"media:{frame.timestamp_ms}")
 
     async def on_dtmf(self, event: wire.Dtmf) -> None:
         self.calls.append("dtmf")
         await asyncio.sleep(0.01)
-
-    async def on_stop(self, session: Session, summary: CallSummary) -> None:
-        self.calls.append("stop")
 
 
 async def test_a_plain_on_media_of_a_queued_handler_runs_inline_after_on_start_in_order(
