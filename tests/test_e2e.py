@@ -207,6 +207,28 @@ async def test_a_message_larger_than_the_first_read_buffer_arrives_whole(
     assert {"inbound": 10} == events(logs, "stream.stopped")[0]["frames"]
 
 
+async def test_fragmented_messages_are_reassembled_and_their_total_size_capped(
+    server: StreamServer, logs: list[dict[str, Any]],
+) -> None:
+    fixture = load_fixture(FIXTURES / "inbound_params.jsonl")
+    texts = [frame.text for frame in fixture.frames[:12]]
+    async with connect(url(server)) as ws:
+        for text in texts:  # each message in three fragments
+            third = len(text) // 3
+            await ws.send([text[:third], text[third : 2 * third], text[2 * third :]])
+        await until(lambda: fixture.expect["stream_sid"] in Probe.calls)
+        await ws.send(["x" * 3000, "y" * 3000])  # 6,000 bytes in all: over the 4,096 cap
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), timeout=5)
+    assert 1009 == ws.close_code
+    await until(lambda: events(logs, "stream.stopped"))
+    (started,) = events(logs, "stream.started")
+    assert fixture.expect["custom_parameters"] == started["custom_parameters"]
+    (stopped,) = events(logs, "stream.stopped")
+    assert ("error", {"inbound": 10}, 0) == (stopped["reason"], stopped["frames"],
+                                             stopped["bad_frames"])
+
+
 async def test_abrupt_tcp_drop_still_runs_on_stop(
     server: StreamServer, logs: list[dict[str, Any]],
 ) -> None:
