@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +32,9 @@ from .synth import SessionPlan, expected_outcome, read_wav, synthesize
 from .twiml import parse_pairs, render_stream_twiml
 
 __all__ = ["main"]
+
+# Set by `serve --workers N` for its workers: the directory where they share metrics.
+SHARED_METRICS_ENV = "STREAMSVC_SHARED_METRICS_DIR"
 
 DESCRIPTION = """\
 A Twilio Media Streams consumer. Point <Start><Stream url="wss://HOST/stream"> or
@@ -159,6 +164,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
             config_path=args.config, cli={s.key: getattr(args, s.key) for s in SETTINGS}
         )
         loop_factory = _loop_factory(settings.event_loop)
+        if SHARED_METRICS_ENV in os.environ and settings.workers == 1:
+            settings = dataclasses.replace(settings,
+                                           shared_metrics_dir=os.environ[SHARED_METRICS_ENV])
         if settings.transport == "picows" and importlib.util.find_spec("picows") is None:
             raise ConfigError("transport", "picows is not installed "
                               "(pip install 'streamsvc[fast]')")
@@ -195,9 +203,11 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 def _run_workers(workers: int, argv: list[str]) -> int:
     """Run ``workers`` copies of this server sharing the port through SO_REUSEPORT (the
     kernel spreads connections over them); forward SIGTERM and SIGINT; exit with the worst
-    status. Each worker drains on its own and answers its own /metrics."""
+    status. Each worker drains on its own; whichever answers /metrics sums all of them."""
     command = [sys.executable, "-m", "streamsvc", *argv, "--workers", "1", "--reuse-port"]
-    children = [subprocess.Popen(command) for _ in range(workers)]
+    share = tempfile.TemporaryDirectory(prefix="streamsvc-metrics-")
+    env = {**os.environ, SHARED_METRICS_ENV: share.name}
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     logger = structlog.get_logger("streamsvc")
     logger.info("server.workers", pids=[child.pid for child in children])
 
@@ -208,7 +218,8 @@ def _run_workers(workers: int, argv: list[str]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    return max(child.wait() for child in children)
+    with share:
+        return max(child.wait() for child in children)
 
 
 async def _run_server(settings: Settings) -> None:

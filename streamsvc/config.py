@@ -114,6 +114,8 @@ class Settings:
     log_level: str = "info"
     # Routing
     routes: tuple[Route, ...] = DEFAULT_ROUTES
+    # Set by `serve --workers N` for its workers: where they share their metrics.
+    shared_metrics_dir: str | None = None
 
     @property
     def auth_tokens(self) -> tuple[str, ...]:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
+import orjson
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -25,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from .session import CallSummary, Session
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Metrics", "WorkerShare"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Handler latency buckets in seconds: most of the interesting ones below a millisecond.
@@ -72,6 +75,7 @@ class Metrics(Collector):
         self.webhooks: collections.Counter[str] = collections.Counter()
         self.handler_latency: dict[str, LatencyHistogram] = collections.defaultdict(
             LatencyHistogram)
+        self.share: WorkerShare | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         ProcessCollector(registry=self.registry)  # RSS, CPU, open file descriptors
@@ -91,8 +95,20 @@ class Metrics(Collector):
         self.handler_drops.update(drops)
 
     def render(self) -> bytes:
-        """The metrics in the Prometheus text format."""
-        return generate_latest(self.registry)
+        """The metrics in the Prometheus text format; with :meth:`share_with_workers`,
+        the service's own metrics are the sums over every worker's latest snapshot."""
+        if self.share is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(self.share.merged(list(self.collect()))))
+        ProcessCollector(registry=registry)  # this process's own
+        return generate_latest(registry)
+
+    def share_with_workers(self, directory: str) -> WorkerShare:
+        """Publish this process's metrics in ``directory`` beside its sibling workers'
+        (``streamsvc serve --workers N``) and sum theirs into :meth:`render`."""
+        self.share = WorkerShare(Path(directory), self)
+        return self.share
 
     def collect(self) -> Iterator[Metric]:
         frames = collections.Counter(self.frames)
@@ -159,3 +175,63 @@ def _labelled(name: str, documentation: str, label: str,
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family
+
+
+class WorkerShare:
+    """The metrics of the worker processes of one ``streamsvc serve --workers N``, which
+    share a port: whichever worker a scrape reaches answers for all of them. Each worker
+    writes a snapshot of its samples to ``<directory>/<pid>.json`` (:meth:`publish`, about
+    once a second and when it stops); :meth:`merged` sums its own live samples with the
+    others' snapshots. Counters and histogram buckets add up across processes, and so
+    does the active-calls gauge."""
+
+    def __init__(self, directory: Path, metrics: Metrics) -> None:
+        self.directory = directory
+        self.metrics = metrics
+        self.own = directory / f"{os.getpid()}.json"
+
+    def publish(self) -> None:
+        """Write this process's samples (atomically: readers never see half a file)."""
+        snapshot = [_family_to_json(family) for family in self.metrics.collect()]
+        partial = self.own.with_suffix(".partial")
+        partial.write_bytes(orjson.dumps(snapshot))
+        os.replace(partial, self.own)
+
+    def merged(self, own: list[Metric]) -> list[Metric]:
+        """``own`` families with every other worker's snapshot added in."""
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        snapshots = [[_family_to_json(family) for family in own]]
+        for path in sorted(self.directory.glob("*.json")):
+            if path == self.own:
+                continue
+            try:
+                snapshots.append(orjson.loads(path.read_bytes()))
+            except (OSError, orjson.JSONDecodeError):
+                continue  # a worker that is gone, or one writing: skip it this time
+        for snapshot in snapshots:
+            for name, documentation, kind, samples in snapshot:
+                families.setdefault(name, Metric(name, documentation, kind))
+                family_values = values.setdefault(name, {})
+                for sample_name, labels, value in samples:
+                    key = (sample_name, tuple(sorted(labels.items())))
+                    family_values[key] = family_values.get(key, 0.0) + value
+        for name, family in families.items():
+            for (sample_name, labels), value in values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+        workers = _gauge("streamsvc_workers", "Worker processes whose metrics this answer "
+                         "sums (serve --workers N).", len(snapshots))
+        return [*families.values(), workers]
+
+
+def _family_to_json(family: Metric) -> list[Any]:
+    return [family.name, family.documentation, family.type,
+            [[s.name, dict(s.labels), s.value] for s in family.samples]]
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families

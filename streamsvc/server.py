@@ -25,7 +25,7 @@ from .exceptions import CLOSE_POLICY_VIOLATION, LocalProtocolError
 from .handlers import HandlerChain, RawFrame
 from .live import LiveSession
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
+from .metrics import Metrics, WorkerShare
 from .session import BadFrame, State, StopReason
 from .signature import SIGNATURE_HEADER, signature_matches
 from .webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
@@ -55,6 +55,8 @@ MAX_OUTBOUND_FRAMES: Final = 15_000
 # How long a peer closed for idleness gets to answer the close handshake before the TCP
 # connection is dropped.
 IDLE_CLOSE_GRACE_S: Final = 1.0
+# How often a worker of `serve --workers N` publishes its metrics for the others.
+METRICS_SHARE_INTERVAL_S: Final = 1.0
 # Longest HTTP request head read before deciding where a request goes.
 MAX_HTTP_HEAD_BYTES: Final = 16 * 1024
 
@@ -83,6 +85,7 @@ class StreamServer:
         self._idle.set()
         self._server: Server | None = None
         self._fast_server: asyncio.Server | None = None  # transport = "picows"
+        self._publisher: asyncio.Task[None] | None = None  # shares metrics with workers
         self.picows_calls: set[Any] = set()  # their connections in progress
         self._shutting_down = False
 
@@ -96,6 +99,9 @@ class StreamServer:
 
     async def start(self) -> None:
         s = self.settings
+        if s.shared_metrics_dir is not None:
+            share = self.metrics.share_with_workers(s.shared_metrics_dir)
+            self._publisher = asyncio.get_running_loop().create_task(_publish(share))
         if s.transport == "picows":
             from . import fast  # optional: pip install 'streamsvc[fast]'
 
@@ -139,6 +145,16 @@ class StreamServer:
 
     async def stop(self) -> None:
         """Close every stream (1001, reason ``shutdown``) and wait for their handlers."""
+        try:
+            await self._stop()
+        finally:
+            if self._publisher is not None:
+                self._publisher.cancel()
+                self._publisher = None
+                if self.metrics.share is not None:
+                    self.metrics.share.publish()  # the final counts, no call active
+
+    async def _stop(self) -> None:
         if self._fast_server is not None:
             self._shutting_down = True
             self._fast_server.close()
@@ -246,6 +262,16 @@ class StreamServer:
                 await _Call(self, connection, route).run()
         finally:
             self.call_ended()
+
+
+async def _publish(share: WorkerShare) -> None:
+    """Publish this worker's metrics for its siblings about once a second."""
+    while True:
+        try:
+            share.publish()
+        except OSError as exc:  # the directory went away: the next scrape shows less
+            logger.warning("metrics.share_failed", error=str(exc))
+        await asyncio.sleep(METRICS_SHARE_INTERVAL_S)
 
 
 class _Mode(enum.Enum):

@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,8 +27,9 @@ from streamsvc import wire
 from streamsvc.config import Route, Settings
 from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import AsyncHandler, Handler, HandlerSpec
+from streamsvc.metrics import Metrics
 from streamsvc.replay import replay, replay_session
-from streamsvc.server import StreamServer
+from streamsvc.server import METRICS_SHARE_INTERVAL_S, StreamServer
 
 from .conftest import LogEvents, events, until
 
@@ -165,6 +167,55 @@ async def test_metrics_report_calls_frames_and_latency_without_call_labels(trans
     assert "process_resident_memory_bytes" in body
     assert "CA0000" not in body  # no per-call labels
     assert "MZ0000" not in body
+
+
+def test_any_worker_answers_metrics_for_all_workers(tmp_path: Path) -> None:
+    one, two = Metrics(list), Metrics(list)
+    for metrics, calls in ((one, 3), (two, 5)):
+        metrics.calls_started = calls
+        metrics.frames["inbound"] = 100 * calls
+        metrics.active_calls = calls - 1
+        metrics.observe_latency("log", 0.00003)
+    share_one = one.share_with_workers(str(tmp_path))
+    share_two = two.share_with_workers(str(tmp_path))
+    share_two.own = tmp_path / "other-worker.json"  # two processes, in one test
+    share_one.publish()
+    share_two.publish()
+    body = one.render().decode()
+    samples = dict(re.findall(r"^(streamsvc_\S+) (\S+)$", body, re.MULTILINE))
+    assert "8.0" == samples["streamsvc_calls_started_total"]
+    assert "800.0" == samples['streamsvc_frames_total{track="inbound"}']
+    assert "6.0" == samples["streamsvc_active_calls"]
+    assert "2.0" == samples['streamsvc_handler_latency_seconds_bucket{handler="log",le="5e-05"}']
+    assert "2.0" == samples["streamsvc_workers"]
+    (tmp_path / "other-worker.json").write_text("{half a fi")  # mid-write or broken: skipped
+    assert "3.0" == dict(re.findall(r"^(streamsvc_\S+) (\S+)$", one.render().decode(),
+                                    re.MULTILINE))["streamsvc_calls_started_total"]
+
+
+def test_workers_share_the_port_and_their_metrics(
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = serve(processes, "--workers", "2", "--port", str(port))
+    try:
+        server.wait_for_log("server.listening")  # the second worker
+        fixture = load_fixture(FIXTURES / "no_custom_parameters.jsonl")
+        report = asyncio.run(replay([fixture], f"ws://127.0.0.1:{port}/stream", speed=0,
+                                    concurrency=8))
+        assert (8, 0) == (len(report.sessions), report.failed)
+        time.sleep(2 * METRICS_SHARE_INTERVAL_S + 0.5)  # each worker has published since
+        for _ in range(6):  # the kernel spreads these over both workers
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                        timeout=5) as answer:
+                body = answer.read().decode()
+            assert re.search(r"^streamsvc_workers 2\.0$", body, re.MULTILINE)
+            assert re.search(r"^streamsvc_calls_started_total 8\.0$", body, re.MULTILINE)
+    finally:  # the parent forwards SIGTERM to its workers (SIGKILL would orphan them)
+        server.process.send_signal(signal.SIGTERM)
+        assert 0 == server.process.wait(timeout=30)
 
 
 class Server:
