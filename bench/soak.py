@@ -1,7 +1,7 @@
 """Soak: N minutes of real-time calls against a server process, sampling its RSS and open
 file descriptors, to show whether either drifts. Not run in CI.
 
-    python -m bench.soak --minutes 10 --concurrency 100
+    python -m bench.soak --minutes 10 --concurrency 100 [--transport picows]
 
 Calls start and end continuously (each replays a bundled fixture in real time); every
 ``--sample-s`` seconds the server's RSS and open FD count are printed, and at the end the
@@ -40,7 +40,8 @@ def open_fds(pid: int) -> int:
 async def call_loop(url: str, deadline: float, results: list[bool]) -> None:
     fixture = load_fixture(FIXTURE)
     while time.monotonic() < deadline:
-        results.append((await replay_session(fixture, url, speed=1)).ok)
+        copy = len(results) + 1  # fresh streamSid and callSid for every call
+        results.append((await replay_session(fixture, url, speed=1, copy=copy)).ok)
 
 
 async def soak(url: str, pid: int, minutes: float, concurrency: int, sample_s: float) -> None:
@@ -72,9 +73,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--sample-s", type=float, default=10)
+    parser.add_argument("--transport", choices=["websockets", "picows"], default="websockets")
     args = parser.parse_args()
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamsvc", "serve", "--port", "0", "--log-level", "info"],
+        [sys.executable, "-m", "streamsvc", "serve", "--port", "0", "--log-level", "info",
+         "--transport", args.transport],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "STREAMSVC_LOG_FORMAT": "json"})
     try:
         assert server.stdout is not None

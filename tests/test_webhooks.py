@@ -23,7 +23,7 @@ from streamsvc.exceptions import ConfigError
 from streamsvc.fixtures import Fixture
 from streamsvc.handlers import HandlerSpec
 from streamsvc.replay import replay_session, signature_headers
-from streamsvc.server import StreamServer
+from streamsvc.server import StreamServer, parse_http_head
 from streamsvc.synth import SessionPlan, synthesize
 from streamsvc.twiml import (
     TWILIO_VOICE_FIELDS,
@@ -545,3 +545,26 @@ def test_streamsvc_twiml_refuses_what_twilio_would_mangle(args: list[str]) -> No
     assert 2 == done.returncode
     assert "streamsvc: error: " in done.stderr
     assert "" == done.stdout
+
+
+# -- the HTTP head sniffer on the stream port (untrusted bytes) -------------------------
+
+@given(st.binary(max_size=300))
+def test_the_http_head_sniffer_never_raises_on_any_bytes(head: bytes) -> None:
+    parsed = parse_http_head(head)
+    if parsed is not None:
+        method, target, headers = parsed
+        assert isinstance(method, str)
+        assert isinstance(target, str)
+        assert all(name == name.strip().lower() for name in headers)
+
+
+def test_the_http_head_sniffer_reads_a_twilio_webhook_head() -> None:
+    head = (b"POST /twiml?customerID=cus_8812 HTTP/1.1\r\nHost: voice.example.com\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"X-Twilio-Signature: abc=\r\nContent-Length: 42")
+    assert ("POST", "/twiml?customerID=cus_8812", {
+        "host": "voice.example.com", "content-type": "application/x-www-form-urlencoded",
+        "x-twilio-signature": "abc=", "content-length": "42"}) == parse_http_head(head)
+    assert parse_http_head(b"GET /x SPDY/3\r\n") is None
+    assert parse_http_head(b"GET /x HTTP/1.1\r\nno colon here") is None
