@@ -105,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["inbound_track", "outbound_track", "both_tracks"],
                        help="for <Start><Stream>")
     twiml.add_argument("--status-callback", metavar="URL",
-                       help="where Twilio posts stream-started/-stopped/-error")
+                       help="where Twilio sends stream-started/-stopped/-error")
+    twiml.add_argument("--status-callback-method", choices=["POST", "GET"], default="POST",
+                       help="how Twilio sends them (default POST)")
     twiml.add_argument("--after", default="", metavar="TWIML",
                        help='verbs after <Start>, e.g. \'<Pause length="60"/>\'')
 
@@ -334,7 +336,9 @@ def _twiml(args: argparse.Namespace) -> int:
     parameters = parse_pairs(args.param)
     size = parameters_size(parameters)
     print(render_stream_twiml(args.url, parameters, connect=args.connect, track=args.track,
-                              status_callback=args.status_callback, after=args.after))
+                              status_callback=args.status_callback,
+                              status_callback_method=args.status_callback_method,
+                              after=args.after))
     if size > DEFAULT_PARAMETER_BUDGET_BYTES:
         print(f"warning: parameters take {size} bytes, over Twilio's "
               f"{DEFAULT_PARAMETER_BUDGET_BYTES}-byte guidance", file=sys.stderr)

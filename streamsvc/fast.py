@@ -8,8 +8,8 @@ websockets. What this module adds is the shell: timers instead of awaiting tasks
 codes, message reassembly, backpressure on outbound audio.
 
 One difference: picows takes only bodiless ``GET`` requests, so the voice webhook answers
-``GET`` here (set the number's voice URL method to GET); its form ``POST`` needs the
-default transport.
+``GET`` here (set the number's voice URL method to GET; a form ``POST`` needs the default
+transport) and the TwiML it serves asks for status callbacks by ``GET``.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def _route(server: StreamServer,
 
 def _response(answer: HttpResponse) -> WSUpgradeResponse:
     headers = {"Content-Type": answer.content_type}
-    if answer.status == http.HTTPStatus.OK:
-        response = WSUpgradeResponse.create_ok_response(answer.body, headers)
+    if answer.status < 400:  # 200, or 204 for a status callback
+        response = WSUpgradeResponse.create_ok_response(answer.body or None, headers)
+        response.status = answer.status
     else:
         response = WSUpgradeResponse.create_error_response(answer.status, answer.body or None,
                                                            headers)

@@ -219,7 +219,7 @@ def xml_safe(text: str) -> str:
 
 def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: bool,
                         track: str = "inbound_track", status_callback: str | None = None,
-                        after: str = "") -> str:
+                        status_callback_method: str = "POST", after: str = "") -> str:
     """TwiML that starts a stream to ``url`` carrying ``parameters``: ``<Connect><Stream>``
     (bidirectional; Twilio streams only the inbound track there) or ``<Start><Stream>``
     followed by ``after`` (TwiML verbs, e.g. ``<Pause length="60"/>``). Everything is
@@ -235,8 +235,11 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
     if not connect:
         attributes += f" track={quoteattr(track)}"
     if status_callback:
+        if status_callback_method not in ("GET", "POST"):
+            raise ValueError(f"statusCallbackMethod must be GET or POST: "
+                             f"{status_callback_method!r}")
         attributes += (f" statusCallback={quoteattr(status_callback)}"
-                       ' statusCallbackMethod="POST"')
+                       f" statusCallbackMethod={quoteattr(status_callback_method)}")
     cleaned = {xml_safe(name): xml_safe(value) for name, value in parameters.items()}
     if "" in cleaned or len(cleaned) < len(parameters):
         raise ValueError("parameter names must keep at least one character XML can carry and "

@@ -179,6 +179,8 @@ class Webhooks:
             origin + route.path, selection.parameters, connect=route.bidirectional,
             track=route.stream_track, after=route.after_twiml,
             status_callback=http_origin + self.settings.status_callback_path,
+            # picows reads no request body: its status callbacks come as GET.
+            status_callback_method="GET" if self.settings.transport == "picows" else "POST",
         )
         logger.info("twiml.served", call_sid=call_sid, path=route.path,
                     parameters=list(selection.parameters))

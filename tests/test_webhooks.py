@@ -524,6 +524,44 @@ async def test_a_webhook_request_leaves_no_task_or_connection_behind(
     assert 0 == server.metrics.active_calls
 
 
+async def test_on_picows_the_webhook_and_status_callbacks_work_over_get(
+        logs: LogEvents) -> None:
+    server = StreamServer(Settings(port=0, routes=(Route("/media", ()),), public_url=PUBLIC,
+                                   auth_token=TOKEN, transport="picows"))
+    await server.start()
+    try:
+        target = "/twiml/media?" + urlencode({**QUERY, "CallSid": CALL_SID,
+                                              "SipHeader_X-CustomerID": "cus_8812"})
+        signature = RequestValidator(TOKEN).compute_signature(
+            "https://example.ngrok.app" + target, {})
+        status, _, document = await asyncio.to_thread(
+            _request, server.port, "GET", target, None, {"X-Twilio-Signature": signature})
+        assert 200 == status
+        assert 'statusCallbackMethod="GET"' in document  # picows reads no POST body
+        promised = {"customerID": "cus_8812", "intent": "order-status",
+                    "CustomerID": "cus_8812", "CallSid": CALL_SID}
+        assert promised == parameters_from_twiml(document)
+        await _stream_from_twiml(server, document, "/media")
+        (started,) = events(logs, "stream.started")
+        assert promised == started["custom_parameters"]
+
+        callback = "/stream-status?" + urlencode({
+            "CallSid": CALL_SID, "StreamSid": "MZ1", "StreamEvent": "stream-error",
+            "StreamError": "31920 Stream - WebSocket - Handshake Error"})
+        signature = RequestValidator(TOKEN).compute_signature(
+            "https://example.ngrok.app" + callback, {})
+        status, _, _ = await asyncio.to_thread(
+            _request, server.port, "GET", callback, None, {"X-Twilio-Signature": signature})
+        assert 204 == status
+        (logged,) = events(logs, "stream.status")
+        assert ("stream-error", CALL_SID) == (logged["stream_event"], logged["call_sid"])
+        status, _, _ = await asyncio.to_thread(_twilio_post, server.port, "/twiml/media",
+                                               {"CallSid": CALL_SID})
+        assert status in (400, 405)  # a form POST needs the websockets transport
+    finally:
+        await server.stop()
+
+
 # -- the command line -------------------------------------------------------------------
 
 def test_streamsvc_twiml_prints_validated_twiml() -> None:
