@@ -146,7 +146,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             choices=("auto", "asyncio", "uvloop")),
     Setting("transport", ("STREAMSVC_TRANSPORT",), str,
             "websockets, or picows (faster; pip install 'streamsvc[fast]'; the voice "
-            "webhook then answers GET, and status callbacks come by GET)", choices=("websockets", "picows")),
+            "webhook then answers GET, and status callbacks come by GET)",
+            choices=("websockets", "picows")),
     # Security
     Setting("public_url", ("STREAMSVC_PUBLIC_URL",), str,
             "origin Twilio connects to, e.g. wss://voice.example.com: signatures are checked "
