@@ -310,6 +310,13 @@ def _twilio_post(port: int, target: str, fields: dict[str, str],
     return _request(port, "POST", target, fields, {"X-Twilio-Signature": signature})
 
 
+def _twilio_get(port: int, target: str) -> tuple[int, str, str]:
+    """GET ``target`` signed as Twilio signs a GET webhook (over the URL and its query)."""
+    signature = RequestValidator(TOKEN).compute_signature(
+        "https://example.ngrok.app" + target, {})
+    return _request(port, "GET", target, None, {"X-Twilio-Signature": signature})
+
+
 async def _stream_from_twiml(server: StreamServer, document: str, path: str) -> None:
     """Start the stream that TwiML asks for, as Twilio would, carrying its parameters."""
     plan = SessionPlan(inbound=[0] * 800, custom_parameters=parameters_from_twiml(document),
@@ -411,10 +418,7 @@ async def test_the_bare_webhook_path_serves_the_first_route_and_get_is_signed_ov
         server: StreamServer) -> None:
     target = "/twiml?" + urlencode({"CallSid": CALL_SID, "From": "+15550100",
                                     "customerID": "cus_1"})
-    signature = RequestValidator(TOKEN).compute_signature(PUBLIC.replace("wss", "https")
-                                                          + target, {})
-    status, _, document = await asyncio.to_thread(
-        _request, server.port, "GET", target, None, {"X-Twilio-Signature": signature})
+    status, _, document = await asyncio.to_thread(_twilio_get, server.port, target)
     assert 200 == status
     assert 'url="wss://example.ngrok.app/media"' in document
     assert {"customerID": "cus_1", "From": "+15550100", "CallSid": CALL_SID} == \
@@ -532,10 +536,7 @@ async def test_on_picows_the_webhook_and_status_callbacks_work_over_get(
     try:
         target = "/twiml/media?" + urlencode({**QUERY, "CallSid": CALL_SID,
                                               "SipHeader_X-CustomerID": "cus_8812"})
-        signature = RequestValidator(TOKEN).compute_signature(
-            "https://example.ngrok.app" + target, {})
-        status, _, document = await asyncio.to_thread(
-            _request, server.port, "GET", target, None, {"X-Twilio-Signature": signature})
+        status, _, document = await asyncio.to_thread(_twilio_get, server.port, target)
         assert 200 == status
         assert 'statusCallbackMethod="GET"' in document  # picows reads no POST body
         promised = {"customerID": "cus_8812", "intent": "order-status",
@@ -548,10 +549,7 @@ async def test_on_picows_the_webhook_and_status_callbacks_work_over_get(
         callback = "/stream-status?" + urlencode({
             "CallSid": CALL_SID, "StreamSid": "MZ1", "StreamEvent": "stream-error",
             "StreamError": "31920 Stream - WebSocket - Handshake Error"})
-        signature = RequestValidator(TOKEN).compute_signature(
-            "https://example.ngrok.app" + callback, {})
-        status, _, _ = await asyncio.to_thread(
-            _request, server.port, "GET", callback, None, {"X-Twilio-Signature": signature})
+        status, _, _ = await asyncio.to_thread(_twilio_get, server.port, callback)
         assert 204 == status
         (logged,) = events(logs, "stream.status")
         assert ("stream-error", CALL_SID) == (logged["stream_event"], logged["call_sid"])
