@@ -8,6 +8,7 @@ stream; its ids are bound into every log line through contextvars.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import http
 import time
@@ -491,7 +492,9 @@ class CallCore:
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
             del self.server.streams[stream_sid]
         self.session.abandon_marks()  # no echo can come any more
-        summary = await self.chain.finish(self.session, self.session.close(reason),
+        closed = dataclasses.replace(self.session.close(reason),
+                                     context_budget=self.context_budget)
+        summary = await self.chain.finish(self.session, closed,
                                           self.server.settings.handler_stop_timeout_s)
         self.server.metrics.call_ended(summary, self.chain.errors(), self.chain.drops())
         logger.info(
@@ -502,7 +505,6 @@ class CallCore:
             handler_errors=self.chain.errors(),
             handler_drops=self.chain.drops(),
             custom_parameters_bytes=self.session.custom_parameters_bytes,
-            context_budget=self.context_budget,
             wall_ms=round((time.monotonic() - self.connected_at) * 1000),
         )
 

@@ -144,6 +144,9 @@ class CallSummary:
     duration_ms: int
     # What each handler reported about the call (Handler.report), by handler name.
     handlers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    # The voice webhook's parameter budget report for this call, when this service served
+    # the TwiML that started the stream (streamsvc.twiml.ParameterSelection.report).
+    context_budget: Mapping[str, object] | None = None
 
     def log_fields(self) -> dict[str, object]:
         """The summary as plain JSON-ready fields for ``stream.stopped``."""
@@ -161,6 +164,8 @@ class CallSummary:
             "marks_received": self.marks_received,
             "duration_ms": self.duration_ms,
             "handlers": {name: dict(report) for name, report in self.handlers.items()},
+            "context_budget": (dict(self.context_budget) if self.context_budget is not None
+                               else None),
         }
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -21,7 +23,7 @@ from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError
 from streamsvc.fixtures import Fixture
-from streamsvc.handlers import HandlerSpec
+from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.replay import replay_session, signature_headers
 from streamsvc.server import StreamServer, parse_http_head
 from streamsvc.synth import SessionPlan, synthesize
@@ -271,9 +273,10 @@ def test_the_webhook_paths_cannot_shadow_a_stream_route() -> None:
 # -- end to end: a signed webhook, its TwiML, the stream it starts ---------------------
 
 @pytest.fixture
-async def server() -> AsyncIterator[StreamServer]:
+async def server(tmp_path: Path) -> AsyncIterator[StreamServer]:
+    recorder = resolve_handler("recorder", {"dir": str(tmp_path)}, key="test")
     routes = (
-        Route("/media", (HandlerSpec("log", LogHandler),)),
+        Route("/media", (HandlerSpec("log", LogHandler), recorder)),
         Route("/small", (HandlerSpec("log", LogHandler),),
               context=ContextMapping(budget_bytes=64, priority=("CustomerID",))),
         Route("/talk", (HandlerSpec("log", LogHandler),), bidirectional=True),
@@ -326,6 +329,7 @@ async def _stream_from_twiml(server: StreamServer, document: str, path: str) -> 
     result = await replay_session(fixture, url, speed=0,
                                   headers=signature_headers(url, TOKEN, PUBLIC))
     assert (True, None) == (result.ok, result.error)
+    await until(lambda: server.active_calls == 0)  # its handlers have finished
 
 
 async def test_a_signed_webhook_carries_the_calls_context_into_the_stream(
@@ -351,8 +355,13 @@ async def test_a_signed_webhook_carries_the_calls_context_into_the_stream(
     assert list(promised) == list(started["custom_parameters"])  # order kept too
     (stopped,) = events(logs, "stream.stopped")
     used = sum(len(k.encode()) + len(v.encode()) for k, v in promised.items())
-    assert {"budget_bytes": 800, "used_bytes": used, "dropped": [], "truncated": []} == \
-        stopped["context_budget"]
+    report = {"budget_bytes": 800, "used_bytes": used, "dropped": [], "truncated": []}
+    assert report == stopped["context_budget"]
+    # The report is part of the call summary: the recorder's sidecar carries it too.
+    sidecar = json.loads(Path(stopped["handlers"]["recorder"]["file"])
+                         .with_suffix(".json").read_text(encoding="utf-8"))
+    assert (promised, report) == (sidecar["custom_parameters"],
+                                  sidecar["summary"]["context_budget"])
     assert [] == events(logs, "twiml.parameters_over_budget")
     (served,) = events(logs, "twiml.served")
     assert (CALL_SID, "/media") == (served["call_sid"], served["path"])
