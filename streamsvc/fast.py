@@ -48,7 +48,8 @@ logger = structlog.get_logger("streamsvc.server")
 # Bytes of outbound frames waiting in the socket's buffer (about 5 minutes of 20 ms audio
 # frames) beyond which the peer counts as not reading.
 MAX_OUTBOUND_BYTES: Final = 15_000 * 300
-IDLE_CLOSE_GRACE_S: Final = 1.0
+# How long a connection we close gets to flush before it is dropped.
+CLOSE_GRACE_S: Final = 1.0
 READ_BUFFER_BYTES: Final = 2048
 _TEXT, _BINARY, _CONTINUATION, _CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY,
                                          WSMsgType.CONTINUATION, WSMsgType.CLOSE)
@@ -219,6 +220,10 @@ class _PicowsCall(CallCore):
             self.closing_reason = why
         self.transport.send_close(code, reason.encode())
         self.transport.disconnect()
+        # A graceful close waits for the socket's buffer to drain; a peer that no longer
+        # reads would hold it (and a shutdown) forever: drop it after a grace period.
+        self.timers.append(asyncio.get_running_loop().call_later(
+            CLOSE_GRACE_S, self.transport.disconnect, False))
 
     def close_for_shutdown(self) -> None:
         self._close(WSCloseCode.GOING_AWAY, "server shutting down", "shutdown")
@@ -273,9 +278,6 @@ class _PicowsCall(CallCore):
         elif loop.time() - quiet_since >= limit and self.closing_reason is None:
             logger.warning("stream.idle_timeout", timeout_s=limit)
             self._close(WSCloseCode(CLOSE_POLICY_VIOLATION), "no frame in time", "aborted")
-            # A silent peer may never let the close go out.
-            self.timers.append(loop.call_later(IDLE_CLOSE_GRACE_S, self.transport.disconnect,
-                                               False))
             return
         self.timers[1] = loop.call_later(min(limit / 4, 1.0), self._watch_idle, seen,
                                          quiet_since)
