@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import http
 import time
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import structlog
@@ -62,6 +62,14 @@ METRICS_SHARE_INTERVAL_S: Final = 1.0
 MAX_HTTP_HEAD_BYTES: Final = 16 * 1024
 
 
+class ShellCall(Protocol):
+    """What :meth:`StreamServer.stop` needs of a connection a transport shell tracks."""
+
+    finished: asyncio.Future[None]  # resolved once the call's handlers have finished
+
+    def close_for_shutdown(self) -> None: ...
+
+
 class StreamServer:
     """Serves Media Streams on ``settings.host:settings.port``, with ``/healthz``,
     ``/readyz`` and ``/metrics`` on the same port.
@@ -87,7 +95,7 @@ class StreamServer:
         self._server: Server | None = None
         self._fast_server: asyncio.Server | None = None  # transport = "picows"
         self._publisher: asyncio.Task[None] | None = None  # shares metrics with workers
-        self.picows_calls: set[Any] = set()  # their connections in progress
+        self.picows_calls: set[ShellCall] = set()  # their connections in progress
         self._shutting_down = False
 
     @property
