@@ -28,7 +28,7 @@ from .live import LiveSession
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, WorkerShare
 from .session import BadFrame, State, StopReason
-from .signature import SIGNATURE_HEADER, signature_matches
+from .signature import SIGNATURE_HEADER, signature_problem
 from .webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
 from .webhooks import HttpRequest, HttpResponse, Webhooks
 
@@ -243,13 +243,9 @@ class StreamServer:
     def _signature_problem(self, signature: str | None, path: str) -> str | None:
         """Why the handshake's X-Twilio-Signature is not acceptable, or None if it is. The
         URL is the configured public origin plus the request path (shared/protocol.md)."""
-        if not signature:
-            return "missing_signature"
         assert self.settings.public_url is not None  # load_settings requires it with a token
-        url = self.settings.public_url.rstrip("/") + path
-        if not signature_matches(signature, url, self.settings.auth_tokens):
-            return "bad_signature"
-        return None
+        return signature_problem(signature, self.settings.public_url.rstrip("/") + path,
+                                 self.settings.auth_tokens)
 
     def call_began(self) -> None:
         self.metrics.active_calls += 1

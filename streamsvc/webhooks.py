@@ -16,10 +16,7 @@ public URL (``https://`` for ``wss://``) with its query, plus the sorted POST fi
 
 from __future__ import annotations
 
-import base64
 import collections
-import hashlib
-import hmac
 import http
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 
-from .signature import SIGNATURE_HEADER
+from .signature import SIGNATURE_HEADER, signature_problem
 from .twiml import render_stream_twiml, select_parameters
 
 if TYPE_CHECKING:
@@ -71,18 +68,6 @@ class HttpResponse:
                 f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n"
                 "Connection: close\r\n\r\n")
         return head.encode() + self.body
-
-
-def twilio_signature(auth_token: str, url: str, fields: list[tuple[str, str]]) -> str:
-    """Twilio's webhook signature: HMAC-SHA1 over the URL followed by each POST field's name
-    and value, names sorted (values sorted within a name)."""
-    grouped: dict[str, set[str]] = collections.defaultdict(set)
-    for name, value in fields:
-        grouped[name].add(value)
-    data = url + "".join(name + value for name in sorted(grouped)
-                         for value in sorted(grouped[name]))
-    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
 
 
 class Webhooks:
@@ -141,19 +126,11 @@ class Webhooks:
         """None when no token is set or the request is signed by one; else the reason."""
         if not self.settings.auth_tokens:
             return None
-        signature = request.headers.get(SIGNATURE_HEADER.lower(), "")
         origin = self._public("http")
-        if not signature:
-            return "missing_signature"
-        if origin is None:  # unreachable: settings refuse a token without public_url
-            return "bad_signature"
-        url = origin + request.target
-        posted = body_fields if request.method == "POST" else []
-        expected = [twilio_signature(token, url, posted) for token in self.settings.auth_tokens]
-        matched = False
-        for candidate in expected:
-            matched |= hmac.compare_digest(signature.encode(), candidate.encode())
-        return None if matched else "bad_signature"
+        assert origin is not None  # load_settings requires public_url with a token
+        return signature_problem(request.headers.get(SIGNATURE_HEADER.lower()),
+                                 origin + request.target, self.settings.auth_tokens,
+                                 body_fields if request.method == "POST" else ())
 
     def _twiml(self, route: Route, fields: dict[str, str],
                query: dict[str, str]) -> HttpResponse:

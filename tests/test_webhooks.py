@@ -26,6 +26,7 @@ from streamsvc.fixtures import Fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.replay import replay_session, signature_headers
 from streamsvc.server import StreamServer, parse_http_head
+from streamsvc.signature import sign as twilio_signature
 from streamsvc.synth import SessionPlan, synthesize
 from streamsvc.twiml import (
     TWILIO_VOICE_FIELDS,
@@ -35,7 +36,6 @@ from streamsvc.twiml import (
     select_parameters,
     xml_safe,
 )
-from streamsvc.webhooks import twilio_signature
 
 from .conftest import LogEvents, events, until
 
