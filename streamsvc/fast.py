@@ -92,13 +92,11 @@ def _route(server: StreamServer,
         else:
             answer = server.webhooks.respond(webhook)
     if answer is None:
-        refusal = server.admit(path, request.headers.get(SIGNATURE_HEADER))
-        if refusal is None:
+        answer = server.admit(path, request.headers.get(SIGNATURE_HEADER))
+        if answer is None:
             route = server.settings.route_for(path)
             assert route is not None  # admit() refuses unknown paths
             return _Listener(server, route)
-        status, reason = refusal
-        answer = HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
     return WSUpgradeResponseWithListener(_response(answer), None)
 
 

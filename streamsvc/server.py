@@ -193,9 +193,9 @@ class StreamServer:
         finally:
             await self.stop()
 
-    def admit(self, path: str, signature: str | None) -> tuple[http.HTTPStatus, str] | None:
-        """Why a stream handshake for ``path`` carrying ``signature`` is refused (status and
-        reason, logged and counted), or None to accept it. Every transport asks this."""
+    def admit(self, path: str, signature: str | None) -> HttpResponse | None:
+        """The refusal of a stream handshake for ``path`` carrying ``signature`` (logged and
+        counted), or None to accept it. Every transport asks this."""
         refusal: tuple[http.HTTPStatus, str] | None = None
         if self.settings.route_for(path) is None:
             refusal = http.HTTPStatus.NOT_FOUND, "no_route"
@@ -209,7 +209,8 @@ class StreamServer:
             status, reason = refusal
             self.metrics.handshakes_rejected[reason] += 1
             logger.warning("handshake.rejected", reason=reason, status=int(status), path=path)
-        return refusal
+            return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
+        return None
 
     def probe(self, path: str) -> HttpResponse | None:
         """Answers for the probes and the metrics, or None for other paths. Not logged."""
@@ -226,13 +227,9 @@ class StreamServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        answer = self.probe(path)
+        answer = self.probe(path) or self.admit(path, request.headers.get(SIGNATURE_HEADER))
         if answer is None:
-            refusal = self.admit(path, request.headers.get(SIGNATURE_HEADER))
-            if refusal is None:
-                return None
-            status, reason = refusal
-            answer = HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
+            return None
         response = connection.respond(answer.status, "")
         response.body = answer.body
         del response.headers["Content-Type"], response.headers["Content-Length"]
