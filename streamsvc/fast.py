@@ -36,7 +36,7 @@ from picows import (
 
 from .config import Route
 from .exceptions import CLOSE_POLICY_VIOLATION
-from .server import CallCore, StreamServer
+from .server import CLOSE_GRACE_S, CallCore, StreamServer
 from .session import State, StopReason
 from .signature import SIGNATURE_HEADER
 from .webhooks import HttpRequest, HttpResponse
@@ -48,8 +48,6 @@ logger = structlog.get_logger("streamsvc.server")
 # Bytes of outbound frames waiting in the socket's buffer (about 5 minutes of 20 ms audio
 # frames) beyond which the peer counts as not reading.
 MAX_OUTBOUND_BYTES: Final = 15_000 * 300
-# How long a connection we close gets to flush before it is dropped.
-CLOSE_GRACE_S: Final = 1.0
 READ_BUFFER_BYTES: Final = 2048
 _TEXT, _BINARY, _CONTINUATION, _CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY,
                                          WSMsgType.CONTINUATION, WSMsgType.CLOSE)
@@ -152,15 +150,14 @@ class _PicowsCall(CallCore):
         self.fragments: list[bytes] = []
         self.fragment_bytes = 0
         self.closing_reason: StopReason | None = None
-        self.start_timed_out = False
+        self.timed_out_before_start = False
         loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = loop.create_future()
         server.call_began()
         server.picows_calls.add(self)
         settings = server.settings
         self.timers = [loop.call_later(settings.start_timeout_s, self._start_timeout),
-                       loop.call_later(min(settings.idle_timeout_s / 4, 1.0), self._watch_idle,
-                                       -1, loop.time())]
+                       loop.call_later(self.idle_check_s, self._watch_idle)]
 
     def outbound_full(self) -> bool:
         buffered = self.transport.underlying_transport.get_write_buffer_size()
@@ -230,9 +227,8 @@ class _PicowsCall(CallCore):
         for timer in self.timers:
             timer.cancel()
         session = self.session
-        if session.state is State.AWAITING_START and not self.start_timed_out:
-            logger.info("stream.closed_before_start", reason=self._reason(),
-                        bad_frames=session.bad_frames)
+        if session.state is State.AWAITING_START and not self.timed_out_before_start:
+            self.log_closed_before_start(self._reason())
         if session.stream_sid is None:
             self._done()
             return
@@ -260,22 +256,15 @@ class _PicowsCall(CallCore):
     # -- timers -----------------------------------------------------------------------
 
     def _start_timeout(self) -> None:
-        session = self.session
-        if session.state is State.AWAITING_START and self.closing_reason is None:
-            self.start_timed_out = True
-            logger.warning("stream.start_timeout", timeout_s=self.server.settings.start_timeout_s,
-                           bad_frames=session.bad_frames)
+        if self.session.state is State.AWAITING_START and self.closing_reason is None:
+            self.timed_out_before_start = True
+            self.log_start_timeout()
             self._close(WSCloseCode(CLOSE_POLICY_VIOLATION), "no start message in time",
                         "error")
 
-    def _watch_idle(self, seen: int, quiet_since: float) -> None:
-        loop = asyncio.get_running_loop()
-        limit = self.server.settings.idle_timeout_s
-        if self.frames_received != seen:
-            seen, quiet_since = self.frames_received, loop.time()
-        elif loop.time() - quiet_since >= limit and self.closing_reason is None:
-            logger.warning("stream.idle_timeout", timeout_s=limit)
+    def _watch_idle(self) -> None:
+        if self.closing_reason is None and self.went_idle():
             self._close(WSCloseCode(CLOSE_POLICY_VIOLATION), "no frame in time", "aborted")
             return
-        self.timers[1] = loop.call_later(min(limit / 4, 1.0), self._watch_idle, seen,
-                                         quiet_since)
+        self.timers[1] = asyncio.get_running_loop().call_later(self.idle_check_s,
+                                                               self._watch_idle)

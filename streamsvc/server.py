@@ -53,9 +53,9 @@ TRANSPORT_READ_BYTES: Final = 16 * 1024
 # Outbound frames queued for one connection (20 ms each: 5 minutes of audio); more means
 # the peer is not reading and the sending handler gets LocalProtocolError.
 MAX_OUTBOUND_FRAMES: Final = 15_000
-# How long a peer closed for idleness gets to answer the close handshake before the TCP
-# connection is dropped.
-IDLE_CLOSE_GRACE_S: Final = 1.0
+# How long a connection the service closes gets (to flush, to answer the close handshake)
+# before the TCP connection is dropped.
+CLOSE_GRACE_S: Final = 1.0
 # How often a worker of `serve --workers N` publishes its metrics for the others.
 METRICS_SHARE_INTERVAL_S: Final = 1.0
 # Longest HTTP request head read before deciding where a request goes.
@@ -396,12 +396,42 @@ class CallCore:
         self.early_frames: list[RawFrame] = []
         self.frames_received = 0  # read by the idle watchdog
         self.idle_closed = False
+        self._idle_seen = -1  # frames_received at the watchdog's last look
+        self._quiet_since = self.connected_at
         # The budget report of the webhook that started this call's stream, if it was ours.
         self.context_budget: dict[str, object] | None = None
 
     def outbound_full(self) -> bool:
         """True when the peer has stopped reading: frames to send are refused."""
         raise NotImplementedError
+
+    @property
+    def idle_check_s(self) -> float:
+        """How often a shell's watchdog should call :meth:`went_idle`."""
+        return min(self.server.settings.idle_timeout_s / 4, 1.0)
+
+    def went_idle(self) -> bool:
+        """True (and logged) once no frame has come for ``idle_timeout_s``: a half-open
+        peer, since Twilio sends a frame every 20 ms. Compares a counter; costs nothing per
+        frame."""
+        now = time.monotonic()
+        if self.frames_received != self._idle_seen:
+            self._idle_seen, self._quiet_since = self.frames_received, now
+            return False
+        limit = self.server.settings.idle_timeout_s
+        if now - self._quiet_since < limit:
+            return False
+        self.idle_closed = True
+        logger.warning("stream.idle_timeout", timeout_s=limit)
+        return True
+
+    def log_start_timeout(self) -> None:
+        logger.warning("stream.start_timeout", timeout_s=self.server.settings.start_timeout_s,
+                       bad_frames=self.session.bad_frames)
+
+    def log_closed_before_start(self, reason: StopReason) -> None:
+        logger.info("stream.closed_before_start", reason=reason,
+                    bad_frames=self.session.bad_frames)
 
     def send_now(self, frame: bytes) -> None:
         """Hand one outbound text frame to the transport without blocking."""
@@ -550,13 +580,11 @@ class _Call(CallCore):
                 while self.session.state is State.AWAITING_START:
                     self.receive(await self.connection.recv(decode=False))
         except TimeoutError:
-            logger.warning("stream.start_timeout", timeout_s=limit,
-                           bad_frames=self.session.bad_frames)
+            self.log_start_timeout()
             await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
             return False
         except ConnectionClosed as exc:
-            logger.info("stream.closed_before_start", reason=self._closed_reason(exc),
-                        bad_frames=self.session.bad_frames)
+            self.log_closed_before_start(self._closed_reason(exc))
             return False
         return self.session.state is State.STREAMING
 
@@ -575,21 +603,13 @@ class _Call(CallCore):
         return "stop"
 
     async def _watch_idle(self) -> None:
-        """Close a stream that has sent nothing for ``idle_timeout_s`` (a half-open peer:
-        Twilio sends a frame every 20 ms). Checks a counter; costs nothing per frame."""
-        loop = asyncio.get_running_loop()
-        limit = self.server.settings.idle_timeout_s
-        seen, quiet_since = -1, loop.time()
+        """Close a stream that has sent nothing for ``idle_timeout_s``."""
         while True:
-            await asyncio.sleep(min(limit / 4, 1.0))
-            if self.frames_received != seen:
-                seen, quiet_since = self.frames_received, loop.time()
-            elif loop.time() - quiet_since >= limit:
+            await asyncio.sleep(self.idle_check_s)
+            if self.went_idle():
                 break
-        self.idle_closed = True
-        logger.warning("stream.idle_timeout", timeout_s=limit)
         try:  # a silent peer may never answer the close handshake
-            async with asyncio.timeout(IDLE_CLOSE_GRACE_S):
+            async with asyncio.timeout(CLOSE_GRACE_S):
                 await self.connection.close(CLOSE_POLICY_VIOLATION, "no frame in time")
         except TimeoutError:
             self.connection.transport.abort()
