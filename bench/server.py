@@ -16,6 +16,7 @@ median of the repeats.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -48,20 +49,9 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def have_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def have_picows() -> bool:
-    try:
-        import picows  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def installed(module: str) -> bool:
+    """Whether an optional package (uvloop, picows: the ``fast`` extra) is importable."""
+    return importlib.util.find_spec(module) is not None
 
 
 def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
@@ -116,12 +106,12 @@ def cpu_suite(*, quick: bool = False) -> None:
                 ("bare websockets", "bare", "asyncio", "websockets"),
                 ("streamsvc", "service", "asyncio", "websockets"),
                 ("streamsvc + recorder", "service-recorder", "asyncio", "websockets")]
-    if have_uvloop():
+    if installed("uvloop"):
         variants[3:3] = [("streamsvc, uvloop", "service", "uvloop", "websockets")]
         variants.append(("streamsvc + recorder, uvloop", "service-recorder", "uvloop",
                          "websockets"))
-    if have_picows():
-        loop = "uvloop" if have_uvloop() else "asyncio"
+    if installed("picows"):
+        loop = "uvloop" if installed("uvloop") else "asyncio"
         variants += [(f"streamsvc, picows, {loop}", "service", loop, "picows"),
                      (f"streamsvc + recorder, picows, {loop}", "service-recorder", loop,
                       "picows")]
@@ -145,13 +135,13 @@ def passes(run: dict[str, Any]) -> bool:
 
 
 def capacity_suite(*, quick: bool = False) -> None:
-    for transport in ("websockets", "picows") if have_picows() else ("websockets",):
+    for transport in ("websockets", "picows") if installed("picows") else ("websockets",):
         capacity(transport, quick=quick)
 
 
 def capacity(transport: str, *, quick: bool) -> None:
     seconds = 4.0 if quick else 8.0
-    loop = "uvloop" if have_uvloop() else "asyncio"
+    loop = "uvloop" if installed("uvloop") else "asyncio"
     steps = [250, 500, 750, 1000, 1250, 1500, 1750, 2000]
     print(f"\ncalls per server process ({transport}, {loop}): p99 receive-to-handler latency "
           f"< {LATENCY_LIMIT_MS:g} ms and no frame lost, {seconds:g} s per step")
@@ -178,7 +168,7 @@ def memory_suite(*, quick: bool = False) -> None:
     print(f"\nmemory: RSS of one server process with {calls} calls")
     runs = [("idle (started, no audio)", run_load("service", calls, 4.0, idle=True)),
             ("active (50 frames/s)", run_load("service", calls, 4.0))]
-    if have_picows():
+    if installed("picows"):
         runs += [("picows idle", run_load("service", calls, 4.0, idle=True,
                                           transport="picows")),
                  ("picows active", run_load("service", calls, 4.0, transport="picows"))]
