@@ -31,7 +31,25 @@ from .exceptions import ConfigError
 from .handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
 from .twiml import ContextMapping, render_stream_twiml
 
-__all__ = ["DEFAULT_ROUTES", "SETTINGS", "Route", "Setting", "Settings", "load_settings"]
+__all__ = [
+    "DEFAULT_ROUTES",
+    "HEALTH_PATH",
+    "METRICS_PATH",
+    "PROBE_PATHS",
+    "READY_PATH",
+    "SETTINGS",
+    "Route",
+    "Setting",
+    "Settings",
+    "load_settings",
+]
+
+HEALTH_PATH: Final = "/healthz"  # the process is alive (stays 200 while draining)
+READY_PATH: Final = "/readyz"  # the process takes new calls (503 while draining)
+METRICS_PATH: Final = "/metrics"
+PROBE_PATHS: Final = frozenset({HEALTH_PATH, READY_PATH, METRICS_PATH})
+# public_url: the stream origin Twilio is given, or the HTTPS origin of the webhooks.
+PUBLIC_SCHEMES: Final = ("ws", "wss", "http", "https")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +63,7 @@ class Setting:
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    maximum: float | None = None
     secret: bool = False  # never shown: not in --help defaults, not in error messages
 
     @property
@@ -122,6 +141,32 @@ class Settings:
         """The tokens a signature may be made with (the previous one during rotation)."""
         return tuple(t for t in (self.auth_token, self.auth_token_previous) if t)
 
+    @property
+    def public_prefix(self) -> str:
+        """The path prefix of ``public_url`` (``/voice`` for ``wss://api.example.com/voice``),
+        or ``""``: a proxy in front serves the service below it."""
+        if self.public_url is None:
+            return ""
+        return urlsplit(self.public_url).path.rstrip("/")
+
+    def public_base(self, kind: str) -> str | None:
+        """``public_url`` as the ``ws`` or ``http`` base URL, prefix included
+        (``wss://api.example.com/voice``, ``https://api.example.com/voice``), or None when
+        it is not set. A secure scheme (``wss``, ``https``) gives secure ones."""
+        if self.public_url is None:
+            return None
+        parts = urlsplit(self.public_url)
+        secure = "s" if parts.scheme in ("wss", "https") else ""
+        return f"{kind}{secure}://{parts.netloc}{self.public_prefix}"
+
+    def local_path(self, path: str) -> str:
+        """``path`` without the public prefix, for a proxy that forwards it unchanged
+        (``/voice/stream`` -> ``/stream``); other paths are returned as they are."""
+        prefix = self.public_prefix
+        if prefix and path.startswith(prefix + "/"):
+            return path[len(prefix):]
+        return path
+
     def route_for(self, path: str) -> Route | None:
         """The route serving ``path`` (exact match), or None."""
         for route in self.routes:
@@ -136,7 +181,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     # Listening
     Setting("host", ("STREAMSVC_HOST",), str, "address to listen on"),
     Setting("port", ("STREAMSVC_PORT", "PORT"), int, "TCP port (0 picks a free one)",
-            minimum=0),
+            minimum=0, maximum=65535),
     Setting("workers", ("STREAMSVC_WORKERS",), int,
             "server processes sharing the port (SO_REUSEPORT), e.g. one per core", minimum=1),
     Setting("reuse_port", ("STREAMSVC_REUSE_PORT",), bool,
@@ -150,8 +195,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             choices=("websockets", "picows")),
     # Security
     Setting("public_url", ("STREAMSVC_PUBLIC_URL",), str,
-            "origin Twilio connects to, e.g. wss://voice.example.com: signatures are checked "
-            "against it plus the request path, never the Host header"),
+            "public origin Twilio reaches, e.g. wss://voice.example.com or, behind a proxy "
+            "path, https://api.example.com/voice: stream, webhook and status URLs and "
+            "signatures are built from it, never from the Host header"),
     Setting("auth_token", ("STREAMSVC_AUTH_TOKEN", "TWILIO_AUTH_TOKEN"), str,
             "Twilio auth token: when set, every handshake needs a valid X-Twilio-Signature",
             secret=True),
@@ -274,6 +320,8 @@ def _coerce(setting: Setting, raw: Any, key: str) -> Any:
         raise ConfigError(key, f"expected one of {', '.join(setting.choices)}, got {raw!r}")
     if setting.minimum is not None and value < setting.minimum:
         raise ConfigError(key, f"must be at least {setting.minimum}, got {raw!r}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise ConfigError(key, f"must be at most {setting.maximum}, got {raw!r}")
     return value
 
 
@@ -294,22 +342,49 @@ def _check_security(settings: Settings) -> None:
     from elsewhere needs a token (or an explicit ``insecure``)."""
     if settings.public_url is not None:
         parts = urlsplit(settings.public_url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc or parts.path not in ("", "/"):
-            raise ConfigError("public_url", "must be an origin like wss://voice.example.com, "
-                              f"got {settings.public_url!r}")
+        if (parts.scheme not in PUBLIC_SCHEMES or not parts.netloc or parts.query
+                or parts.fragment):
+            raise ConfigError("public_url", "must be the public origin, optionally with a path "
+                              "prefix, like wss://voice.example.com or "
+                              f"https://api.example.com/voice; got {settings.public_url!r}")
     if settings.auth_tokens and settings.public_url is None:
         raise ConfigError("public_url", "is needed to check signatures when an auth token "
                           "is set (Twilio signs the URL it was given, not the Host header)")
-    for key in ("webhook_path", "status_callback_path"):
-        value = getattr(settings, key)
-        if not value.startswith("/") or settings.route_for(value) is not None:
-            raise ConfigError(key, f"must be a path that is not a stream route, got {value!r}")
+    _check_paths(settings)
     if settings.workers > 1 and settings.port == 0:
         raise ConfigError("workers", "several workers need a fixed port to share, not 0")
     if not settings.auth_tokens and not settings.insecure and not _is_loopback(settings.host):
         raise ConfigError("host", f"{settings.host!r} is reachable from other machines but no "
                           "auth token is set: set TWILIO_AUTH_TOKEN and STREAMSVC_PUBLIC_URL, "
                           "or pass --insecure to accept unsigned streams")
+
+
+def _check_paths(settings: Settings) -> None:
+    """The webhook paths are paths, and no stream route sits where the service answers
+    HTTP itself (probes, metrics, webhooks)."""
+    for key in ("webhook_path", "status_callback_path"):
+        value = getattr(settings, key)
+        if not value.startswith("/"):
+            raise ConfigError(key, f"must start with '/', like '/{value}'; got {value!r}")
+        if value in PROBE_PATHS:
+            raise ConfigError(key, f"{value!r} is where the service answers probes and metrics")
+        if settings.route_for(value) is not None:
+            raise ConfigError(key, f"{value!r} is a stream route: pick another path")
+    for route in settings.routes:
+        taken = _answered_by_the_service(settings, route.path)
+        if taken:
+            raise ConfigError("routes.path", f"{route.path!r} is {taken}: pick another path")
+
+
+def _answered_by_the_service(settings: Settings, path: str) -> str | None:
+    if path in PROBE_PATHS:
+        return "a probe or metrics path"
+    webhook = settings.webhook_path
+    if path == webhook or path.startswith(webhook.rstrip("/") + "/"):
+        return f"under the voice webhook path ({webhook})"
+    if path == settings.status_callback_path:
+        return "the status callback path"
+    return None
 
 
 def _is_loopback(host: str) -> bool:

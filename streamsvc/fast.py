@@ -7,22 +7,23 @@ handshake through :meth:`StreamServer.admit` and :meth:`StreamServer.probe`, exa
 websockets. What this module adds is the shell: timers instead of awaiting tasks, close
 codes, message reassembly, backpressure on outbound audio.
 
-One difference: picows takes only bodiless ``GET`` requests, so the voice webhook answers
-``GET`` here (set the number's voice URL method to GET; a form ``POST`` needs the default
-transport) and the TwiML it serves asks for status callbacks by ``GET``.
+Requests that are not WebSocket handshakes (probes, metrics, the voice webhook's form
+``POST``, status callbacks, anything unknown) never reach picows: the server's HTTP front
+reads and answers them, exactly as on the websockets transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import http
 import logging
-from typing import Final
+from collections.abc import Callable
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 import structlog
 from picows import (
+    WSAutoPingStrategy,
     WSCloseCode,
     WSFrame,
     WSListener,
@@ -31,15 +32,16 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from .config import Route
 from .exceptions import CLOSE_POLICY_VIOLATION
+from .httpfront import Upgrade
 from .server import CLOSE_GRACE_S, CallCore, StreamServer
 from .session import State, StopReason
 from .signature import SIGNATURE_HEADER
-from .webhooks import HttpRequest, HttpResponse
+from .webhooks import HttpResponse
 
 __all__ = ["serve"]
 
@@ -54,47 +56,106 @@ _TEXT, _BINARY, _CONTINUATION, _CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY,
 
 
 async def serve(server: StreamServer) -> asyncio.Server:
-    """Listen on the server's host and port with picows; return the listening server."""
+    """Listen on the server's host and port; return the listening server. Each connection
+    starts with the server's :class:`~streamsvc.httpfront.HttpFront`: a WebSocket handshake
+    is handed to a picows protocol, any other request is answered by the HTTP side."""
     settings = server.settings
     pinging = settings.ping_interval_s > 0
-    return await ws_create_server(
-        lambda request: _route(server, request),
-        settings.host,
-        settings.port,
-        websocket_handshake_timeout=settings.start_timeout_s,
-        logger_name=logging.getLogger("streamsvc.picows"),
-        enable_auto_ping=pinging,
-        auto_ping_idle_timeout=settings.ping_interval_s if pinging else 20,
-        auto_ping_reply_timeout=(min(settings.ping_timeout_s, settings.ping_interval_s)
-                                 if pinging else 20),
-        max_frame_size=settings.max_message_bytes,
-        # Twilio's frames are ~350 bytes: a small first buffer (it grows for a larger
-        # message) keeps memory per call down; picows' default is 16 KiB.
-        read_buffer_init_size=READ_BUFFER_BYTES,
-        reuse_port=settings.reuse_port or None,
+    picows_logger = logging.getLogger("streamsvc.picows")
+
+    def websocket_protocol() -> WSProtocol:
+        # ws_create_server's own factory, with the same arguments (picows 2.x).
+        return WSProtocol(
+            None, None, False,  # host and port, path: a server's
+            lambda request: _route(server, request),
+            picows_logger,
+            True,  # disconnect on an exception in a callback
+            settings.start_timeout_s,  # handshake timeout
+            pinging,
+            settings.ping_interval_s if pinging else 20,
+            min(settings.ping_timeout_s, settings.ping_interval_s) if pinging else 20,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            True,  # answer pings
+            settings.max_message_bytes,  # the largest frame
+            None,  # extra response headers
+            # Twilio's frames are ~350 bytes: a small first buffer (it grows for a larger
+            # message) keeps memory per call down; picows' default is 16 KiB.
+            READ_BUFFER_BYTES,
+        )
+
+    return await asyncio.get_running_loop().create_server(
+        lambda: _FrontProtocol(server, websocket_protocol),
+        settings.host, settings.port, reuse_port=settings.reuse_port or None,
     )
+
+
+class _FrontProtocol(asyncio.Protocol):
+    """The first request of one connection, read by the server's HTTP front; on a WebSocket
+    handshake the connection switches to a picows protocol, fed what was read so far."""
+
+    def __init__(self, server: StreamServer,
+                 websocket_protocol: Callable[[], WSProtocol]) -> None:
+        self.front = server.http_front()
+        self.websocket_protocol = websocket_protocol
+        self.head_timeout_s = server.settings.start_timeout_s
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without deriving from it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(self.head_timeout_s,
+                                                           self.transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.front.decided:
+            return
+        decision = self.front.receive_data(data)
+        if decision is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        if isinstance(decision, Upgrade):
+            protocol = self.websocket_protocol()
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            _feed(protocol, decision.data)
+            return
+        transport.write(decision.response.serialize())
+        transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done sending before its request was whole: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Hand bytes already read to a buffered protocol as if they were read now."""
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        count = min(len(buffer), len(view))
+        buffer[:count] = view[:count]
+        protocol.buffer_updated(count)
+        view = view[count:]
 
 
 def _route(server: StreamServer,
            request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListener:
-    target = request.path.decode("latin-1")
-    path = urlsplit(target).path
-    answer = server.probe(path)
-    if answer is None and server.webhooks.handles(path):
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        webhook = HttpRequest(request.method.decode("latin-1"), target, headers)
-        if webhook.method != "GET" or headers.get("content-length", "0") != "0":
-            # picows reads no request body: a form POST needs the websockets transport.
-            answer = server.webhooks.refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method",
-                                            webhook)
-        else:
-            answer = server.webhooks.respond(webhook)
+    """Every request that reaches picows is a WebSocket handshake (the front answered the
+    rest): admit it, or refuse it with the server's answer."""
+    path = server.settings.local_path(urlsplit(request.path.decode("latin-1")).path)
+    signatures = request.headers.getall(SIGNATURE_HEADER, [])
+    answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
+                          repeated_signature=len(signatures) > 1)
     if answer is None:
-        answer = server.admit(path, request.headers.get(SIGNATURE_HEADER))
-        if answer is None:
-            route = server.settings.route_for(path)
-            assert route is not None  # admit() refuses unknown paths
-            return _Listener(server, route)
+        route = server.settings.route_for(path)
+        assert route is not None  # admit() refuses unknown paths
+        return _Listener(server, route)
     return WSUpgradeResponseWithListener(_response(answer), None)
 
 

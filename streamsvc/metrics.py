@@ -70,6 +70,8 @@ class Metrics(Collector):
         self.handler_drops: collections.Counter[str] = collections.Counter()
         self.handler_errors: collections.Counter[str] = collections.Counter()
         self.handshakes_rejected: collections.Counter[str] = collections.Counter()
+        # Plain HTTP requests on the stream port refused (not_found, method, ...), by reason.
+        self.http_rejected: collections.Counter[str] = collections.Counter()
         self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
         # Voice webhook answers by outcome: served, over_budget, or a rejection reason.
         self.webhooks: collections.Counter[str] = collections.Counter()
@@ -138,6 +140,9 @@ class Metrics(Collector):
         yield _labelled("streamsvc_handshakes_rejected",
                         "Connections refused before a session existed, by reason.",
                         "reason", self.handshakes_rejected)
+        yield _labelled("streamsvc_http_rejected",
+                        "Plain HTTP requests refused (unknown path, method, size), by reason.",
+                        "reason", self.http_rejected)
         yield _labelled("streamsvc_stream_status_callbacks",
                         "Stream status callbacks from Twilio, by event.", "event",
                         self.stream_status_callbacks)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import http
 import time
 from typing import Any, Final, Protocol
@@ -21,9 +20,10 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 
 from . import wire
-from .config import Route, Settings
+from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Route, Settings
 from .exceptions import CLOSE_POLICY_VIOLATION, LocalProtocolError
 from .handlers import HandlerChain, RawFrame
+from .httpfront import HttpFront, Upgrade
 from .live import LiveSession
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, WorkerShare
@@ -36,9 +36,6 @@ __all__ = ["HEALTH_PATH", "METRICS_PATH", "READY_PATH", "StreamServer"]
 
 logger = structlog.get_logger("streamsvc.server")
 
-HEALTH_PATH: Final = "/healthz"  # the process is alive (stays 200 while draining)
-READY_PATH: Final = "/readyz"  # the process takes new calls (503 while draining)
-METRICS_PATH: Final = "/metrics"
 # Bad frames logged individually per call; the rest are only counted.
 BAD_FRAMES_LOGGED: Final = 5
 # Frames before `start` kept for handlers that record raw frames (connected, start, a few
@@ -58,8 +55,6 @@ MAX_OUTBOUND_FRAMES: Final = 15_000
 CLOSE_GRACE_S: Final = 1.0
 # How often a worker of `serve --workers N` publishes its metrics for the others.
 METRICS_SHARE_INTERVAL_S: Final = 1.0
-# Longest HTTP request head read before deciding where a request goes.
-MAX_HTTP_HEAD_BYTES: Final = 16 * 1024
 
 
 class ShellCall(Protocol):
@@ -131,7 +126,7 @@ class StreamServer:
             ping_timeout=s.ping_timeout_s,
             server_header=None,
             reuse_port=s.reuse_port or None,
-            create_connection=_http_aware_connection(self.webhooks),
+            create_connection=_http_aware_connection(self),
         )
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("server.listening", host=s.host, port=self.port,
@@ -193,12 +188,16 @@ class StreamServer:
         finally:
             await self.stop()
 
-    def admit(self, path: str, signature: str | None) -> HttpResponse | None:
-        """The refusal of a stream handshake for ``path`` carrying ``signature`` (logged and
-        counted), or None to accept it. Every transport asks this."""
+    def admit(self, path: str, signature: str | None, *,
+              repeated_signature: bool = False) -> HttpResponse | None:
+        """The refusal of a stream handshake for ``path`` (without the public prefix)
+        carrying ``signature`` (logged and counted), or None to accept it. Every transport
+        asks this. A handshake with more than one signature header is refused."""
         refusal: tuple[http.HTTPStatus, str] | None = None
         if self.settings.route_for(path) is None:
             refusal = http.HTTPStatus.NOT_FOUND, "no_route"
+        elif self.settings.auth_tokens and repeated_signature:
+            refusal = http.HTTPStatus.FORBIDDEN, "bad_signature"
         elif self.settings.auth_tokens and (problem := self._signature_problem(signature, path)):
             refusal = http.HTTPStatus.FORBIDDEN, problem
         elif self.draining or self._shutting_down:
@@ -213,7 +212,7 @@ class StreamServer:
         return None
 
     def probe(self, path: str) -> HttpResponse | None:
-        """Answers for the probes and the metrics, or None for other paths. Not logged."""
+        """Answers for the probes and the metrics, or None for other paths."""
         if path == HEALTH_PATH:
             return HttpResponse(http.HTTPStatus.OK, b"ok\n")
         if path == READY_PATH:
@@ -225,9 +224,63 @@ class StreamServer:
                                 METRICS_CONTENT_TYPE)
         return None
 
+    def http_front(self) -> HttpFront:
+        """A reader for the first request of a new connection (every transport uses one)."""
+        return HttpFront(self.answer_http, self.refuse_http, max_body_bytes=MAX_HTTP_BODY_BYTES)
+
+    def answer_http(self, request: HttpRequest) -> HttpResponse:
+        """Answer a request that is not a WebSocket handshake: probes and metrics (logged
+        at debug level), the webhooks, else 426 on a stream route and 404 elsewhere."""
+        local = self.settings.local_path(request.path)
+        if local != request.path:  # a proxy forwarded the public prefix: drop it
+            target = local + request.target[len(request.path):]
+            request = dataclasses.replace(request, target=target)
+        answer = self.probe(local)
+        if answer is not None:
+            if request.method not in ("GET", "HEAD"):
+                return self.refuse_http(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
+            logger.debug("http.probe", method=request.method, path=local,
+                         status=int(answer.status))
+            return answer
+        if self.webhooks.handles(local):
+            try:
+                return self.webhooks.respond(request)
+            except Exception:  # a bug of ours: answer 500, keep serving
+                logger.exception("webhook.failed", path=local)
+                self.webhooks.outcomes["error"] += 1
+                return HttpResponse(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n")
+        if self.settings.route_for(local) is not None:
+            return self.refuse_http(http.HTTPStatus.UPGRADE_REQUIRED, "not_websocket", request)
+        return self.refuse_http(http.HTTPStatus.NOT_FOUND, "not_found", request)
+
+    def refuse_http(self, status: http.HTTPStatus, reason: str,
+                    request: HttpRequest) -> HttpResponse:
+        """Refuse a plain HTTP request: logged as ``http.rejected`` (``webhook.rejected``
+        on the webhook paths) with the paths the service does answer, and counted."""
+        path = self.settings.local_path(request.path)
+        if self.webhooks.handles(path):
+            return self.webhooks.refuse(status, reason, request)
+        self.metrics.http_rejected[reason] += 1
+        logger.warning("http.rejected", reason=reason, status=int(status),
+                       method=request.method, path=request.path,
+                       known_paths=self.known_paths())
+        response = HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
+        if status is http.HTTPStatus.UPGRADE_REQUIRED:
+            response = dataclasses.replace(response, headers=(("Upgrade", "websocket"),))
+        return response
+
+    def known_paths(self) -> list[str]:
+        """Every path this service answers, for the log line of a request it does not."""
+        settings = self.settings
+        webhook = settings.webhook_path
+        return [*(route.path for route in settings.routes), webhook, f"{webhook}/<route>",
+                settings.status_callback_path, HEALTH_PATH, READY_PATH, METRICS_PATH]
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        answer = self.probe(path) or self.admit(path, request.headers.get(SIGNATURE_HEADER))
+        path = self.settings.local_path(urlsplit(request.path).path)
+        signatures = request.headers.get_all(SIGNATURE_HEADER)
+        answer = self.admit(path, signatures[0] if len(signatures) == 1 else None,
+                            repeated_signature=len(signatures) > 1)
         if answer is None:
             return None
         response = connection.respond(answer.status, "")
@@ -240,9 +293,9 @@ class StreamServer:
     def _signature_problem(self, signature: str | None, path: str) -> str | None:
         """Why the handshake's X-Twilio-Signature is not acceptable, or None if it is. The
         URL is the configured public origin plus the request path (shared/protocol.md)."""
-        assert self.settings.public_url is not None  # load_settings requires it with a token
-        return signature_problem(signature, self.settings.public_url.rstrip("/") + path,
-                                 self.settings.auth_tokens)
+        base = self.settings.public_base("ws")
+        assert base is not None  # load_settings requires public_url with a token
+        return signature_problem(signature, base + path, self.settings.auth_tokens)
 
     def call_began(self) -> None:
         self.metrics.active_calls += 1
@@ -256,6 +309,7 @@ class StreamServer:
     async def _handle(self, connection: ServerConnection) -> None:
         _limit_read_size(connection)
         path = urlsplit(connection.request.path).path if connection.request else "/"
+        path = self.settings.local_path(path)
         route = self.settings.route_for(path)
         assert route is not None  # _process_request answered 404 otherwise
         self.call_began()
@@ -276,96 +330,33 @@ async def _publish(share: WorkerShare) -> None:
         await asyncio.sleep(METRICS_SHARE_INTERVAL_S)
 
 
-class _Mode(enum.Enum):
-    SNIFFING = "sniffing"  # reading the request head
-    HTTP = "http"  # a webhook request, answered here
-    WEBSOCKET = "websocket"  # everything else: websockets' own handshake
-
-
-def _http_aware_connection(webhooks: Webhooks) -> type[ServerConnection]:
-    """A websockets connection class that answers the webhook paths itself: websockets'
-    HTTP parser takes no request body, and Twilio's webhooks are form-encoded POSTs."""
+def _http_aware_connection(server: StreamServer) -> type[ServerConnection]:
+    """A websockets connection class whose first request goes through the server's
+    :class:`~streamsvc.httpfront.HttpFront`: a WebSocket handshake reaches websockets
+    unchanged, any other request is answered by the server's HTTP side (websockets' own
+    parser takes no request body and answers no method but GET)."""
 
     class HttpAwareConnection(ServerConnection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._mode = _Mode.SNIFFING
-            self._buffer = bytearray()
-            self._head: tuple[str, str, dict[str, str]] | None = None
-            self._body_bytes = 0
+            self._front: HttpFront | None = server.http_front()
 
         def data_received(self, data: bytes) -> None:
-            if self._mode is _Mode.WEBSOCKET:
+            front = self._front
+            if front is None:
                 super().data_received(data)
                 return
-            self._buffer += data
-            if self._mode is _Mode.SNIFFING:
-                self._sniff()
-            if self._mode is _Mode.HTTP:
-                self._maybe_answer()
-
-        def _sniff(self) -> None:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0 and len(self._buffer) <= MAX_HTTP_HEAD_BYTES:
-                return  # the head is not complete yet
-            head = parse_http_head(bytes(self._buffer[: max(end, 0)])) if end >= 0 else None
-            if head is None or not webhooks.handles(urlsplit(head[1]).path):
-                self._mode = _Mode.WEBSOCKET
-                data, self._buffer = bytes(self._buffer), bytearray()
-                super().data_received(data)
+            decision = front.receive_data(data)
+            if decision is None:
                 return
-            self._mode = _Mode.HTTP
-            self._head = head
-            del self._buffer[: end + 4]
-            try:
-                self._body_bytes = int(head[2].get("content-length", "0"))
-            except ValueError:
-                self._body_bytes = -1
-
-        def _maybe_answer(self) -> None:
-            assert self._head is not None
-            method, target, headers = self._head
-            if not 0 <= self._body_bytes <= MAX_HTTP_BODY_BYTES:
-                self._answer(webhooks.refuse(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                             "body_too_large", HttpRequest(method, target,
-                                                                           headers)))
+            self._front = None
+            if isinstance(decision, Upgrade):
+                super().data_received(decision.data)
                 return
-            if len(self._buffer) < self._body_bytes:
-                return  # more of the body to come
-            body = bytes(self._buffer[: self._body_bytes])
-            try:
-                response = webhooks.respond(HttpRequest(method, target, headers, body))
-            except Exception:  # a bug of ours: answer 500, keep serving
-                logger.exception("webhook.failed", target=target)
-                webhooks.outcomes["error"] += 1
-                response = HttpResponse(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n")
-            self._answer(response)
-
-        def _answer(self, response: HttpResponse) -> None:
-            self._mode = _Mode.WEBSOCKET  # anything more goes to websockets, which closes
-            self.transport.write(response.serialize())
+            self.transport.write(decision.response.serialize())
             self.transport.close()
 
     return HttpAwareConnection
-
-
-def parse_http_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
-    """``(method, target, headers)`` of an HTTP/1.x request head (headers lower-cased), or
-    None when it is not one."""
-    try:
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, protocol = lines[0].split(" ")
-    except ValueError:
-        return None
-    if not protocol.startswith("HTTP/1."):
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, found, value = line.partition(":")
-        if not found:
-            return None
-        headers[name.strip().lower()] = value.strip()
-    return method, target, headers
 
 
 def _limit_read_size(connection: ServerConnection) -> None:

@@ -62,11 +62,13 @@ class HttpResponse:
     status: http.HTTPStatus
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()  # any beyond the content type and length
 
     def serialize(self) -> bytes:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers)
         head = (f"HTTP/1.1 {self.status.value} {self.status.phrase}\r\n"
                 f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n"
-                "Connection: close\r\n\r\n")
+                f"{extra}Connection: close\r\n\r\n")
         return head.encode() + self.body
 
 
@@ -97,7 +99,9 @@ class Webhooks:
         """Answer one request; never raises for bad input."""
         if request.method not in ("GET", "POST"):
             return self.refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
-        body_fields = parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True)
+        # Only what the signature covers is used: a POST's form fields, never a GET's body.
+        body_fields = (parse_qsl(request.body.decode("utf-8", "replace"),
+                                 keep_blank_values=True) if request.method == "POST" else [])
         query_fields = parse_qsl(request.query, keep_blank_values=True)
         problem = self._signature_problem(request, body_fields)
         if problem is not None:
@@ -113,29 +117,21 @@ class Webhooks:
         """The budget report of the webhook that started this call's stream, once."""
         return self.context_reports.pop(call_sid, None) if call_sid else None
 
-    def _public(self, scheme: str) -> str | None:
-        public = self.settings.public_url
-        if public is None:
-            return None
-        parts = urlsplit(public)
-        secure = parts.scheme == "wss"
-        return f"{scheme}{'s' if secure else ''}://{parts.netloc}"
-
     def _signature_problem(self, request: HttpRequest,
                            body_fields: list[tuple[str, str]]) -> str | None:
         """None when no token is set or the request is signed by one; else the reason."""
         if not self.settings.auth_tokens:
             return None
-        origin = self._public("http")
-        assert origin is not None  # load_settings requires public_url with a token
+        base = self.settings.public_base("http")
+        assert base is not None  # load_settings requires public_url with a token
         return signature_problem(request.headers.get(SIGNATURE_HEADER.lower()),
-                                 origin + request.target, self.settings.auth_tokens,
+                                 base + request.target, self.settings.auth_tokens,
                                  body_fields if request.method == "POST" else ())
 
     def _twiml(self, route: Route, fields: dict[str, str],
                query: dict[str, str]) -> HttpResponse:
-        origin = self._public("ws")
-        http_origin = self._public("http")
+        origin = self.settings.public_base("ws")
+        http_origin = self.settings.public_base("http")
         if origin is None or http_origin is None:
             self.outcomes["no_public_url"] += 1
             logger.error("twiml.no_public_url",
@@ -156,8 +152,6 @@ class Webhooks:
             origin + route.path, selection.parameters, connect=route.bidirectional,
             track=route.stream_track, after=route.after_twiml,
             status_callback=http_origin + self.settings.status_callback_path,
-            # picows reads no request body: its status callbacks come as GET.
-            status_callback_method="GET" if self.settings.transport == "picows" else "POST",
         )
         logger.info("twiml.served", call_sid=call_sid, path=route.path,
                     parameters=list(selection.parameters))

@@ -103,7 +103,7 @@ async def test_secrets_never_reach_the_logs(signed_server: StreamServer,
         pytest.param({"STREAMSVC_HOST": "0.0.0.0"}, "host", id="public-host-no-token"),
         pytest.param({"STREAMSVC_HOST": "::"}, "host", id="public-ipv6-host-no-token"),
         pytest.param({"TWILIO_AUTH_TOKEN": TOKEN}, "public_url", id="token-no-public-url"),
-        pytest.param({"TWILIO_AUTH_TOKEN": TOKEN, "STREAMSVC_PUBLIC_URL": "https://x/y"},
+        pytest.param({"TWILIO_AUTH_TOKEN": TOKEN, "STREAMSVC_PUBLIC_URL": "ftp://x/y"},
                      "public_url", id="public-url-not-an-origin"),
     ],
 )
