@@ -370,10 +370,11 @@ def _check_paths(settings: Settings) -> None:
             raise ConfigError(key, f"{value!r} is where the service answers probes and metrics")
         if settings.route_for(value) is not None:
             raise ConfigError(key, f"{value!r} is a stream route: pick another path")
-    for route in settings.routes:
+    for index, route in enumerate(settings.routes):
         taken = _answered_by_the_service(settings, route.path)
         if taken:
-            raise ConfigError("routes.path", f"{route.path!r} is {taken}: pick another path")
+            raise ConfigError(f"routes[{index}].path",
+                              f"{route.path!r} is {taken}: pick another path")
 
 
 def _answered_by_the_service(settings: Settings, path: str) -> str | None:

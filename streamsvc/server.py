@@ -241,7 +241,7 @@ class StreamServer:
                 return self.refuse_http(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
             logger.debug("http.probe", method=request.method, path=local,
                          status=int(answer.status))
-            return answer
+            return dataclasses.replace(answer, body=b"") if request.method == "HEAD" else answer
         if self.webhooks.handles(local):
             try:
                 return self.webhooks.respond(request)

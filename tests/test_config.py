@@ -92,6 +92,18 @@ calls = []
         pytest.param("[[routes]]\npath = '/s'\nhandlers = ['log']\n[handlers.log]\nx = 1\n",
                      {}, "routes[0].handlers", id="handler-option"),
         pytest.param("port = = 1", {}, "--config", id="not-toml"),
+        pytest.param("", {"STREAMSVC_PORT": "99999"}, "STREAMSVC_PORT", id="port-too-large"),
+        pytest.param("[server]\nport = -1\n", {}, "server.port", id="port-negative"),
+        pytest.param("[[routes]]\npath = '/s'\n[[routes]]\npath = '/healthz'\n", {},
+                     "routes[1].path", id="route-on-a-probe"),
+        pytest.param("[[routes]]\npath = '/metrics'\n", {}, "routes[0].path",
+                     id="route-on-metrics"),
+        pytest.param("[[routes]]\npath = '/twiml/x'\n", {}, "routes[0].path",
+                     id="route-under-the-webhook"),
+        pytest.param("[[routes]]\npath = '/stream-status'\n", {}, "status_callback_path",
+                     id="route-on-the-status-callback"),
+        pytest.param("", {"STREAMSVC_WEBHOOK_PATH": "/readyz"}, "webhook_path",
+                     id="webhook-on-a-probe"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
@@ -131,3 +143,19 @@ def test_every_toml_example_in_the_readme_loads(tmp_path: Path,
         settings = load_settings(config_path=toml(tmp_path, text), env={
             "TWILIO_AUTH_TOKEN": "12345", "STREAMSVC_PUBLIC_URL": "wss://voice.example.com"})
         assert settings.routes
+
+
+def test_a_webhook_path_without_its_slash_says_so() -> None:
+    with pytest.raises(ConfigError, match="must start with '/', like '/twiml'") as caught:
+        load_settings(env={}, cli={"webhook_path": "twiml"})
+    assert "--webhook-path" == caught.value.key
+
+
+@pytest.mark.parametrize("public_url", ["wss://api.example.com/voice",
+                                        "https://api.example.com/voice/", "http://127.0.0.1:8080"])
+def test_public_url_may_be_https_and_carry_a_path_prefix(public_url: str) -> None:
+    settings = load_settings(env={"STREAMSVC_PUBLIC_URL": public_url})
+    assert public_url.rstrip("/").split("://")[1] == settings.public_base("ws").split("://")[1]
+    assert ("/voice/stream" if "/voice" in public_url else "/stream") == (
+        settings.public_prefix + "/stream")
+    assert "/stream" == settings.local_path(settings.public_prefix + "/stream")
