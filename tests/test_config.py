@@ -148,7 +148,7 @@ def test_every_toml_example_in_the_readme_loads(tmp_path: Path,
 def test_a_webhook_path_without_its_slash_says_so() -> None:
     with pytest.raises(ConfigError, match="must start with '/', like '/twiml'") as caught:
         load_settings(env={}, cli={"webhook_path": "twiml"})
-    assert "--webhook-path" == caught.value.key
+    assert "webhook_path" == caught.value.key
 
 
 @pytest.mark.parametrize("public_url", ["wss://api.example.com/voice",
