@@ -29,7 +29,7 @@ from .replay import replay
 from .server import StreamServer
 from .session import DEFAULT_PARAMETER_BUDGET_BYTES, parameters_size
 from .synth import SessionPlan, expected_outcome, read_wav, synthesize
-from .twiml import parse_pairs, render_stream_twiml
+from .twiml import KEEP_CALL_UP_TWIML, parse_pairs, render_stream_twiml
 
 __all__ = ["main"]
 
@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     twiml.add_argument("--status-callback-method", choices=["POST", "GET"], default="POST",
                        help="how Twilio sends them (default POST)")
     twiml.add_argument("--after", default="", metavar="TWIML",
-                       help='verbs after <Start>, e.g. \'<Pause length="60"/>\'')
+                       help="verbs after <Start>, e.g. '<Dial>+15550100</Dial>' (default: "
+                       f"{KEEP_CALL_UP_TWIML}, which keeps the call up)")
 
     fixture = commands.add_parser("fixture", help="make fixture sessions")
     fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True,
@@ -339,6 +340,10 @@ def _twiml(args: argparse.Namespace) -> int:
                               status_callback=args.status_callback,
                               status_callback_method=args.status_callback_method,
                               after=args.after))
+    if not args.connect and not args.after.strip():
+        print(f"note: nothing follows <Start><Stream>, so {KEEP_CALL_UP_TWIML} keeps the call "
+              "up (Twilio hangs up when the TwiML runs out); --after sets what the call "
+              "does meanwhile", file=sys.stderr)
     if size > DEFAULT_PARAMETER_BUDGET_BYTES:
         print(f"warning: parameters take {size} bytes, over Twilio's "
               f"{DEFAULT_PARAMETER_BUDGET_BYTES}-byte guidance", file=sys.stderr)

@@ -29,6 +29,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, WorkerShare
 from .session import BadFrame, State, StopReason
 from .signature import SIGNATURE_HEADER, signature_problem
+from .twiml import KEEP_CALL_UP_TWIML
 from .webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
 from .webhooks import HttpRequest, HttpResponse, Webhooks
 
@@ -103,6 +104,7 @@ class StreamServer:
 
     async def start(self) -> None:
         s = self.settings
+        self._warn_about_default_twiml()
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))
@@ -131,6 +133,15 @@ class StreamServer:
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("server.listening", host=s.host, port=self.port,
                     routes=[r.path for r in s.routes], signed=bool(s.auth_tokens))
+
+    def _warn_about_default_twiml(self) -> None:
+        kept_up = [route.path for route in self.settings.routes
+                   if not route.bidirectional and not route.after_twiml.strip()]
+        if kept_up:
+            logger.warning("twiml.default_after", routes=kept_up, after=KEEP_CALL_UP_TWIML,
+                           message="the voice webhook follows <Start><Stream> on these routes "
+                           "with a long <Pause> so the call stays up; set [routes.twiml] "
+                           "after to what the call should do meanwhile (e.g. <Dial>)")
 
     async def drain(self, timeout_s: float, *, abort: asyncio.Event | None = None) -> None:
         """Stop taking calls (``/readyz`` and new handshakes answer 503, ``/healthz`` stays

@@ -207,6 +207,10 @@ def select_parameters(fields: Mapping[str, str], query: Mapping[str, str],
 
 
 _TRACKS: Final = ("inbound_track", "outbound_track", "both_tracks")
+# Twilio ends a call when its TwiML runs out, and <Start><Stream> goes on at once: with no
+# follow-on verbs the caller would be cut as the stream starts. This keeps the call (and its
+# stream) up until the caller hangs up, or for Twilio's default 4-hour call limit.
+KEEP_CALL_UP_TWIML: Final = '<Pause length="14400"/>'
 # Characters XML 1.0 cannot carry at all, even escaped.
 _NOT_XML: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -222,7 +226,8 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
                         status_callback_method: str = "POST", after: str = "") -> str:
     """TwiML that starts a stream to ``url`` carrying ``parameters``: ``<Connect><Stream>``
     (bidirectional; Twilio streams only the inbound track there) or ``<Start><Stream>``
-    followed by ``after`` (TwiML verbs, e.g. ``<Pause length="60"/>``). Everything is
+    followed by ``after`` (TwiML verbs, e.g. ``<Dial>+15550100</Dial>``; without any,
+    :data:`KEEP_CALL_UP_TWIML`, so that the call is not hung up at once). Everything is
     XML-escaped, without the characters XML cannot carry. Raises ValueError for a URL with a
     query string (Twilio would strip it), a URL that is not ws(s)://, an unknown track, a
     parameter name with nothing left or two that become one, or an ``after`` that is not
@@ -248,6 +253,8 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
         f"<Parameter name={quoteattr(name)} value={quoteattr(value)}/>"
         for name, value in cleaned.items())
     stream = f"<Stream {attributes}>{children}</Stream>"
+    if not connect and not after.strip():
+        after = KEEP_CALL_UP_TWIML
     verb = f"<Connect>{stream}</Connect>" if connect else f"<Start>{stream}</Start>{after}"
     document = f'<?xml version="1.0" encoding="UTF-8"?><Response>{verb}</Response>'
     try:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlencode
+from xml.etree import ElementTree
 
 import pytest
 from hypothesis import given
@@ -591,3 +592,31 @@ def test_streamsvc_twiml_refuses_what_twilio_would_mangle(args: list[str]) -> No
     assert 2 == done.returncode
     assert "streamsvc: error: " in done.stderr
     assert "" == done.stdout
+
+
+def test_streamsvc_twiml_never_prints_twiml_that_hangs_up_at_once() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "twiml", "--url", "wss://voice.example.com/stream"],
+        capture_output=True, text=True, check=True)
+    root = ElementTree.fromstring(done.stdout)
+    assert ["Start", "Pause"] == [verb.tag for verb in root]
+    assert "keeps the call up" in done.stderr
+
+
+# -- the default configuration, as a new user runs it ----------------------------------
+
+async def test_the_default_webhook_answers_twiml_that_keeps_the_call_up(
+        logs: LogEvents) -> None:
+    server = StreamServer(load_settings(env={"STREAMSVC_PUBLIC_URL": PUBLIC,
+                                             "STREAMSVC_PORT": "0"}))
+    await server.start()
+    try:
+        status, _, document = await asyncio.to_thread(
+            _request, server.port, "POST", "/twiml", {"CallSid": CALL_SID})
+    finally:
+        await server.stop()
+    assert 200 == status
+    verbs = [verb.tag for verb in ElementTree.fromstring(document)]
+    assert ["Start", "Pause"] == verbs  # Twilio hangs up when the TwiML runs out
+    (warning,) = events(logs, "twiml.default_after")
+    assert ["/stream"] == warning["routes"]
