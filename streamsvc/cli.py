@@ -15,8 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import wave
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -90,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                       "URL is this plus --url's path (env STREAMSVC_PUBLIC_URL; default: "
                       "--url itself)")
     play.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    play.add_argument("--check", action="store_true",
+                      help="compare each session's outcome with its fixture's expect and exit "
+                      "1 on any difference: the close the client sees, and with --log every "
+                      "count the server reported")
+    play.add_argument("--log", metavar="FILE", type=Path,
+                      help="the server's JSON log (what streamsvc serve writes on stdout), "
+                      "read by --check for each stream's stream.started/stream.stopped lines")
 
     twiml = commands.add_parser(
         "twiml", help="print TwiML that starts a stream (for TwiML Bins and static setups)",
@@ -136,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="frame indexes never sent, e.g. 50-52,90")
     synth.add_argument("--swap", default="", metavar="I,...",
                        help="frame I is sent after frame I+1, e.g. 120")
+    synth.add_argument("--call-sid", metavar="SID",
+                       help="the call's CallSid, e.g. the one a voice webhook was given "
+                       "(default: random)")
+    synth.add_argument("--stream-sid", metavar="SID", help="the StreamSid (default: random)")
+    synth.add_argument("--account-sid", metavar="SID", help="the AccountSid (default: random)")
     synth.add_argument("--path", default="/stream", help="URL path recorded in the header")
     synth.add_argument("--description", default="", help="free text for the header")
     synth.add_argument("-o", "--output", required=True, metavar="FILE")
@@ -152,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _synth(args)
         except ValueError as exc:
-            parser.error(str(exc))
+            print(f"streamsvc fixture synth: {exc}", file=sys.stderr)
+            return 2
     if args.command == "twiml":
         try:
             return _twiml(args)
@@ -245,8 +260,9 @@ async def _run_server(settings: Settings) -> None:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    if args.speed < 0 or args.concurrency < 1:
-        print("streamsvc replay: --speed must be >= 0 and --concurrency >= 1", file=sys.stderr)
+    problem = _replay_problem(args)
+    if problem:
+        print(f"streamsvc replay: {problem}", file=sys.stderr)
         return 2
     try:
         fixtures = [load_fixture(path) for path in args.fixtures]
@@ -256,13 +272,32 @@ def _replay(args: argparse.Namespace) -> int:
     report = asyncio.run(replay(
         fixtures, args.url, speed=args.speed, concurrency=args.concurrency,
         auth_token=args.auth_token, public_url=args.public_url,
+        check=args.check, server_log=args.log,
     ))
     summary = report.summary()
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:
         _print_summary(summary)
-    return 1 if report.failed else 0
+        if args.check and args.log is None:
+            print("check: only the close was checked; --log FILE (the server's JSON log) "
+                  "compares every count")
+    return 1 if report.failed or report.mismatched else 0
+
+
+def _replay_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the replay command's arguments, in one line, or None."""
+    if args.speed < 0 or args.concurrency < 1:
+        return "--speed must be >= 0 and --concurrency >= 1"
+    url = urlsplit(args.url)
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        return f"--url must be ws://HOST[:PORT]/PATH or wss://..., got {args.url!r}"
+    if args.log is not None and not args.check:
+        return "--log is read by --check: give both"
+    if args.public_url and urlsplit(args.public_url).scheme not in ("ws", "wss",
+                                                                   "http", "https"):
+        return f"--public-url must be like wss://voice.example.com, got {args.public_url!r}"
+    return None
 
 
 def _print_summary(summary: dict[str, object]) -> None:
@@ -276,6 +311,11 @@ def _print_summary(summary: dict[str, object]) -> None:
     print(f"wall time: {summary['wall_s']} s")
     for error in summary["errors"]:  # type: ignore[attr-defined]
         print(f"error: {error}")
+    check = summary["check"]
+    if isinstance(check, dict):
+        print(f"check: matched {check['matched']}  mismatched {check['mismatched']}")
+        for difference in check["differences"]:
+            print(f"mismatch: {difference}")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -283,23 +323,35 @@ def _synth(args: argparse.Namespace) -> int:
         _split_pair(item, "=", "--param") for item in args.param
     )
     plan = SessionPlan(
-        inbound=read_wav(args.inbound),
-        outbound=read_wav(args.outbound) if args.outbound else None,
+        inbound=_read_wav(args.inbound, "--inbound"),
+        outbound=_read_wav(args.outbound, "--outbound") if args.outbound else None,
         custom_parameters=parameters,
         dtmf=_timed(args.dtmf, "--dtmf"),
         marks=_timed(args.mark, "--mark"),
         drop=frozenset(_indexes(args.drop, "--drop")),
         swap=frozenset(_indexes(args.swap, "--swap")),
-        stream_sid="MZ" + secrets.token_hex(16),
-        call_sid="CA" + secrets.token_hex(16),
-        account_sid="AC" + secrets.token_hex(16),
+        stream_sid=args.stream_sid or "MZ" + secrets.token_hex(16),
+        call_sid=args.call_sid or "CA" + secrets.token_hex(16),
+        account_sid=args.account_sid or "AC" + secrets.token_hex(16),
     )
     header = {"description": args.description, "path": args.path,
               "expect": expected_outcome(plan)}
     frames = synthesize(plan)
-    Path(args.output).write_text(dump_fixture(header, frames), encoding="utf-8")
+    try:
+        Path(args.output).write_text(dump_fixture(header, frames), encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot write {args.output}: {exc.strerror}") from None
     print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
     return 0
+
+
+def _read_wav(path: str, flag: str) -> list[int]:
+    try:
+        return read_wav(path)
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    except (wave.Error, EOFError) as exc:
+        raise ValueError(f"{flag}: {path} is not a PCM WAV file ({exc})") from None
 
 
 def _split_pair(item: str, separator: str, flag: str) -> tuple[str, str]:

@@ -92,7 +92,17 @@ def load_fixture(path: str | Path) -> Fixture:
     header = _json_object(lines[0])
     if header is not None and "streamsvc_fixture" in header:
         return Fixture(path.name, _structured_frames(path, lines[1:]), header)
+    if not any(_event_name(line) == "start" for line in lines):
+        raise FixtureError(
+            f"{path}: neither a streamsvc fixture (a first line like "
+            '{"streamsvc_fixture": 1, ...}) nor a raw capture (one Twilio message per line, '
+            'a {"event": "start", ...} among them)')
     return Fixture(path.name, tuple(_raw_frames(lines)), {})
+
+
+def _event_name(line: str) -> object:
+    message = _json_object(line)
+    return message.get("event") if message else None
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

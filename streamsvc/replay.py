@@ -21,13 +21,17 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from . import wire
+from .exceptions import RemoteProtocolError
 from .fixtures import Fixture
+from .outcome import differences, expect_for_copy, wait_for_outcomes
 from .signature import SIGNATURE_HEADER, sign
 
 __all__ = ["ReplayReport", "SessionResult", "replay", "replay_session"]
@@ -44,6 +48,8 @@ class SessionResult:
 
     fixture: str
     stream_sid: str | None
+    call_sid: str | None = None
+    expect: dict[str, Any] = field(default_factory=dict)  # the header's, with this copy's ids
     ok: bool = False
     error: str | None = None
     frames_sent: int = 0
@@ -54,6 +60,8 @@ class SessionResult:
     marks_played: list[str] = field(default_factory=list)
     marks_cleared: list[str] = field(default_factory=list)
     clears_received: int = 0
+    # With --check: how the outcome differs from the fixture's expect (empty: it matched).
+    differences: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -62,10 +70,16 @@ class ReplayReport:
 
     sessions: list[SessionResult]
     wall_s: float
+    checked: bool = False
 
     @property
     def failed(self) -> int:
         return sum(not s.ok for s in self.sessions)
+
+    @property
+    def mismatched(self) -> int:
+        """Sessions whose outcome differs from their fixture's expect (with --check)."""
+        return sum(bool(s.differences) for s in self.sessions)
 
     def summary(self) -> dict[str, Any]:
         lateness = sorted(x for s in self.sessions for x in s.lateness_ms)
@@ -85,6 +99,12 @@ class ReplayReport:
             },
             "wall_s": round(self.wall_s, 3),
             "errors": sorted({s.error for s in self.sessions if s.error}),
+            "check": {
+                "matched": len(self.sessions) - self.mismatched,
+                "mismatched": self.mismatched,
+                "differences": [f"{s.fixture} ({s.stream_sid}): {difference}"
+                                for s in self.sessions for difference in s.differences],
+            } if self.checked else None,
         }
 
 
@@ -113,13 +133,20 @@ def _copy_ids(fixture: Fixture, copy: int) -> list[tuple[str, str]]:
 def signature_headers(url: str, auth_token: str | None,
                       public_url: str | None = None) -> dict[str, str]:
     """The ``X-Twilio-Signature`` header Twilio would send when connecting to ``url``: it
-    signs the public URL (``public_url``'s origin plus ``url``'s path) if one is given, else
-    ``url`` itself. Empty without a token."""
+    signs the stream URL Twilio was given, ``public_url`` (its ``wss``/``ws`` form, path
+    prefix included) plus ``url``'s path, if one is given, else ``url`` itself. Empty
+    without a token."""
     if not auth_token:
         return {}
     signed = url
     if public_url:
-        signed = public_url.rstrip("/") + urlsplit(url).path
+        public = urlsplit(public_url)
+        scheme = {"https": "wss", "http": "ws"}.get(public.scheme, public.scheme)
+        prefix = public.path.rstrip("/")
+        path = urlsplit(url).path
+        if prefix and not path.startswith(prefix + "/"):
+            path = prefix + path
+        signed = f"{scheme}://{public.netloc}{path}"
     return {SIGNATURE_HEADER: sign(auth_token, signed)}
 
 
@@ -131,10 +158,12 @@ async def replay_session(
     a failing server: the result says ``ok=False`` with the error. ``headers`` are added to
     the handshake (see :func:`signature_headers`)."""
     replacements = _copy_ids(fixture, copy)
-    stream_sid = fixture.stream_sid()
+    stream_sid, call_sid = fixture.stream_sid(), fixture.call_sid()
     for old, new in replacements:
         stream_sid = new if stream_sid == old else stream_sid
-    result = SessionResult(fixture.name, stream_sid)
+        call_sid = new if call_sid == old else call_sid
+    result = SessionResult(fixture.name, stream_sid, call_sid,
+                           expect_for_copy(fixture.expect, replacements))
     try:
         async with connect(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
@@ -152,14 +181,40 @@ async def replay_session(
             result.ok = connection.close_code in (1000, None)
             if not result.ok:
                 result.error = f"server closed with {connection.close_code}"
+            elif not _starts_a_session(fixture):
+                result.ok = False
+                result.error = "no start message the service accepts: no session began"
     except InvalidStatus as exc:
-        result.error = f"handshake rejected: HTTP {exc.response.status_code}"
+        result.error = _rejected(exc.response.status_code, url, headers or {})
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         result.error = f"cannot connect: {exc}"
     except ConnectionClosed as exc:
         result.close_code = exc.rcvd.code if exc.rcvd else None
         result.error = f"server closed the stream early ({result.close_code})"
     return result
+
+
+def _starts_a_session(fixture: Fixture) -> bool:
+    """Whether the fixture sends a ``start`` that the service's own parser accepts."""
+    for frame in fixture.frames:
+        try:
+            if isinstance(wire.parse(frame.text), wire.Start):
+                return True
+        except RemoteProtocolError:
+            continue
+    return False
+
+
+def _rejected(status: int, url: str, headers: dict[str, str]) -> str:
+    """Why a handshake was refused, with what to do about a refused signature."""
+    error = f"handshake rejected: HTTP {status}"
+    if status != 403:
+        return error
+    if SIGNATURE_HEADER not in headers:
+        return (f"{error}: the server checks signatures; give --auth-token (or "
+                "TWILIO_AUTH_TOKEN) and --public-url")
+    return (f"{error}: the signature did not match; it was computed over the URL "
+            f"{url!r} unless --public-url names the origin the server's public_url has")
 
 
 async def _send_frames(
@@ -270,14 +325,34 @@ class _TwilioPeer:
 async def replay(
     fixtures: Sequence[Fixture], url: str, *, speed: float = 1.0, concurrency: int = 1,
     auth_token: str | None = None, public_url: str | None = None,
+    check: bool = False, server_log: Path | None = None,
 ) -> ReplayReport:
     """Play every fixture ``concurrency`` times at once at ``url``; a fixture's own ``path``
-    is not used: ``url`` names the route. With ``auth_token`` the handshakes are signed."""
+    is not used: ``url`` names the route. With ``auth_token`` the handshakes are signed.
+    With ``check`` each session's outcome is compared with its fixture's ``expect``
+    (:mod:`streamsvc.outcome`), through the server's JSON log when ``server_log`` is given."""
     started = time.monotonic()
     headers = signature_headers(url, auth_token, public_url)
-    sessions = await asyncio.gather(*(
+    sessions = list(await asyncio.gather(*(
         replay_session(fixture, url, speed=speed, copy=copy, headers=headers)
         for fixture in fixtures
         for copy in range(concurrency)
-    ))
-    return ReplayReport(list(sessions), time.monotonic() - started)
+    )))
+    if check:
+        await _check(sessions, server_log)
+    return ReplayReport(sessions, time.monotonic() - started, checked=check)
+
+
+async def _check(sessions: list[SessionResult], server_log: Path | None) -> None:
+    outcomes = {}
+    if server_log is not None:
+        sids = {s.stream_sid for s in sessions if s.ok and s.stream_sid}
+        outcomes = await wait_for_outcomes(server_log, sids)
+    for session in sessions:
+        if not session.expect:
+            session.differences.append("the fixture's header has no expect to check against")
+        elif not session.ok:
+            session.differences.append(f"the session failed: {session.error}")
+        elif server_log is not None:
+            session.differences += differences(session.expect,
+                                               outcomes.get(session.stream_sid or ""))
