@@ -26,7 +26,7 @@ from . import __version__
 from .config import SETTINGS, Settings, load_settings
 from .exceptions import ConfigError
 from .fixtures import FixtureError, dump_fixture, load_fixture
-from .logs import configure_logging
+from .logs import configure_logging, flush_logging
 from .replay import replay
 from .server import StreamServer
 from .session import DEFAULT_PARAMETER_BUDGET_BYTES, parameters_size
@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="FILE",
                        help="TOML file with [server], [[routes]], [handlers.NAME] "
-                       "(env STREAMSVC_CONFIG)")
+                       "(env STREAMSVC_CONFIG); handlers named 'module:Factory' are "
+                       "imported from the current directory too")
     for setting in SETTINGS:
         help_text = f"{setting.help} (env {' or '.join(setting.env)}"
         if setting.secret:
@@ -159,6 +160,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Handlers named "myapp:Handler" import from the current directory, as they do under
+    # `python -m streamsvc` (which puts it first on the path); the console script does not.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args, argv)
@@ -200,6 +205,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     except OSError as exc:  # e.g. address in use
         structlog.get_logger("streamsvc").error("server.failed", error=str(exc))
         return 1
+    finally:
+        flush_logging()
     return 0
 
 

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .logs import dropped_lines
 from .session import CallSummary, Session
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Metrics", "WorkerShare"]
@@ -131,6 +132,9 @@ class Metrics(Collector):
         yield _labelled("streamsvc_missing_frames",
                         "20 ms slots that never arrived, by track.", "track", missing)
         yield _counter("streamsvc_bad_frames", "Malformed or misplaced frames.", bad_frames)
+        yield _counter("streamsvc_log_lines_dropped",
+                       "Log lines lost: the log reader fell behind or a write failed.",
+                       dropped_lines())
         yield _labelled("streamsvc_handler_drops",
                         "Events a queued handler fell too far behind to take.", "handler",
                         self.handler_drops)

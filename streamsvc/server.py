@@ -104,7 +104,6 @@ class StreamServer:
 
     async def start(self) -> None:
         s = self.settings
-        self._warn_about_default_twiml()
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))
@@ -113,9 +112,19 @@ class StreamServer:
 
             self._fast_server = await fast.serve(self)
             self.port = self._fast_server.sockets[0].getsockname()[1]
-            logger.info("server.listening", host=s.host, port=self.port, transport="picows",
-                        routes=[r.path for r in s.routes], signed=bool(s.auth_tokens))
-            return
+        else:
+            await self._serve_websockets()
+        logger.info("server.listening", **self._where(), transport=s.transport,
+                    signed=bool(s.auth_tokens))
+        self._warn_about_default_twiml()
+
+    def _where(self) -> dict[str, object]:
+        """Where the server listens and what it serves (server.listening/stopped fields)."""
+        return {"host": self.settings.host, "port": self.port,
+                "routes": [route.path for route in self.settings.routes]}
+
+    async def _serve_websockets(self) -> None:
+        s = self.settings
         self._server = await serve(
             self._handle,
             s.host,
@@ -131,8 +140,6 @@ class StreamServer:
             create_connection=_http_aware_connection(self),
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("server.listening", host=s.host, port=self.port,
-                    routes=[r.path for r in s.routes], signed=bool(s.auth_tokens))
 
     def _warn_about_default_twiml(self) -> None:
         kept_up = [route.path for route in self.settings.routes
@@ -178,14 +185,14 @@ class StreamServer:
                 call.close_for_shutdown()
             await asyncio.gather(*(call.finished for call in calls))
             self._fast_server = None
-            logger.info("server.stopped")
+            logger.info("server.stopped", **self._where())
             return
         if self._server is None:
             return
         self._shutting_down = True
         self._server.close()
         await self._server.wait_closed()
-        logger.info("server.stopped")
+        logger.info("server.stopped", **self._where())
 
     def streams_for_call(self, call_sid: str) -> list[LiveSession]:
         """The sessions in progress that belong to ``call_sid``."""

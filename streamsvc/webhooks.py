@@ -168,7 +168,9 @@ class Webhooks:
         # own lines, so a handshake Twilio could not complete shows up beside its call.
         log("stream.status", stream_event=event, stream_sid=stream_sid,
             call_sid=fields.get("CallSid"), stream_name=fields.get("StreamName"),
-            stream_error=fields.get("StreamError"), timestamp=fields.get("Timestamp"),
+            stream_error=fields.get("StreamError"),
+            # "timestamp" is the log line's own: Twilio's is kept beside it.
+            twilio_timestamp=fields.get("Timestamp"),
             live=session is not None, path=session.path if session is not None else None)
         return HttpResponse(http.HTTPStatus.NO_CONTENT)
 
