@@ -34,7 +34,7 @@ import structlog
 
 from . import wire
 from .exceptions import ConfigError
-from .live import LiveSession
+from .live import LiveSession, PlaybackObserver
 from .session import CallSummary
 
 __all__ = [
@@ -361,6 +361,8 @@ class HandlerChain:
                         handler.queue_size = spec.queue_size
                     slot.runner = _QueueRunner(slot, handler, self._observe)
             self._slots.append(slot)
+            if session.bidirectional and isinstance(slot.handler, PlaybackObserver):
+                session.observe_playback(slot.handler)
         self._inline_media = [s for s in self._slots if s.runner is None and not s.failed]
         self._raw = tuple(s for s in self._slots if _overrides_raw_frame(s.handler))
         self._call("on_start", (session,), droppable=False)

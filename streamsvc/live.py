@@ -23,13 +23,13 @@ import asyncio
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 from .audio import TWILIO_SAMPLE_RATE, Resampler, pcm16_to_mulaw
 from .exceptions import LocalProtocolError
-from .session import Session
+from .session import FRAME_MS, Session
 
-__all__ = ["LiveSession", "MarkResult"]
+__all__ = ["LiveSession", "MarkResult", "PlaybackObserver"]
 
 MarkResult: TypeAlias = Literal["played", "cleared"]
 
@@ -37,6 +37,22 @@ MarkResult: TypeAlias = Literal["played", "cleared"]
 CHUNK_BYTES: Final = 160
 # Marks awaiting their echo; beyond this a handler is sending marks nobody can await.
 MAX_PENDING_MARKS: Final = 1000
+
+
+@runtime_checkable
+class PlaybackObserver(Protocol):
+    """Told what the service plays to the caller (the recorder records it this way). A
+    handler of a bidirectional route that has these two methods is registered as the stream
+    starts, before any handler's ``on_start``, so it hears everything sent."""
+
+    def audio_sent(self, mulaw: bytes, heard_ms: int) -> None:
+        """8 kHz mu-law audio was queued to play after what was queued before, when
+        ``heard_ms`` of the caller's audio had arrived (from its first media frame to the
+        end of its latest, on the media timeline)."""
+
+    def audio_cleared(self, heard_ms: int) -> None:
+        """A ``clear`` dropped everything queued and not yet played, when ``heard_ms`` of
+        the caller's audio had arrived."""
 
 
 @dataclass(slots=True)
@@ -56,6 +72,27 @@ class LiveSession(Session):
         self._pending_marks: collections.deque[_PendingMark] = collections.deque()
         self._clears_sent = 0
         self._resamplers: dict[int, Resampler] = {}
+        self._observers: list[PlaybackObserver] = []
+
+    def observe_playback(self, observer: PlaybackObserver) -> None:
+        """Tell ``observer`` about every piece of audio sent and every ``clear``."""
+        self._observers.append(observer)
+
+    def send_media(self, payload: bytes) -> None:
+        super().send_media(payload)
+        for observer in self._observers:
+            observer.audio_sent(payload, self._heard_ms())
+
+    def send_clear(self) -> None:
+        super().send_clear()
+        for observer in self._observers:
+            observer.audio_cleared(self._heard_ms())
+
+    def _heard_ms(self) -> int:
+        stats = self.track_stats.get("inbound")
+        if stats is None or stats.first_timestamp_ms < 0:
+            return 0
+        return stats.last_timestamp_ms + FRAME_MS - stats.first_timestamp_ms
 
     def send_audio(self, audio: bytes, *, sample_rate: int | None = None,
                    final: bool = False) -> None:

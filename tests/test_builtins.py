@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 
 from streamsvc import wire
 from streamsvc.builtins.dtmf import DtmfHandler
+from streamsvc.builtins.files import safe_path_component, write_atomically
 from streamsvc.builtins.levels import LevelsHandler
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError, LocalProtocolError
@@ -304,3 +305,135 @@ def test_echo_needs_a_bidirectional_route(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="bidirectional = true") as caught:
         load_settings(config_path=str(config), env={})
     assert "routes[0].handlers" == caught.value.key
+
+
+# -- the recorder: playback channel, timeline offset, file modes, hostile timestamps ------
+
+class PlaysAndClears(Handler):
+    """Plays 5 s of a loud tone as the stream starts; clears after 1 s of the caller."""
+
+    def on_start(self, session: LiveSession) -> None:
+        self.session = session
+        self.frames = 0
+        session.send_audio(mulaw_encode([8000] * 40_000))
+
+    def on_media(self, frame: wire.Media) -> None:
+        self.frames += 1
+        if self.frames == 50:
+            self.session.clear()
+
+
+async def test_on_connect_routes_the_audio_played_back_is_the_right_channel(
+        tmp_path: Path, transport: str) -> None:
+    route = Route("/connect", (HandlerSpec("plays", PlaysAndClears), recorder(tmp_path)),
+                  bidirectional=True)
+    server = await serve(transport, (route,))
+    fixture = load_fixture(FIXTURES / "inbound_params.jsonl")  # 204 frames of the caller
+    try:
+        assert (await replay_session(fixture, f"ws://127.0.0.1:{server.port}/connect",
+                                     speed=0)).ok
+    finally:
+        await server.stop()
+    wav = tmp_path / fixture.expect["call_sid"] / f"{fixture.expect['stream_sid']}.wav"
+    channels, _, audio = read_wav(wav)
+    assert (2, 204 * 160) == (channels, len(audio))
+    caller = expected_recording(fixture)[:, 0]
+    assert np.array_equal(caller, audio[:, 0])  # left: the caller, as before
+    played = np.nonzero(audio[:, 1])[0]
+    # Right: the tone from the stream's first sample until the clear after 50 frames.
+    assert (0, 50 * 160) == (played[0], played[-1] + 1)
+    sidecar = json.loads(wav.with_suffix(".json").read_text(encoding="utf-8"))
+    assert ["inbound", "playback"] == sidecar["recording"]["channel_tracks"]
+
+
+async def test_the_sidecar_says_where_the_recording_starts_on_the_media_timeline(
+        tmp_path: Path) -> None:
+    server = await serve("websockets", (Route("/stream", (recorder(tmp_path),)),))
+    fixture = load_fixture(FIXTURES / "inbound_params.jsonl")
+    try:
+        await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream", speed=0)
+    finally:
+        await server.stop()
+    folder = tmp_path / fixture.expect["call_sid"]
+    sidecar = json.loads((folder / f"{fixture.expect['stream_sid']}.json").read_text())
+    first_media = json.loads(next(f.text for f in fixture.frames if '"media"' in f.text))
+    assert int(first_media["media"]["timestamp"]) == sidecar["recording"]["first_timestamp_ms"]
+    modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()}
+    assert {0o640} == set(modes.values())
+    assert 0o750 == folder.stat().st_mode & 0o777
+
+
+def test_the_file_mode_is_configurable_and_checked(tmp_path: Path) -> None:
+    assert 0o600 == resolve_handler("recorder", {"file_mode": "0600"}, key="t").create().mode
+    with pytest.raises(ValueError, match="file_mode"):
+        resolve_handler("recorder", {"file_mode": "rw-r"}, key="t").create()
+
+
+def hostile_session(tmp_path: Path, media: list[tuple[int, bytes]]) -> Fixture:
+    """A session whose media frames carry the given (timestamp, payload) pairs."""
+    plan = SessionPlan(inbound=[100] * 1600)  # ten ordinary frames first
+    frames = synthesize(plan)
+    stop = frames.pop()
+    for timestamp, payload in media:
+        frames.append(type(stop)(stop.at_ms, json.dumps({
+            "event": "media", "sequenceNumber": "90", "streamSid": plan.stream_sid,
+            "media": {"track": "inbound", "chunk": "90", "timestamp": str(timestamp),
+                      "payload": base64.b64encode(payload).decode()}})))
+    return Fixture("hostile", (*frames, stop), {"expect": {"call_sid": plan.call_sid,
+                                                          "stream_sid": plan.stream_sid}})
+
+
+async def test_a_timestamp_hours_ahead_writes_at_most_max_gap_of_silence(
+        tmp_path: Path, logs: LogEvents, transport: str) -> None:
+    fixture = hostile_session(tmp_path, [(4 * 3600 * 1000, b"\x00" * 160),
+                                         (4 * 3600 * 1000 + 20, b"\x00" * 160)])
+    server = await serve(transport, (Route("/stream", (recorder(tmp_path),)),))
+    try:
+        assert (await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream",
+                                     speed=0)).ok
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await server.stop()
+    wav = tmp_path / fixture.expect["call_sid"] / f"{fixture.expect['stream_sid']}.wav"
+    _, _, audio = read_wav(wav)
+    assert (10 * 160 + 60 * 8000 + 2 * 160) == len(audio)  # audio, 60 s of gap, two frames
+    (stopped,) = events(logs, "stream.stopped")
+    assert 1 == stopped["handlers"]["recorder"]["gaps_capped"]
+
+
+async def test_an_oversized_payload_is_counted_and_the_recording_still_ends_whole(
+        tmp_path: Path, logs: LogEvents, transport: str) -> None:
+    fixture = hostile_session(tmp_path, [(300, b"\x00" * 12_000)])
+    server = await serve(transport, (Route("/stream", (recorder(tmp_path),)),))
+    try:
+        assert (await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream",
+                                     speed=0)).ok
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await server.stop()
+    folder = tmp_path / fixture.expect["call_sid"]
+    assert [] == list(folder.glob("*.partial"))
+    _, _, audio = read_wav(folder / f"{fixture.expect['stream_sid']}.wav")
+    assert 10 * 160 == len(audio)
+    (stopped,) = events(logs, "stream.stopped")
+    assert ({}, 1) == (stopped["handler_errors"],
+                       stopped["handlers"]["recorder"]["oversized_frames"])
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(tmp_path / "sidecar.json", b"{}", 0o640)
+    assert [] == list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("first", "second"), [("CA/1", "CA_1"), ("a" * 300, "a" * 301)])
+def test_ids_that_sanitise_alike_get_distinct_bounded_file_names(first: str,
+                                                                 second: str) -> None:
+    assert safe_path_component(first) != safe_path_component(second)
+    assert len(safe_path_component(first)) <= 80
+    assert "CA0123456789abcdef" == safe_path_component("CA0123456789abcdef")

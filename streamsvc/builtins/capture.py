@@ -2,7 +2,7 @@
 real call on a deployed service becomes a fixture with one route setting.
 
 Options (``[handlers.capture]``): ``dir`` (default ``captures``), ``flush_lines`` (lines
-buffered before a write, default 100).
+buffered before a write, default 100), ``file_mode`` (default ``"0640"``).
 
 Each stream goes to ``<dir>/<call_sid>/<stream_sid>.jsonl``: while the call runs, frames are
 appended to ``<stream_sid>.jsonl.partial`` (memory stays bounded); when it ends, the final
@@ -15,6 +15,7 @@ error disables the capture for that call only (``handler.failed``); the call goe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import shutil
@@ -23,6 +24,8 @@ from typing import IO, Any
 
 import orjson
 
+from streamsvc.builtins.files import DEFAULT_FILE_MODE, create_file, safe_path_component
+from streamsvc.builtins.files import file_mode as parse_file_mode
 from streamsvc.fixtures import FIXTURE_VERSION
 from streamsvc.handlers import AsyncHandler, RawFrame
 from streamsvc.session import CallSummary, Session
@@ -36,8 +39,10 @@ class CaptureHandler(AsyncHandler):
     queue_size = 2000  # raw frames, not media: a capture should not drop
     batch_ms = 100  # nothing waits on a capture: fewer task wake-ups
 
-    def __init__(self, *, dir: str = "captures", flush_lines: int = 100) -> None:
+    def __init__(self, *, dir: str = "captures", flush_lines: int = 100,
+                 file_mode: int | str = DEFAULT_FILE_MODE) -> None:
         self.root = Path(dir)
+        self.mode = parse_file_mode(file_mode, key="handlers.capture.file_mode")
         self.flush_lines = max(1, flush_lines)
         self.lines: list[bytes] = []
         self.partial: Path | None = None
@@ -46,7 +51,7 @@ class CaptureHandler(AsyncHandler):
     async def on_start(self, session: Session) -> None:
         folder = self.root / safe_path_component(session.call_sid)
         self.partial = folder / f"{safe_path_component(session.stream_sid)}.jsonl.partial"
-        self.file = await asyncio.to_thread(_open_append, self.partial)
+        self.file = await asyncio.to_thread(create_file, self.partial, self.mode, append=True)
 
     async def on_raw_frame(self, frame: RawFrame) -> None:
         key = "sent" if frame.sent else "frame"
@@ -61,23 +66,12 @@ class CaptureHandler(AsyncHandler):
         await self._flush()
         file, self.file = self.file, None
         header = _header(session, summary)
-        await asyncio.to_thread(_finish, file, self.partial, header)
+        await asyncio.to_thread(_finish, file, self.partial, header, self.mode)
 
     async def _flush(self) -> None:
         lines, self.lines = self.lines, []
         if self.file is not None and lines:
             await asyncio.to_thread(self.file.writelines, lines)
-
-
-def safe_path_component(name: str | None) -> str:
-    """A path component from an id: Twilio's are [A-Za-z0-9]; anything else is replaced."""
-    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in name or "unknown")
-    return cleaned[:64] or "unknown"
-
-
-def _open_append(path: Path) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("ab")
 
 
 def _header(session: Session, summary: CallSummary) -> dict[str, Any]:
@@ -105,12 +99,17 @@ def _header(session: Session, summary: CallSummary) -> dict[str, Any]:
     }
 
 
-def _finish(file: IO[bytes], partial: Path, header: dict[str, Any]) -> None:
+def _finish(file: IO[bytes], partial: Path, header: dict[str, Any], mode: int) -> None:
     file.close()
     final = partial.with_suffix("")  # drop .partial
     temporary = final.with_suffix(".jsonl.tmp")
-    with temporary.open("wb") as out, partial.open("rb") as frames:
-        out.write(orjson.dumps(header) + b"\n")
-        shutil.copyfileobj(frames, out)
-    os.replace(temporary, final)
+    try:
+        with create_file(temporary, mode) as out, partial.open("rb") as frames:
+            out.write(orjson.dumps(header) + b"\n")
+            shutil.copyfileobj(frames, out)
+        os.replace(temporary, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
     partial.unlink()

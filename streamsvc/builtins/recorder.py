@@ -1,13 +1,21 @@
 """Built-in ``recorder``: one WAV file per stream, written as the call goes.
 
 Options (``[handlers.recorder]``): ``dir`` (default ``recordings``), ``window_ms`` (audio
-held in memory, default 2000), ``max_duration_s`` (longest recording, default 14400).
+held in memory, default 2000), ``max_duration_s`` (longest recording, default 14400),
+``max_gap_ms`` (the most silence one jump in the timestamps may write, default 60000),
+``file_mode`` (default ``"0640"``).
 
 The file is PCM16 at 8 kHz: mono for one track, stereo for two (left inbound, right
-outbound). The timeline comes from ``media.timestamp``: sample 0 is the stream's first media
-frame, a frame lands at ``(timestamp - first_timestamp) * 8``, slots that never arrived stay
-silent, and a late frame lands in its slot if it is no more than half of ``window_ms`` late
-(older ones are counted as ``late_frames``). Only that window is held in memory; older audio
+outbound). On a bidirectional (``<Connect>``) route, where Twilio streams only the caller,
+the right channel is what the service played back: each piece of audio sent starts where
+the caller's timeline is when it is sent (or where the audio before it ends), a ``clear``
+drops what was not yet played. The timeline comes from ``media.timestamp``: sample 0 is the
+stream's first media frame (``recording.first_timestamp_ms`` in the sidecar), a frame lands
+at ``(timestamp - first_timestamp_ms) * 8``, slots that never arrived stay silent (one jump
+writes at most ``max_gap_ms`` of silence: the rest of it is counted in ``gaps_capped`` and
+later audio follows on), and a late frame lands in its slot if it is no more than half of
+``window_ms`` late (older ones are counted as ``late_frames``; frames longer than half the
+window as ``oversized_frames``). Only that window is held in memory; older audio
 goes to ``<dir>/<call_sid>/<stream_sid>.wav.partial``, whose header is kept valid as it
 grows. When the call ends, however it ends, the file is renamed to ``.wav`` next to
 ``<stream_sid>.json`` (ids, tracks, media format, custom parameters, the call summary). File
@@ -34,7 +42,13 @@ import structlog
 
 from streamsvc import wire
 from streamsvc.audio import TWILIO_SAMPLE_RATE, mulaw_to_pcm16
-from streamsvc.builtins.capture import safe_path_component
+from streamsvc.builtins.files import (
+    DEFAULT_FILE_MODE,
+    create_file,
+    file_mode,
+    safe_path_component,
+    write_atomically,
+)
 from streamsvc.handlers import AsyncHandler
 from streamsvc.live import LiveSession
 from streamsvc.session import CallSummary
@@ -46,6 +60,9 @@ logger = structlog.get_logger("streamsvc.builtins.recorder")
 SAMPLES_PER_MS: Final = TWILIO_SAMPLE_RATE // 1000
 WAV_HEADER_BYTES: Final = 44
 SILENCE_CHUNK_SAMPLES: Final = TWILIO_SAMPLE_RATE * 60  # write long gaps a minute at a time
+# Audio the service queued to play and the caller has not heard yet: Twilio's own buffer
+# holds what was sent ahead; beyond five minutes of it, the rest is not recorded (counted).
+MAX_PLAYBACK_SAMPLES: Final = TWILIO_SAMPLE_RATE * 300
 
 
 class RecorderHandler(AsyncHandler):
@@ -55,12 +72,25 @@ class RecorderHandler(AsyncHandler):
     batch_ms = 100  # nothing waits on a recording: wake up ten times a second, not fifty
 
     def __init__(self, *, dir: str = "recordings", window_ms: int = 2000,
-                 max_duration_s: float = 4 * 3600) -> None:
-        if window_ms < 20 or max_duration_s <= 0:
-            raise ValueError("window_ms must be >= 20 and max_duration_s > 0")
+                 max_duration_s: float = 4 * 3600, max_gap_ms: int = 60_000,
+                 file_mode: int | str = DEFAULT_FILE_MODE) -> None:
+        if window_ms < 20 or max_duration_s <= 0 or max_gap_ms < 20:
+            raise ValueError("window_ms and max_gap_ms must be >= 20 and max_duration_s > 0")
         self.root = Path(dir)
+        self.mode = _mode(file_mode)
         self.window_samples = window_ms * SAMPLES_PER_MS
         self.max_samples = int(max_duration_s * TWILIO_SAMPLE_RATE)
+        self.max_gap_samples = max_gap_ms * SAMPLES_PER_MS
+        self.skipped_samples = 0  # silence not written: jumps over max_gap_ms
+        self.gaps_capped = 0
+        self.oversized_frames = 0
+        # What the service plays (bidirectional routes): its channel, and the audio queued
+        # and not yet in the window, as [start sample, samples] pieces in order.
+        self.playback_channel: int | None = None
+        self.playback: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+        self.playback_queued = 0  # samples in self.playback
+        self.playback_end = 0  # where the audio queued so far ends
+        self.playback_dropped_samples = 0
         self.channel_of: dict[str, int] = {}
         self.window = np.zeros((0, 1), dtype="<i2")
         self.window_start = 0  # sample index of window[0]
@@ -77,11 +107,15 @@ class RecorderHandler(AsyncHandler):
     async def on_start(self, session: LiveSession) -> None:
         tracks = [t for t in ("inbound", "outbound") if t in session.tracks] or ["inbound"]
         self.channel_of = {track: channel for channel, track in enumerate(tracks)}
-        self.window = np.zeros((self.window_samples, len(tracks)), dtype="<i2")
+        channels = len(tracks)
+        if session.bidirectional and "outbound" not in self.channel_of:
+            self.playback_channel = channels  # right: what the service plays
+            channels += 1
+        self.window = np.zeros((self.window_samples, channels), dtype="<i2")
         folder = self.root / safe_path_component(session.call_sid)
         self.path = folder / f"{safe_path_component(session.stream_sid)}.wav"
         partial = self.path.with_suffix(".wav.partial")
-        self.wav = await self._disk(_WavFile.create, partial, len(tracks))
+        self.wav = await self._disk(_WavFile.create, partial, channels, self.mode)
 
     def on_media(self, frame: wire.Media) -> None:
         # Synchronous, so the chain calls it in the receive loop once on_start is done
@@ -92,24 +126,93 @@ class RecorderHandler(AsyncHandler):
         channel = self.channel_of.get(frame.track)
         if channel is None or self.wav is None:
             return
-        if self.first_timestamp_ms is None:
-            self.first_timestamp_ms = frame.timestamp_ms
-        position = (frame.timestamp_ms - self.first_timestamp_ms) * SAMPLES_PER_MS
-        samples = np.frombuffer(mulaw_to_pcm16(frame.payload), dtype="<i2")
-        end = position + len(samples)
+        payload = frame.payload
+        if len(payload) > self.window_samples // 2:  # Twilio's frames are 160 bytes
+            self.oversized_frames += 1
+            return
+        position = self._position(frame.timestamp_ms)
+        end = position + len(payload)
         if position < self.window_start or end > self.max_samples:
             self.late_frames += 1
             return
         self._make_room(end)
         offset = position - self.window_start
-        self.window[offset : offset + len(samples), channel] = samples
+        self.window[offset : offset + len(payload), channel] = np.frombuffer(
+            mulaw_to_pcm16(payload), dtype="<i2")
         self.end_sample = max(self.end_sample, end)
+        if self.playback_channel is not None:
+            self._play_until(self.end_sample)
+
+    def _position(self, timestamp_ms: int) -> int:
+        """The sample a frame at ``timestamp_ms`` starts at; a jump past ``max_gap_ms``
+        beyond the audio so far is shortened to it (the rest counted, not written)."""
+        if self.first_timestamp_ms is None:
+            self.first_timestamp_ms = timestamp_ms
+        position = (timestamp_ms - self.first_timestamp_ms) * SAMPLES_PER_MS
+        position -= self.skipped_samples
+        gap = position - self.end_sample
+        if gap > self.max_gap_samples:
+            self.gaps_capped += 1
+            self.skipped_samples += gap - self.max_gap_samples
+            position -= gap - self.max_gap_samples
+        return position
+
+    # What the service plays (PlaybackObserver), on bidirectional routes. The chain
+    # registers the recorder before any on_start runs, so these may come before on_start;
+    # and while the recorder's queue lags, so positions come from the session's own clock.
+
+    def audio_sent(self, mulaw: bytes, heard_ms: int) -> None:
+        """Queue ``mulaw`` on the playback channel after what was queued before, starting
+        no earlier than where the caller's audio was when it was sent."""
+        start = max(self.playback_end, self._timeline_position(heard_ms))
+        room = MAX_PLAYBACK_SAMPLES - self.playback_queued
+        if room < len(mulaw):
+            self.playback_dropped_samples += len(mulaw) - max(room, 0)
+            mulaw = mulaw[: max(room, 0)]
+        if mulaw:
+            self.playback.append((start, np.frombuffer(mulaw_to_pcm16(mulaw), dtype="<i2")))
+            self.playback_queued += len(mulaw)
+            self.playback_end = start + len(mulaw)
+
+    def audio_cleared(self, heard_ms: int) -> None:
+        """``clear``: what was queued and not yet heard when it came is never played."""
+        cut = self._timeline_position(heard_ms)
+        while self.playback and self.playback[-1][0] >= cut:
+            self.playback_queued -= len(self.playback.pop()[1])
+        if self.playback:
+            start, samples = self.playback[-1]
+            if start + len(samples) > cut:
+                self.playback[-1] = (start, samples[: cut - start])
+                self.playback_queued -= start + len(samples) - cut
+        self.playback_end = cut
+
+    def _timeline_position(self, heard_ms: int) -> int:
+        return max(0, heard_ms * SAMPLES_PER_MS - self.skipped_samples)
+
+    def _play_until(self, end: int) -> None:
+        """Move the queued playback that the caller's timeline has reached (up to ``end``)
+        into the window."""
+        assert self.playback_channel is not None
+        while self.playback and self.playback[0][0] < end:
+            start, samples = self.playback.popleft()
+            count = min(len(samples), end - start)
+            offset = start - self.window_start
+            if offset >= 0:
+                self.window[offset : offset + count, self.playback_channel] = samples[:count]
+            if count < len(samples):
+                self.playback.appendleft((start + count, samples[count:]))
+            self.playback_queued -= count
 
     def report(self) -> Mapping[str, Any] | None:
         if self.path is None:
             return None
-        return {"file": str(self.path), "channels": len(self.channel_of),
-                "late_frames": self.late_frames}
+        report: dict[str, Any] = {
+            "file": str(self.path), "channels": int(self.window.shape[1]),
+            "late_frames": self.late_frames, "oversized_frames": self.oversized_frames,
+            "gaps_capped": self.gaps_capped}
+        if self.playback_channel is not None:
+            report["playback_dropped_ms"] = self.playback_dropped_samples // SAMPLES_PER_MS
+        return report
 
     async def on_stop(self, session: LiveSession, summary: CallSummary) -> None:
         if self.writer is not None:
@@ -121,8 +224,17 @@ class RecorderHandler(AsyncHandler):
         tail = self.window[: max(0, self.end_sample - self.window_start)]
         wav, self.wav = self.wav, None
         await self._disk(wav.finish, tail.tobytes(), self.path)
-        sidecar = _sidecar(session, summary, self.path, self.end_sample, len(self.channel_of))
-        await self._disk(_write_json, self.path.with_suffix(".json"), sidecar)
+        recording = {"file": self.path.name, "channels": int(self.window.shape[1]),
+                     "sample_rate": TWILIO_SAMPLE_RATE, "samples": self.end_sample,
+                     "first_timestamp_ms": self.first_timestamp_ms,
+                     "skipped_ms": self.skipped_samples // SAMPLES_PER_MS,
+                     "channel_tracks": self._channel_tracks()}
+        sidecar = orjson.dumps(_sidecar(session, summary, recording), option=orjson.OPT_INDENT_2)
+        await self._disk(write_atomically, self.path.with_suffix(".json"), sidecar, self.mode)
+
+    def _channel_tracks(self) -> list[str]:
+        tracks = sorted(self.channel_of, key=self.channel_of.__getitem__)
+        return tracks + (["playback"] if self.playback_channel is not None else [])
 
     def _make_room(self, end: int) -> None:
         """Send the oldest audio to the disk task until ``end`` fits in the window."""
@@ -177,9 +289,8 @@ class _WavFile:
         self.data_bytes = 0
 
     @classmethod
-    def create(cls, path: Path, channels: int) -> _WavFile:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = path.open("wb")
+    def create(cls, path: Path, channels: int, mode: int) -> _WavFile:
+        file = create_file(path, mode)
         wav = cls(file, path, channels)
         file.write(wav._header())
         return wav
@@ -221,8 +332,12 @@ class _WavFile:
         ))
 
 
-def _sidecar(session: LiveSession, summary: CallSummary, path: Path, samples: int,
-             channels: int) -> dict[str, Any]:
+def _mode(value: int | str) -> int:
+    return file_mode(value, key="handlers.recorder.file_mode")
+
+
+def _sidecar(session: LiveSession, summary: CallSummary,
+             recording: dict[str, Any]) -> dict[str, Any]:
     media_format = session.media_format
     return {
         "call_sid": session.call_sid,
@@ -236,13 +351,6 @@ def _sidecar(session: LiveSession, summary: CallSummary, path: Path, samples: in
             "channels": media_format.channels,
         } if media_format else None,
         "custom_parameters": dict(session.custom_parameters),
-        "recording": {"file": path.name, "channels": channels,
-                      "sample_rate": TWILIO_SAMPLE_RATE, "samples": samples},
+        "recording": recording,
         "summary": summary.log_fields(),
     }
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
-    os.replace(temporary, path)
