@@ -127,6 +127,12 @@ class AsyncHandler:
     async def on_stop(self, session: LiveSession, summary: CallSummary) -> None:
         """As :meth:`Handler.on_stop`; called exactly once."""
 
+    async def before_report(self, summary: CallSummary) -> None:
+        """The call ended and this handler's queue is empty: finish what :meth:`report`
+        should count (send what is still buffered, wait for a last answer). ``summary`` has
+        no handler reports yet. Runs once, before ``report`` and ``on_stop``, within the
+        handlers' stop timeout."""
+
     async def on_raw_frame(self, frame: RawFrame) -> None:
         """As :meth:`Handler.on_raw_frame`; may be skipped (and counted) when the queue is
         full."""
@@ -148,6 +154,7 @@ BUILTIN_HANDLERS: Final[Mapping[str, str]] = {
     "levels": "streamsvc.builtins.levels:LevelsHandler",
     "dtmf": "streamsvc.builtins.dtmf:DtmfHandler",
     "echo": "streamsvc.builtins.echo:EchoHandler",
+    "forward": "streamsvc.builtins.forward:ForwardHandler",
 }
 # Built-ins that talk back, so only make sense on bidirectional routes.
 BIDIRECTIONAL_ONLY: Final = frozenset({"echo"})
@@ -430,10 +437,28 @@ class HandlerChain:
         if drained:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*drained), grace_s)
+        await self._before_report(summary, max(0.0, deadline - loop.time()))
         summary = dataclasses.replace(summary, handlers=self.reports())
         self.stop(session, summary)
         await self.wait_stopped(max(0.0, deadline - loop.time()))
         return summary
+
+    async def _before_report(self, summary: CallSummary, grace_s: float) -> None:
+        slots = [slot for slot in self._slots if not slot.failed
+                 and isinstance(slot.handler, AsyncHandler)
+                 and type(slot.handler).before_report is not AsyncHandler.before_report]
+        if not slots:
+            return
+
+        async def run(slot: _Slot) -> None:
+            assert isinstance(slot.handler, AsyncHandler)
+            try:
+                await slot.handler.before_report(summary)
+            except Exception:
+                slot.fail("before_report")
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(run(slot) for slot in slots)), grace_s)
 
     async def wait_stopped(self, grace_s: float) -> None:
         """Wait up to ``grace_s`` seconds for queued handlers to finish ``on_stop``, then

@@ -532,6 +532,7 @@ class CallCore:
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
             del self.server.streams[stream_sid]
         self.session.abandon_marks()  # no echo can come any more
+        await asyncio.sleep(0)  # their callbacks run before the handlers report
         closed = dataclasses.replace(self.session.close(reason),
                                      context_budget=self.context_budget)
         summary = await self.chain.finish(self.session, closed,

@@ -59,6 +59,7 @@ def test_a_sink_whose_reader_stalls_drops_and_counts_and_never_blocks() -> None:
     reader = threading.Thread(target=lambda: read.append(os.read(read_end, 1 << 30) + b"".join(
         iter(lambda: os.read(read_end, 1 << 20), b""))))
     reader.start()  # the reader is back
+    sink.flush(timeout_s=10)
     sink.put(b'{"event":"after"}\n')
     sink.flush(timeout_s=10)
     stream.close()
