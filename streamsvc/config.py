@@ -117,6 +117,7 @@ class Settings:
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
+    max_unread_bytes: int = 8 * 1024 * 1024
     parameter_budget_bytes: int = 800
     # Timeouts
     start_timeout_s: float = 10.0
@@ -211,6 +212,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,
             "concurrent streams; handshakes beyond get HTTP 503", minimum=1),
+    Setting("max_unread_bytes", ("STREAMSVC_MAX_UNREAD_BYTES",), int,
+            "bytes waiting unread for one peer (pongs to a ping flood, audio it does not "
+            "read) beyond which it is disconnected", minimum=65536),
     Setting("parameter_budget_bytes", ("STREAMSVC_PARAMETER_BUDGET_BYTES",), int,
             "custom parameter bytes above which a warning is logged (kept whole)", minimum=0),
     # Timeouts

@@ -51,8 +51,10 @@ logger = structlog.get_logger("streamsvc.server")
 # frames) beyond which the peer counts as not reading.
 MAX_OUTBOUND_BYTES: Final = 15_000 * 300
 READ_BUFFER_BYTES: Final = 2048
-_TEXT, _BINARY, _CONTINUATION, _CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY,
-                                         WSMsgType.CONTINUATION, WSMsgType.CLOSE)
+_TEXT, _BINARY, _CONTINUATION, _CLOSE, _PING = (
+    WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE, WSMsgType.PING)
+# RFC 6455 5.5: a control frame carries at most 125 bytes.
+MAX_CONTROL_PAYLOAD: Final = 125
 
 
 async def serve(server: StreamServer) -> asyncio.Server:
@@ -75,7 +77,7 @@ async def serve(server: StreamServer) -> asyncio.Server:
             settings.ping_interval_s if pinging else 20,
             min(settings.ping_timeout_s, settings.ping_interval_s) if pinging else 20,
             WSAutoPingStrategy.PING_WHEN_IDLE,
-            True,  # answer pings
+            False,  # pings are answered by _PicowsCall, which bounds what waits unread
             settings.max_message_bytes,  # the largest frame
             None,  # extra response headers
             # Twilio's frames are ~350 bytes: a small first buffer (it grows for a larger
@@ -179,6 +181,8 @@ class _Listener(WSListener):
         self.route = route
         self.call: _PicowsCall | None = None
         self.context = contextvars.copy_context()
+        # picows flags a frame over its size limit but may still hand it over: checked here.
+        self.max_message_bytes = server.settings.max_message_bytes
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.context.run(self._connected, transport)
@@ -190,7 +194,8 @@ class _Listener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         call = self.call
         assert call is not None
-        if frame.fin and frame.msg_type is _TEXT and not call.fragments:
+        if (frame.fin and frame.msg_type is _TEXT and not call.fragments
+                and frame.payload_size <= self.max_message_bytes):
             # The hot path: one whole text frame, one message.
             call.frames_received += 1
             self.context.run(call.message, frame.get_payload_as_bytes())
@@ -250,6 +255,9 @@ class _PicowsCall(CallCore):
                                           else WSCloseCode.OK)
             self.transport.disconnect()
             return
+        if kind is _PING:
+            self._pong(frame)
+            return
         if kind not in (_TEXT, _BINARY, _CONTINUATION):
             return  # PONG
         if kind is not _CONTINUATION and self.fragments:
@@ -260,6 +268,7 @@ class _PicowsCall(CallCore):
             return
         self.fragment_bytes += frame.payload_size
         if self.fragment_bytes > self.server.settings.max_message_bytes:
+            self.fragments.clear()
             self._close(WSCloseCode.MESSAGE_TOO_BIG, "message too big", "error")
             return
         self.fragments.append(frame.get_payload_as_bytes())
@@ -268,6 +277,16 @@ class _PicowsCall(CallCore):
             self.fragments, self.fragment_bytes = [], 0
             self.frames_received += 1
             self.message(payload)
+
+    def _pong(self, ping: WSFrame) -> None:
+        if ping.payload_size > MAX_CONTROL_PAYLOAD:
+            self._close(WSCloseCode.PROTOCOL_ERROR, "control frame too long", "error")
+        elif (self.transport.underlying_transport.get_write_buffer_size()
+              > self.server.settings.max_unread_bytes):
+            self.closing_reason = self.closing_reason or "aborted"
+            self.server.close_unread(self.transport.underlying_transport)
+        else:
+            self.transport.send_pong(ping.get_payload_as_bytes())
 
     # -- ending -----------------------------------------------------------------------
 

@@ -73,6 +73,8 @@ class Metrics(Collector):
         self.handshakes_rejected: collections.Counter[str] = collections.Counter()
         # Plain HTTP requests on the stream port refused (not_found, method, ...), by reason.
         self.http_rejected: collections.Counter[str] = collections.Counter()
+        self.outbound_dropped = 0  # frames for peers that stopped reading
+        self.unread_closes = 0  # connections closed: the peer did not read what it caused
         self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
         # Voice webhook answers by outcome: served, over_budget, or a rejection reason.
         self.webhooks: collections.Counter[str] = collections.Counter()
@@ -132,6 +134,12 @@ class Metrics(Collector):
         yield _labelled("streamsvc_missing_frames",
                         "20 ms slots that never arrived, by track.", "track", missing)
         yield _counter("streamsvc_bad_frames", "Malformed or misplaced frames.", bad_frames)
+        yield _counter("streamsvc_outbound_frames_dropped",
+                       "Frames to send dropped: the peer had stopped reading.",
+                       self.outbound_dropped)
+        yield _counter("streamsvc_unread_closes",
+                       "Connections closed (1008) because the peer did not read what it "
+                       "asked for (pongs to a ping flood).", self.unread_closes)
         yield _counter("streamsvc_log_lines_dropped",
                        "Log lines lost: the log reader fell behind or a write failed.",
                        dropped_lines())

@@ -287,6 +287,12 @@ class StreamServer:
             response = dataclasses.replace(response, headers=(("Upgrade", "websocket"),))
         return response
 
+    def close_unread(self, transport: asyncio.WriteTransport) -> None:
+        """Drop a connection whose peer does not read what it asks for (counted, logged)."""
+        self.metrics.unread_closes += 1
+        logger.warning("connection.unread", limit_bytes=self.settings.max_unread_bytes)
+        transport.abort()
+
     def known_paths(self) -> list[str]:
         """Every path this service answers, for the log line of a request it does not."""
         settings = self.settings
@@ -363,6 +369,10 @@ def _http_aware_connection(server: StreamServer) -> type[ServerConnection]:
             front = self._front
             if front is None:
                 super().data_received(data)
+                # websockets answers pings itself: a peer that floods pings and reads no
+                # pong grows this buffer without bound unless it is closed.
+                if self.transport.get_write_buffer_size() > server.settings.max_unread_bytes:
+                    server.close_unread(self.transport)
                 return
             decision = front.receive_data(data)
             if decision is None:
@@ -404,6 +414,7 @@ class CallCore:
         self.connected_at = time.monotonic()
         self.early_frames: list[RawFrame] = []
         self.frames_received = 0  # read by the idle watchdog
+        self.outbound_dropped = 0  # frames for a peer that stopped reading
         self.idle_closed = False
         self._idle_seen = -1  # frames_received at the watchdog's last look
         self._quiet_since = self.connected_at
@@ -469,7 +480,7 @@ class CallCore:
                     session.mark_echoed(event.name)
                 self.chain.dispatch(event)
         if session.bidirectional:
-            self._flush()
+            self._flush_quietly()
 
     def _started(self) -> None:
         session = self.session
@@ -519,9 +530,29 @@ class CallCore:
                            count=bad.count, last_logged=bad.count == BAD_FRAMES_LOGGED)
 
     def _flush(self) -> None:
+        """Hand what the session queued to the transport; raises LocalProtocolError (in the
+        handler that sent) when the peer has stopped reading: the frames are dropped."""
         if self.outbound_full():
-            self.session.data_to_send()  # dropped: the peer has stopped reading
+            self._drop_outbound()
             raise LocalProtocolError("the peer is not reading: too many frames wait to be sent")
+        self._send_queued()
+
+    def _flush_quietly(self) -> None:
+        """As :meth:`_flush`, from the receive loop: a peer that stopped reading costs the
+        frames queued for it (counted), never the call."""
+        if self.outbound_full():
+            self._drop_outbound()
+        else:
+            self._send_queued()
+
+    def _drop_outbound(self) -> None:
+        dropped = len(self.session.data_to_send())
+        if dropped and not self.outbound_dropped:
+            logger.warning("stream.peer_not_reading", dropped_frames=dropped)
+        self.outbound_dropped += dropped
+        self.server.metrics.outbound_dropped += dropped
+
+    def _send_queued(self) -> None:
         for frame in self.session.data_to_send():
             self.send_now(frame)
             if self.chain.wants_raw_frames:
@@ -545,6 +576,7 @@ class CallCore:
             **summary.log_fields(),
             handler_errors=self.chain.errors(),
             handler_drops=self.chain.drops(),
+            outbound_dropped=self.outbound_dropped,
             custom_parameters_bytes=self.session.custom_parameters_bytes,
             wall_ms=round((time.monotonic() - self.connected_at) * 1000),
         )

@@ -42,9 +42,14 @@ __all__ = [
 DEFAULT_PARAMETER_BUDGET_BYTES: Final = 800
 # Media frames are 20 ms apart (shared/protocol.md); slots are counted in these.
 FRAME_MS: Final = 20
-# A track remembers at most this many missing slots individually (a late frame can fill
-# them); slots past it are counted as missing for good. Bounds memory per track.
-MAX_REMEMBERED_HOLES: Final = 65_536
+# A track remembers which of its latest slots are missing (a late frame can still fill
+# them) in a bitmap this wide: 82 s of 20 ms slots, about 0.5 kB per track however large a
+# gap. A hole older than that is counted as missing for good.
+HOLE_WINDOW_SLOTS: Final = 4096
+MAX_REMEMBERED_HOLES: Final = HOLE_WINDOW_SLOTS - 1  # the newest slot is always a frame
+_WINDOW_MASK: Final = (1 << HOLE_WINDOW_SLOTS) - 1
+# DTMF digits a session keeps (a caller presses a few dozen keys); later ones are counted.
+MAX_DTMF_DIGITS: Final = 256
 # How much of a bad frame is kept for the log line.
 BAD_FRAME_EXCERPT_CHARS: Final = 120
 
@@ -75,7 +80,8 @@ class TrackStats:
     """Counters for one track. ``missing`` counts the 20 ms slots between the track's
     earliest and latest timestamp that never arrived; a frame that arrives after a later one
     fills its slot and counts as ``out_of_order``, not missing; a second frame for a slot
-    counts as ``duplicates``."""
+    counts as ``duplicates``. Memory is bounded whatever the timestamps: holes are a bitmap
+    of the latest :data:`HOLE_WINDOW_SLOTS` slots (bit ``i`` is slot ``highest_slot - i``)."""
 
     frames: int = 0
     bytes: int = 0
@@ -84,12 +90,16 @@ class TrackStats:
     first_timestamp_ms: int = -1
     lowest_slot: int = 0
     highest_slot: int = 0
-    holes: set[int] = field(default_factory=set)
+    holes: int = 0
     forgotten_holes: int = 0
 
     @property
     def missing(self) -> int:
-        return len(self.holes) + self.forgotten_holes
+        return self.holes.bit_count() + self.forgotten_holes
+
+    @property
+    def remembered_holes(self) -> int:
+        return self.holes.bit_count()
 
     @property
     def last_timestamp_ms(self) -> int:
@@ -106,23 +116,42 @@ class TrackStats:
         slot = (timestamp_ms - self.first_timestamp_ms + FRAME_MS // 2) // FRAME_MS
         if slot == self.highest_slot + 1:  # the usual case: the next frame
             self.highest_slot = slot
+            if self.holes:
+                self._advance(1)
         elif slot > self.highest_slot:
-            self._add_holes(range(self.highest_slot + 1, slot))
+            self._advance(slot - self.highest_slot)
             self.highest_slot = slot
         elif slot < self.lowest_slot:
-            self._add_holes(range(slot + 1, self.lowest_slot))
-            self.lowest_slot = slot
+            self._holes_below(slot)
             self.out_of_order += 1
-        elif slot in self.holes:
-            self.holes.discard(slot)
+        elif (back := self.highest_slot - slot) < HOLE_WINDOW_SLOTS and self.holes >> back & 1:
+            self.holes &= ~(1 << back)
             self.out_of_order += 1
         else:
             self.duplicates += 1
 
-    def _add_holes(self, slots: range) -> None:
-        room = max(0, MAX_REMEMBERED_HOLES - len(self.holes))
-        self.holes.update(slots[:room])
-        self.forgotten_holes += max(0, len(slots) - room)
+    def _advance(self, step: int) -> None:
+        """The newest slot moves ``step`` ahead; the ``step - 1`` slots skipped are holes."""
+        skipped = step - 1
+        if step >= HOLE_WINDOW_SLOTS:
+            self.forgotten_holes += self.holes.bit_count() + skipped - MAX_REMEMBERED_HOLES
+            self.holes = _WINDOW_MASK & ~1
+            return
+        holes = (self.holes << step) | (((1 << skipped) - 1) << 1)
+        if holes > _WINDOW_MASK:
+            self.forgotten_holes += (holes >> HOLE_WINDOW_SLOTS).bit_count()
+            holes &= _WINDOW_MASK
+        self.holes = holes
+
+    def _holes_below(self, slot: int) -> None:
+        """A frame before the earliest so far: the slots between are holes."""
+        nearest = self.highest_slot - self.lowest_slot + 1  # bit of the slot below lowest
+        farthest = self.highest_slot - slot - 1  # bit of the slot above this frame
+        kept_to = min(farthest, HOLE_WINDOW_SLOTS - 1)
+        if kept_to >= nearest:
+            self.holes |= ((1 << (kept_to - nearest + 1)) - 1) << nearest
+        self.forgotten_holes += max(0, farthest - max(kept_to, nearest - 1))
+        self.lowest_slot = slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +168,7 @@ class CallSummary:
     bad_frames: int
     ignored_events: int
     dtmf: str
+    dtmf_dropped: int
     marks_sent: int
     marks_received: int
     duration_ms: int
@@ -160,6 +190,7 @@ class CallSummary:
             "bad_frames": self.bad_frames,
             "ignored_events": self.ignored_events,
             "dtmf": self.dtmf,
+            "dtmf_dropped": self.dtmf_dropped,
             "marks_sent": self.marks_sent,
             "marks_received": self.marks_received,
             "duration_ms": self.duration_ms,
@@ -205,10 +236,10 @@ class Session:
         self.bad_frames = 0
         self.ignored_events = 0
         self.dtmf_digits: list[str] = []
+        self.dtmf_dropped = 0  # presses beyond MAX_DTMF_DIGITS: counted, not kept
         self.marks_sent = 0
         self.marks_received = 0
         self.summary: CallSummary | None = None
-        self._allowed_tracks: frozenset[str] = _KNOWN_TRACKS
         self._events: list[SessionEvent] = []
         self._outgoing: list[bytes] = []
 
@@ -245,7 +276,7 @@ class Session:
         stats.add_frame(body.timestamp, len(body.payload))
 
     def _new_track(self, track: str) -> TrackStats:
-        if track not in self._allowed_tracks:
+        if track not in _KNOWN_TRACKS:
             raise RemoteProtocolError(f"media on unknown track {track!r}")
         stats = self.track_stats[track] = TrackStats()
         return stats
@@ -260,7 +291,10 @@ class Session:
         else:
             self._check_streaming(event)
             if isinstance(event, wire.Dtmf):
-                self.dtmf_digits.append(event.digit)
+                if len(self.dtmf_digits) < MAX_DTMF_DIGITS:
+                    self.dtmf_digits.append(event.digit)
+                else:
+                    self.dtmf_dropped += 1
             elif isinstance(event, wire.Mark):
                 self.marks_received += 1
             elif isinstance(event, wire.Stop):
@@ -280,9 +314,16 @@ class Session:
         self.stream_sid = start.started_stream_sid
         self.call_sid = start.call_sid
         self.account_sid = start.account_sid
-        self.tracks = start.tracks
+        # Only Twilio's track names: any other (a hostile start may list thousands) is
+        # left out, so a stream has at most two tracks' worth of state.
+        self.tracks = tuple(dict.fromkeys(t for t in start.tracks if t in _KNOWN_TRACKS))
         self.media_format = start.media_format
-        self._allowed_tracks = _KNOWN_TRACKS | frozenset(start.tracks)
+        unknown = [t for t in start.tracks if t not in _KNOWN_TRACKS]
+        if unknown:
+            self.bad_frames += 1
+            self._events.append(BadFrame(
+                f"start lists {len(unknown)} unknown track names (ignored)",
+                ", ".join(unknown)[:BAD_FRAME_EXCERPT_CHARS], self.bad_frames))
         parameters = dict(start.custom_parameters)
         self.custom_parameters = MappingProxyType(parameters)
         self.custom_parameters_bytes = parameters_size(parameters)
@@ -351,6 +392,7 @@ class Session:
             bad_frames=self.bad_frames,
             ignored_events=self.ignored_events,
             dtmf="".join(self.dtmf_digits),
+            dtmf_dropped=self.dtmf_dropped,
             marks_sent=self.marks_sent,
             marks_received=self.marks_received,
             duration_ms=last_ms,

@@ -153,9 +153,13 @@ class Media(_Struct, frozen=True, tag="media", tag_field="event", forbid_unknown
         return self.media.payload
 
 
+# A key press is one key of the telephone keypad (RFC 4733's events 0-15).
+DtmfDigit = Annotated[str, msgspec.Meta(pattern="^[0-9*#A-D]$")]
+
+
 class _DtmfBody(_Struct, frozen=True):
     track: str
-    digit: str
+    digit: DtmfDigit
 
 
 class Dtmf(_Struct, frozen=True, tag="dtmf", tag_field="event"):

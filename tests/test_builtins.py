@@ -18,6 +18,7 @@ from streamsvc import wire
 from streamsvc.builtins.dtmf import DtmfHandler
 from streamsvc.builtins.files import safe_path_component, write_atomically
 from streamsvc.builtins.levels import LevelsHandler
+from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError, LocalProtocolError
 from streamsvc.fixtures import Fixture, load_fixture
@@ -437,3 +438,19 @@ def test_ids_that_sanitise_alike_get_distinct_bounded_file_names(first: str,
     assert safe_path_component(first) != safe_path_component(second)
     assert len(safe_path_component(first)) <= 80
     assert "CA0123456789abcdef" == safe_path_component("CA0123456789abcdef")
+
+
+def test_the_log_handler_logs_the_first_lines_and_counts_the_rest(logs: LogEvents) -> None:
+    handler = LogHandler(max_lines=3)
+    dtmf = wire.parse(json.dumps({"event": "dtmf", "streamSid": "MZ1",
+                                  "dtmf": {"track": "inbound_track", "digit": "1"}}))
+    mark = wire.parse(json.dumps({"event": "mark", "streamSid": "MZ1",
+                                  "mark": {"name": "m" * 5000}}))
+    assert isinstance(dtmf, wire.Dtmf)
+    assert isinstance(mark, wire.Mark)
+    for _ in range(10):
+        handler.on_dtmf(dtmf)
+        handler.on_mark(mark)
+    assert (3, 3) == (len(events(logs, "call.dtmf")), len(events(logs, "call.mark")))
+    assert {"lines_not_logged": 14} == handler.report()
+    assert 200 == len(events(logs, "call.mark")[0]["name"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from streamsvc import wire
 from streamsvc.exceptions import LocalProtocolError
 from streamsvc.session import (
+    MAX_DTMF_DIGITS,
     MAX_REMEMBERED_HOLES,
     BadFrame,
     Session,
@@ -134,8 +136,45 @@ def test_remembered_holes_are_bounded_and_the_rest_still_counted() -> None:
     stats = TrackStats()
     stats.add_frame(0, 160)
     stats.add_frame((MAX_REMEMBERED_HOLES + 11) * 20, 160)
-    assert MAX_REMEMBERED_HOLES == len(stats.holes)
+    assert MAX_REMEMBERED_HOLES == stats.remembered_holes
     assert MAX_REMEMBERED_HOLES + 10 == stats.missing
+
+
+@pytest.mark.parametrize("jump_ms", [10**6, 4 * 3600 * 1000, 2**53 - 1])
+def test_a_jump_of_any_size_keeps_a_tracks_memory_bounded(jump_ms: int) -> None:
+    stats = TrackStats()
+    stats.add_frame(0, 160)
+    stats.add_frame(jump_ms, 160)
+    stats.add_frame(0, 160)  # a duplicate of the first, long forgotten as a neighbour
+    assert (jump_ms + 10) // 20 - 1 == stats.missing
+    assert sys.getsizeof(stats.holes) < 1024
+
+
+def test_a_start_listing_unknown_tracks_keeps_only_twilios() -> None:
+    session = Session()
+    tracks = ("inbound", *(f"t{i}" for i in range(8000)), "outbound", "inbound")
+    events = feed(session, start(tracks=tracks))
+    assert ("inbound", "outbound") == session.tracks
+    [bad] = [e for e in events if isinstance(e, BadFrame)]
+    assert "start lists 8000 unknown track names (ignored)" == bad.reason
+    feed(session, media(99, track="t1"))
+    assert 2 == session.bad_frames  # media on a track the start could not add
+
+
+@pytest.mark.parametrize("digit", ["x" * 60_000, "", "10", "e", "\u0000"])
+def test_a_dtmf_digit_that_is_no_key_is_a_bad_frame(digit: str) -> None:
+    session = streaming(bidirectional=True)
+    feed(session, other("dtmf", {"track": "inbound_track", "digit": digit}))
+    summary = session.close("stop")
+    assert ("", 1) == (summary.dtmf, summary.bad_frames)
+
+
+def test_kept_dtmf_digits_are_capped_and_the_rest_counted() -> None:
+    session = streaming(bidirectional=True)
+    presses = [other("dtmf", {"track": "inbound_track", "digit": "5"})] * (MAX_DTMF_DIGITS + 7)
+    feed(session, *presses)
+    summary = session.close("stop")
+    assert (MAX_DTMF_DIGITS, 7) == (len(summary.dtmf), summary.dtmf_dropped)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=200), min_size=1, max_size=60))
