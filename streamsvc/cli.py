@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import wave
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,11 @@ __all__ = ["main"]
 
 # Set by `serve --workers N` for its workers: the directory where they share metrics.
 SHARED_METRICS_ENV = "STREAMSVC_SHARED_METRICS_DIR"
+# How `serve --workers N` watches its workers: how often, how many deaths it replaces in
+# all, and the longest pause before a replacement.
+WORKER_POLL_S = 0.5
+WORKER_RESTARTS = 10
+WORKER_RESTART_MAX_S = 30.0
 
 DESCRIPTION = """\
 A Twilio Media Streams consumer. Point <Start><Stream url="wss://HOST/stream"> or
@@ -227,24 +233,52 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 def _run_workers(workers: int, argv: list[str]) -> int:
     """Run ``workers`` copies of this server sharing the port through SO_REUSEPORT (the
-    kernel spreads connections over them); forward SIGTERM and SIGINT; exit with the worst
-    status. Each worker drains on its own; whichever answers /metrics sums all of them."""
+    kernel spreads connections over them); forward SIGTERM and SIGINT. A worker that dies
+    while the service runs is replaced, after a pause that doubles on each death (1 s to
+    30 s); its metrics leave the sums at once. Exits 0 when every worker ended cleanly on a
+    signal, else 1 (a worker died and could not be replaced, or ended badly)."""
     command = [sys.executable, "-m", "streamsvc", *argv, "--workers", "1", "--reuse-port"]
     share = tempfile.TemporaryDirectory(prefix="streamsvc-metrics-")
     env = {**os.environ, SHARED_METRICS_ENV: share.name}
-    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     logger = structlog.get_logger("streamsvc")
-    logger.info("server.workers", pids=[child.pid for child in children])
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    logger.info("server.workers", pids=[child.pid for child in children])
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
+    failed = False
+    deaths = 0
     with share:
-        return max(child.wait() for child in children)
+        while not stopping and any(child.poll() is None for child in children):
+            for index, child in enumerate(children):
+                code = child.poll()
+                if code is None or stopping:
+                    continue
+                Path(share.name, f"{child.pid}.json").unlink(missing_ok=True)
+                deaths += 1
+                pause = min(WORKER_RESTART_MAX_S, 2 ** (deaths - 1))
+                logger.error("server.worker_died", pid=child.pid, exit_code=code,
+                             restart_in_s=pause)
+                if deaths > WORKER_RESTARTS:
+                    failed = True
+                    logger.error("server.worker_not_replaced", deaths=deaths)
+                    forward(signal.SIGTERM, None)
+                    break
+                time.sleep(pause)
+                if not stopping:
+                    children[index] = subprocess.Popen(command, env=env)
+                    logger.info("server.worker_restarted", pid=children[index].pid)
+            time.sleep(WORKER_POLL_S)
+        codes = [child.wait() for child in children]
+    return 1 if failed or any(code != 0 for code in codes) else 0
 
 
 async def _run_server(settings: Settings) -> None:

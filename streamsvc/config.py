@@ -120,6 +120,7 @@ class Settings:
     max_unread_bytes: int = 8 * 1024 * 1024
     parameter_budget_bytes: int = 800
     # Timeouts
+    handshake_timeout_s: float = 5.0
     start_timeout_s: float = 10.0
     idle_timeout_s: float = 15.0
     ping_interval_s: float = 20.0
@@ -218,6 +219,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("parameter_budget_bytes", ("STREAMSVC_PARAMETER_BUDGET_BYTES",), int,
             "custom parameter bytes above which a warning is logged (kept whole)", minimum=0),
     # Timeouts
+    Setting("handshake_timeout_s", ("STREAMSVC_HANDSHAKE_TIMEOUT_S",), float,
+            "seconds from connect to a whole request head (HTTP or WebSocket handshake); "
+            "idle sockets are closed then", minimum=0.001),
     Setting("start_timeout_s", ("STREAMSVC_START_TIMEOUT_S",), float,
             "seconds from connect to `start`; then the stream is closed with 1008", minimum=0.001),
     Setting("idle_timeout_s", ("STREAMSVC_IDLE_TIMEOUT_S",), float,

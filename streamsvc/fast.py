@@ -99,7 +99,7 @@ class _FrontProtocol(asyncio.Protocol):
                  websocket_protocol: Callable[[], WSProtocol]) -> None:
         self.front = server.http_front()
         self.websocket_protocol = websocket_protocol
-        self.head_timeout_s = server.settings.start_timeout_s
+        self.head_timeout_s = server.settings.handshake_timeout_s
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
 

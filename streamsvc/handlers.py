@@ -51,6 +51,7 @@ __all__ = [
 logger = structlog.get_logger("streamsvc.handlers")
 
 DEFAULT_QUEUE_SIZE: Final = 500  # 10 s of one track at 50 frames/s
+DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,9 @@ class AsyncHandler:
     handler's own task, one at a time and in order, so they may await I/O."""
 
     queue_size: int = DEFAULT_QUEUE_SIZE
+    # The same queue bounded in bytes of audio and raw frames: a peer sending 64 KiB frames
+    # cannot make queue_size of them pile up. Beyond, frames are dropped and counted.
+    max_queue_bytes: int = DEFAULT_QUEUE_BYTES
     # Gather events for up to this many milliseconds before the handler's task wakes (0:
     # wake for each). A handler that needs no low latency (a recorder, a writer) saves a
     # task wake-up per frame; order and the queue limit are unchanged.
@@ -238,7 +242,7 @@ class _Slot:
         logger.exception("handler.failed", handler=self.name, method=method)
 
 
-_Item: TypeAlias = tuple[str, tuple[Any, ...]]
+_Item: TypeAlias = tuple[str, tuple[Any, ...], int]  # method, arguments, bytes held
 
 
 class _QueueRunner:
@@ -253,6 +257,8 @@ class _QueueRunner:
         self.observe = observe
         self.handler = handler
         self.limit = max(1, handler.queue_size)
+        self.byte_limit = max(1, handler.max_queue_bytes)
+        self.queued_bytes = 0
         self.items: collections.deque[_Item] = collections.deque()
         self.loop = asyncio.get_running_loop()
         self.waiter: asyncio.Future[None] | None = None  # set while the task waits for items
@@ -271,10 +277,13 @@ class _QueueRunner:
         if self.slot.failed and method != "on_stop":
             return
         limit = self.limit if method == "on_media" else 2 * self.limit
-        if droppable and len(self.items) >= limit:
+        size = _held_bytes(method, args)
+        if droppable and (len(self.items) >= limit
+                          or self.queued_bytes + size > self.byte_limit):
             self.slot.dropped += 1
             return
-        self.items.append((method, args))
+        self.queued_bytes += size
+        self.items.append((method, args, size))
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
@@ -307,7 +316,8 @@ class _QueueRunner:
                     if self.batch_s and not self.drained:
                         await asyncio.sleep(self.batch_s)  # let a batch gather
                     continue
-                method, args = items.popleft()
+                method, args, size = items.popleft()
+                self.queued_bytes -= size
                 if slot.failed:
                     if method == "on_stop":
                         return
@@ -331,6 +341,15 @@ class _QueueRunner:
                     return
         finally:
             self._notify_drained()
+
+
+def _held_bytes(method: str, args: tuple[Any, ...]) -> int:
+    """The bytes an item keeps alive while queued: audio, or a raw frame's text."""
+    if method == "on_media":
+        return len(args[0].payload)
+    if method == "on_raw_frame":
+        return len(args[0].text)
+    return 0
 
 
 def _overrides_raw_frame(handler: AnyHandler) -> bool:

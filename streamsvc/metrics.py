@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import collections
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -194,6 +195,10 @@ def _labelled(name: str, documentation: str, label: str,
     return family
 
 
+# A worker publishes about once a second; a snapshot this old is a dead worker's.
+STALE_SNAPSHOT_S = 10.0
+
+
 class WorkerShare:
     """The metrics of the worker processes of one ``streamsvc serve --workers N``, which
     share a port: whichever worker a scrape reaches answers for all of them. Each worker
@@ -219,10 +224,13 @@ class WorkerShare:
         families: dict[str, Metric] = {}
         values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
         snapshots = [[_family_to_json(family) for family in own]]
+        now = time.time()
         for path in sorted(self.directory.glob("*.json")):
             if path == self.own:
                 continue
             try:
+                if now - path.stat().st_mtime > STALE_SNAPSHOT_S:
+                    continue  # a worker that stopped publishing is gone: its calls too
                 snapshots.append(orjson.loads(path.read_bytes()))
             except (OSError, orjson.JSONDecodeError):
                 continue  # a worker that is gone, or one writing: skip it this time

@@ -54,6 +54,11 @@ MAX_OUTBOUND_FRAMES: Final = 15_000
 # How long a connection the service closes gets (to flush, to answer the close handshake)
 # before the TCP connection is dropped.
 CLOSE_GRACE_S: Final = 1.0
+# Of a drain's time (drain_timeout_s), what is kept for the end: closing the streams still
+# up (CLOSE_GRACE_S each, at once) and letting their handlers finish; at most half of it.
+SHUTDOWN_RESERVE_S: Final = 4.0
+# What is left of it at the very end, for the summaries to be logged.
+SHUTDOWN_CLOSE_S: Final = 0.25
 # How often a worker of `serve --workers N` publishes its metrics for the others.
 METRICS_SHARE_INTERVAL_S: Final = 1.0
 
@@ -93,6 +98,7 @@ class StreamServer:
         self._publisher: asyncio.Task[None] | None = None  # shares metrics with workers
         self.picows_calls: set[ShellCall] = set()  # their connections in progress
         self._shutting_down = False
+        self.stop_deadline: float | None = None  # loop time by which a drain must be done
 
     @property
     def active_calls(self) -> int:
@@ -135,6 +141,8 @@ class StreamServer:
             max_queue=64,  # frames buffered per connection before TCP backpressure
             ping_interval=s.ping_interval_s or None,
             ping_timeout=s.ping_timeout_s,
+            close_timeout=CLOSE_GRACE_S,  # a peer that never answers the close is dropped
+            open_timeout=s.handshake_timeout_s,
             server_header=None,
             reuse_port=s.reuse_port or None,
             create_connection=_http_aware_connection(self),
@@ -152,23 +160,37 @@ class StreamServer:
 
     async def drain(self, timeout_s: float, *, abort: asyncio.Event | None = None) -> None:
         """Stop taking calls (``/readyz`` and new handshakes answer 503, ``/healthz`` stays
-        200), wait until the calls in progress end, ``timeout_s`` passes or ``abort`` is
-        set, then :meth:`stop`."""
+        200), wait until the calls in progress end or ``abort`` is set, then :meth:`stop`;
+        all within ``timeout_s``: the last :data:`SHUTDOWN_RESERVE_S` (at most half of it)
+        is kept for closing what is left and finishing its handlers."""
         self.draining = True
         logger.info("server.draining", active_calls=self.active_calls, timeout_s=timeout_s)
+        reserve = min(timeout_s / 2, SHUTDOWN_RESERVE_S)
         waits = [asyncio.ensure_future(self._idle.wait())]
         if abort is not None:
             waits.append(asyncio.ensure_future(abort.wait()))
-        _done, pending = await asyncio.wait(waits, timeout=timeout_s,
+        _done, pending = await asyncio.wait(waits, timeout=timeout_s - reserve,
                                             return_when=asyncio.FIRST_COMPLETED)
         for waiting in pending:
             waiting.cancel()
-        await self.stop()
+        await self.stop(within_s=reserve)
 
-    async def stop(self) -> None:
-        """Close every stream (1001, reason ``shutdown``) and wait for their handlers."""
+    async def stop(self, *, within_s: float | None = None) -> None:
+        """Close every stream (1001, reason ``shutdown``) and wait for their handlers; with
+        ``within_s``, handlers get what is left of it, and whatever is still running then
+        is left behind (``server.stop_timeout``)."""
+        loop = asyncio.get_running_loop()
+        if within_s is not None:
+            self.stop_deadline = loop.time() + within_s
         try:
-            await self._stop()
+            if within_s is None:
+                await self._stop()
+            else:
+                try:
+                    await asyncio.wait_for(self._stop(), within_s)
+                except TimeoutError:
+                    logger.warning("server.stop_timeout", within_s=within_s,
+                                   active_calls=self.active_calls)
         finally:
             if self._publisher is not None:
                 self._publisher.cancel()
@@ -566,8 +588,7 @@ class CallCore:
         await asyncio.sleep(0)  # their callbacks run before the handlers report
         closed = dataclasses.replace(self.session.close(reason),
                                      context_budget=self.context_budget)
-        summary = await self.chain.finish(self.session, closed,
-                                          self.server.settings.handler_stop_timeout_s)
+        summary = await self.chain.finish(self.session, closed, self._handler_grace_s())
         self.server.metrics.call_ended(summary, self.chain.errors(), self.chain.drops())
         logger.info(
             "stream.stopped",
@@ -580,6 +601,16 @@ class CallCore:
             custom_parameters_bytes=self.session.custom_parameters_bytes,
             wall_ms=round((time.monotonic() - self.connected_at) * 1000),
         )
+
+    def _handler_grace_s(self) -> float:
+        """How long handlers may take to finish: their stop timeout, cut to what is left
+        of a drain's time."""
+        grace = self.server.settings.handler_stop_timeout_s
+        deadline = self.server.stop_deadline
+        if deadline is not None:
+            left = deadline - asyncio.get_running_loop().time() - SHUTDOWN_CLOSE_S
+            grace = max(0.0, min(grace, left))
+        return grace
 
     def start_writer(self) -> None:
         """Called when a bidirectional stream starts (before any handler can send)."""

@@ -4,12 +4,14 @@ it should not. Loopback only, bounded in time."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -365,3 +367,61 @@ def test_hundreds_of_real_time_calls_lose_no_frame(
               f"{busy_rss} kB busy, "
               f"{per_call_kb:.1f} kB per active call")
     assert per_call_kb < 1024
+
+
+def test_a_drain_with_a_peer_that_never_answers_the_close_fits_its_timeout(
+    processes: list[subprocess.Popen[str]], transport: str,
+) -> None:
+    """A platform kills the process after its grace: the whole drain, closes and handlers
+    included, stays within drain_timeout_s even when a peer never answers the close."""
+    server = serve(processes, "--drain-timeout-s", "3", "--transport", transport)
+    fixture = load_fixture(FIXTURES / "inbound_params.jsonl")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        silent.sendall(f"GET /stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                       "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        for entry in fixture.frames[:2]:  # connected, start; then silence, reading nothing
+            text = entry.text.encode()
+            mask = os.urandom(4)
+            head = bytes([0x81, 0x80 | 126]) + struct.pack(">H", len(text)) if len(
+                text) > 125 else bytes([0x81, 0x80 | len(text)])
+            silent.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text)))
+        server.wait_for_log("stream.started")
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert 0 == server.process.wait(timeout=30)
+        took = time.monotonic() - started
+    assert took < 3 + 1.0  # the drain's own 3 s, and the process's exit
+    assert "shutdown" == server.wait_for_log("stream.stopped")["reason"]
+
+
+def test_a_killed_worker_is_replaced_and_its_figures_leave_the_sums(
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = serve(processes, "--workers", "2", "--port", str(port))
+    server.wait_for_log("server.listening")  # the second worker
+    time.sleep(2 * METRICS_SHARE_INTERVAL_S + 0.5)
+    workers = [int(p) for p in subprocess.run(
+        ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True,
+        check=True).stdout.split()]
+    assert 2 == len(workers)
+    os.kill(workers[0], signal.SIGKILL)
+    died = server.wait_for_log("server.worker_died")
+    assert (workers[0], -9) == (died["pid"], died["exit_code"])
+    restarted = server.wait_for_log("server.worker_restarted")
+    server.wait_for_log("server.listening")  # the replacement serves
+    time.sleep(2 * METRICS_SHARE_INTERVAL_S + 0.5)
+    seen = set()
+    for _ in range(8):  # the kernel spreads these over both workers
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            body = answer.read().decode()
+        seen.update(re.findall(r"^streamsvc_workers (\S+)$", body, re.MULTILINE))
+    assert {"2.0"} == seen  # the dead worker's snapshot is gone, the replacement's counted
+    assert restarted["pid"] not in workers
+    server.process.send_signal(signal.SIGTERM)
+    assert 0 == server.process.wait(timeout=30)

@@ -163,6 +163,26 @@ async def test_queued_handler_drops_media_when_behind_and_never_blocks() -> None
     assert ["start", "media:99", "media:119", "media:139", "stop"] == calls
 
 
+async def test_a_queued_handlers_queue_is_bounded_in_bytes_too() -> None:
+    class BigQueue(SlowQueued):
+        queue_size = 10_000
+        max_queue_bytes = 160 * 4  # four frames' audio
+
+    calls: list[str] = []
+    release = asyncio.Event()
+    chain = HandlerChain((spec("slow", BigQueue, calls=calls, release=release),))
+    session = started_session()
+    chain.start(session)
+    await asyncio.sleep(0)  # stuck in on_start
+    for i in range(100):
+        chain.dispatch(media(99 + 20 * i))
+    assert {"slow": 96} == chain.drops()
+    chain.stop(session, session.close("stop"))
+    release.set()
+    await chain.wait_stopped(grace_s=5)
+    assert 4 == sum(call.startswith("media") for call in calls)
+
+
 async def test_queued_handler_that_hangs_in_on_stop_is_cancelled_after_the_grace() -> None:
     class Hangs(AsyncHandler):
         async def on_stop(self, session: Session, summary: CallSummary) -> None:

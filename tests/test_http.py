@@ -144,3 +144,20 @@ async def test_behind_a_path_prefix_a_stream_signed_without_it_is_refused(
     result = await replay_session(Fixture("unprefixed", tuple(synthesize(plan))), url,
                                   speed=0, headers=headers)
     assert "handshake rejected: HTTP 403" == (result.error or "")[:28]
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /stream HTTP/1.1\r\nHost: x\r\n"],
+                         ids=["nothing", "half-a-head"])
+async def test_a_socket_that_sends_no_whole_request_is_closed_after_the_handshake_timeout(
+        transport: str, sent: bytes) -> None:
+    server = StreamServer(Settings(port=0, routes=(Route("/media", ()),), transport=transport,
+                                   handshake_timeout_s=0.3))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(sent)
+        async with asyncio.timeout(5):  # well past the 0.3 s: the server hung up by then
+            assert b"" == await reader.read()
+        writer.close()
+    finally:
+        await server.stop()
