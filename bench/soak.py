@@ -2,26 +2,40 @@
 file descriptors, to show whether either drifts. Not run in CI.
 
     python -m bench.soak --minutes 10 --concurrency 100 [--transport picows]
+    python -m bench.soak --minutes 5 --concurrency 20 --adversarial
 
 Calls start and end continuously (each replays a bundled fixture in real time); every
-``--sample-s`` seconds the server's RSS and open FD count are printed, and at the end the
-drift between the first and last quarter of the run (medians) is reported.
+``--sample-s`` seconds the server's RSS, open FD count and ``/healthz`` answer time are
+printed, and at the end the drift between the first and last quarter of the run (medians).
+
+``--adversarial``: after the first quarter (honest calls only: the RSS it settles at is the
+honest-load level), the attacks of ``bench/attacks.py`` run in loops beside the honest calls
+(ping floods, oversized messages, track names with huge gaps, DTMF and mark spam, idle and
+half-open sockets, junk HTTP). The report adds the peak RSS against the honest level, the
+slowest ``/healthz``, the honest calls' pacing lateness (p99), and how many honest calls the
+server did not see whole (``stream.stopped`` with reason ``stop`` and every frame, read from
+its own log).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from streamsvc.fixtures import load_fixture
-from streamsvc.replay import replay_session
+from streamsvc.replay import SessionResult, replay_session
+
+from .attacks import ATTACKS
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "inbound_params.jsonl"
 
@@ -37,34 +51,88 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def call_loop(url: str, deadline: float, results: list[bool]) -> None:
+async def call_loop(url: str, deadline: float, results: list[SessionResult]) -> None:
     fixture = load_fixture(FIXTURE)
     while time.monotonic() < deadline:
         copy = len(results) + 1  # fresh streamSid and callSid for every call
-        results.append((await replay_session(fixture, url, speed=1, copy=copy)).ok)
+        results.append(await replay_session(fixture, url, speed=1, copy=copy))
 
 
-async def soak(url: str, pid: int, minutes: float, concurrency: int, sample_s: float) -> None:
-    deadline = time.monotonic() + minutes * 60
-    results: list[bool] = []
+async def attack_loop(name: str, port: int, deadline: float, counts: dict[str, int]) -> None:
+    while time.monotonic() < deadline:
+        await ATTACKS[name](port)
+        counts[name] = counts.get(name, 0) + 1
+
+
+async def healthz_ms(port: int) -> float:
+    """How long ``GET /healthz`` takes to answer (a stalled loop shows here first)."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.read()
+            writer.close()
+    except (OSError, TimeoutError):
+        return float("inf")
+    return (time.monotonic() - started) * 1000
+
+
+async def soak(port: int, pid: int, minutes: float, concurrency: int, sample_s: float,
+               stopped: dict[str, dict[str, object]], adversarial: bool) -> None:
+    url = f"ws://127.0.0.1:{port}/stream"
+    started = time.monotonic()
+    deadline = started + minutes * 60
+    results: list[SessionResult] = []
     loops = [asyncio.create_task(call_loop(url, deadline, results))
              for _ in range(concurrency)]
-    samples: list[tuple[float, int, int]] = []
-    started = time.monotonic()
-    print(f"{'t_s':>7} {'rss_kB':>9} {'fds':>6} {'calls':>7}")
+    attacks: dict[str, int] = {}
+    attack_from = started + minutes * 60 / 4 if adversarial else deadline
+    samples: list[tuple[float, int, int, float]] = []
+    print(f"{'t_s':>7} {'rss_kB':>9} {'fds':>6} {'calls':>7} {'healthz_ms':>10}")
     while time.monotonic() < deadline:
         await asyncio.sleep(sample_s)
-        sample = (time.monotonic() - started, rss_kb(pid), open_fds(pid))
+        if adversarial and not attacks and time.monotonic() >= attack_from:
+            attacks = dict.fromkeys(ATTACKS, 0)
+            loops += [asyncio.create_task(attack_loop(name, port, deadline, attacks))
+                      for name in ATTACKS]
+        sample = (time.monotonic() - started, rss_kb(pid), open_fds(pid),
+                  await healthz_ms(port))
         samples.append(sample)
-        print(f"{sample[0]:7.0f} {sample[1]:9d} {sample[2]:6d} {len(results):7d}", flush=True)
+        print(f"{sample[0]:7.0f} {sample[1]:9d} {sample[2]:6d} {len(results):7d} "
+              f"{sample[3]:10.1f}", flush=True)
     await asyncio.gather(*loops)
+    await asyncio.sleep(2)  # the last calls' summaries reach the log
     quarter = max(1, len(samples) // 4)
     first, last = samples[:quarter], samples[-quarter:]
-    rss_drift = statistics.median(s[1] for s in last) - statistics.median(s[1] for s in first)
-    fd_drift = statistics.median(s[2] for s in last) - statistics.median(s[2] for s in first)
-    print(json.dumps({"minutes": minutes, "concurrency": concurrency, "calls": len(results),
-                      "failed": results.count(False), "rss_drift_kb": rss_drift,
-                      "fd_drift": fd_drift}))
+    report: dict[str, object] = {
+        "minutes": minutes, "concurrency": concurrency, "calls": len(results),
+        "failed": sum(not r.ok for r in results),
+        "rss_drift_kb": statistics.median(s[1] for s in last)
+        - statistics.median(s[1] for s in first),
+        "fd_drift": statistics.median(s[2] for s in last)
+        - statistics.median(s[2] for s in first),
+        "healthz_max_ms": round(max(s[3] for s in samples), 1),
+    }
+    if adversarial:
+        honest = statistics.median(s[1] for s in samples if s[0] <= attack_from - started)
+        peak = max(s[1] for s in samples if s[0] > attack_from - started)
+        lateness = sorted(x for r in results for x in r.lateness_ms)
+        incomplete = [r.stream_sid for r in results if not _whole(stopped.get(r.stream_sid or ""))]
+        report.update({
+            "attacks": attacks, "rss_honest_kb": honest, "rss_peak_kb": peak,
+            "rss_peak_x_honest": round(peak / honest, 2),
+            "honest_lateness_p99_ms": round(lateness[int(len(lateness) * 0.99)], 1)
+            if lateness else None,
+            "honest_calls_incomplete": len(incomplete),
+        })
+    print(json.dumps(report))
+
+
+def _whole(stopped: dict[str, object] | None) -> bool:
+    """Whether the server saw an honest call whole: ended by its stop, every frame there."""
+    return bool(stopped) and stopped.get("reason") == "stop" and stopped.get(
+        "frames") == {"inbound": 204} and stopped.get("missing_frames") == {"inbound": 0}
 
 
 def main() -> None:
@@ -74,6 +142,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--sample-s", type=float, default=10)
     parser.add_argument("--transport", choices=["websockets", "picows"], default="websockets")
+    parser.add_argument("--adversarial", action="store_true",
+                        help="run the attacks of bench/attacks.py beside the honest calls")
     args = parser.parse_args()
     server = subprocess.Popen(
         [sys.executable, "-m", "streamsvc", "serve", "--port", "0", "--log-level", "info",
@@ -82,14 +152,25 @@ def main() -> None:
     try:
         assert server.stdout is not None
         port = json.loads(server.stdout.readline())["port"]
-        # Keep reading the server's log so that its pipe never fills.
-        drain = subprocess.Popen(["cat"], stdin=server.stdout, stdout=subprocess.DEVNULL)
-        asyncio.run(soak(f"ws://127.0.0.1:{port}/stream", server.pid, args.minutes,
-                         args.concurrency, args.sample_s))
+        # Keep reading the server's log (so that its pipe never fills), keeping each
+        # stream's summary.
+        stopped: dict[str, dict[str, object]] = {}
+        reader = threading.Thread(target=_read_log, args=(server.stdout, stopped), daemon=True)
+        reader.start()
+        asyncio.run(soak(port, server.pid, args.minutes, args.concurrency, args.sample_s,
+                         stopped, args.adversarial))
     finally:
         server.terminate()
         server.wait()
-    drain.wait()
+
+
+def _read_log(stream: IO[str], stopped: dict[str, dict[str, object]]) -> None:
+    for line in stream:
+        if '"stream.stopped"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            stopped[str(entry.get("stream_sid"))] = entry
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""Hostile clients for ``python -m bench.soak --adversarial``: each coroutine attacks a
+server on loopback once, bounded in bytes and time, and returns. The soak runs them in loops
+beside honest real-time calls.
+
+Every attack is one the service must survive without losing an honest call's frames,
+growing without bound or stalling: ping floods that read no pong, oversized messages (one
+frame, and fragments), thousands of track names with huge timestamp gaps, DTMF and mark
+spam, idle and half-open sockets, slow request heads, and junk HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import os
+import struct
+from collections.abc import Awaitable, Callable
+
+__all__ = ["ATTACKS"]
+
+# Each attack gives up after this long, whatever the server does.
+ATTACK_LIMIT_S = 10.0
+
+
+def ws_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One masked client frame."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    if size < 126:
+        head += bytes([0x80 | size])
+    elif size < 65536:
+        head += bytes([0x80 | 126]) + struct.pack(">H", size)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", size)
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if size < 4096 else (
+        (int.from_bytes(payload, "big") ^ int.from_bytes(
+            (mask * (size // 4 + 1))[:size], "big")).to_bytes(size, "big"))
+    return head + mask + masked
+
+
+async def _open(port: int, path: str = "/stream") -> tuple[asyncio.StreamReader,
+                                                           asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=65536)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+def _start(sid: str, tracks: list[str]) -> bytes:
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": {
+        "accountSid": "AC1", "streamSid": sid, "callSid": "CA" + sid[2:], "tracks": tracks,
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        "customParameters": {}}}).encode()
+
+
+def _media(sid: str, track: str, timestamp: int) -> bytes:
+    return json.dumps({"event": "media", "streamSid": sid, "media": {
+        "track": track, "chunk": "1", "timestamp": str(timestamp),
+        "payload": base64.b64encode(bytes(160)).decode()}}).encode()
+
+
+async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(data)
+    await writer.drain()
+
+
+async def ping_flood(port: int) -> None:
+    _, writer = await _open(port)
+    burst = ws_frame(0x9, b"p" * 125) * 200
+    for _ in range(2000):  # 50 MB at most
+        await _send(writer, burst)
+    writer.close()
+
+
+async def oversized(port: int) -> None:
+    reader, writer = await _open(port)
+    await _send(writer, ws_frame(0x1, b"x" * 4_000_000))
+    await reader.read()
+    writer.close()
+    reader, writer = await _open(port)
+    piece = b"y" * 60_000
+    await _send(writer, ws_frame(0x1, piece, fin=False)
+                + b"".join(ws_frame(0x0, piece, fin=False) for _ in range(60)))
+    await reader.read()
+    writer.close()
+
+
+async def tracks_and_gaps(port: int) -> None:
+    sid = "MZ" + os.urandom(16).hex()
+    tracks = ["inbound", *(f"t{i}" for i in range(6000))]
+    _, writer = await _open(port)
+    await _send(writer, ws_frame(0x1, _start(sid, tracks)))
+    for i, track in enumerate(tracks[:400]):
+        for timestamp in (0, 1_000_000 + i):
+            await _send(writer, ws_frame(0x1, _media(sid, track, timestamp)))
+    writer.close()
+
+
+async def dtmf_and_mark_spam(port: int) -> None:
+    sid = "MZ" + os.urandom(16).hex()
+    _, writer = await _open(port, "/connect")
+    await _send(writer, ws_frame(0x1, _start(sid, ["inbound"])))
+    digit = json.dumps({"event": "dtmf", "streamSid": sid,
+                        "dtmf": {"track": "inbound_track", "digit": "7" * 60_000}}).encode()
+    mark = json.dumps({"event": "mark", "streamSid": sid,
+                       "mark": {"name": "m" * 60_000}}).encode()
+    key = json.dumps({"event": "dtmf", "streamSid": sid,
+                      "dtmf": {"track": "inbound_track", "digit": "5"}}).encode()
+    for _ in range(500):
+        await _send(writer, ws_frame(0x1, digit) + ws_frame(0x1, mark) + ws_frame(0x1, key))
+    writer.close()
+
+
+async def idle_sockets(port: int) -> None:
+    writers = []
+    for _ in range(200):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+    for writer in writers[:100]:
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n")  # half a head, then nothing
+    await asyncio.sleep(6)
+    for writer in writers:
+        writer.close()
+
+
+async def junk_http(port: int) -> None:
+    requests = [
+        b"POST /twiml/nosuch HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nCallSid=CA1",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n",
+        b"GET /twiml HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"POST /stream-status HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    ]
+    for request in requests * 20:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(OSError):
+            await _send(writer, request)
+            await reader.read()
+        writer.close()
+
+
+async def _bounded(attack: Callable[[int], Awaitable[None]], port: int) -> None:
+    with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):
+        async with asyncio.timeout(ATTACK_LIMIT_S):
+            await attack(port)
+
+
+_RAW_ATTACKS: dict[str, Callable[[int], Awaitable[None]]] = {
+    "ping_flood": ping_flood,
+    "oversized": oversized,
+    "tracks_and_gaps": tracks_and_gaps,
+    "dtmf_and_mark_spam": dtmf_and_mark_spam,
+    "idle_sockets": idle_sockets,
+    "junk_http": junk_http,
+}
+
+
+def _limited(attack: Callable[[int], Awaitable[None]]) -> Callable[[int], Awaitable[None]]:
+    return functools.partial(_bounded, attack)
+
+
+ATTACKS: dict[str, Callable[[int], Awaitable[None]]] = {
+    name: _limited(attack) for name, attack in _RAW_ATTACKS.items()}
