@@ -4,6 +4,8 @@ and a deployment behind a path prefix (``public_url`` with a path) works end to 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -161,3 +163,49 @@ async def test_a_socket_that_sends_no_whole_request_is_closed_after_the_handshak
         writer.close()
     finally:
         await server.stop()
+
+
+# -- only what the signature covers is used ---------------------------------------------
+
+@pytest.fixture
+async def signed(transport: str) -> AsyncIterator[StreamServer]:
+    routes = (Route("/media", (HandlerSpec("log", LogHandler),)),)
+    server = StreamServer(Settings(port=0, routes=routes, transport=transport,
+                                   public_url="wss://example.ngrok.app", auth_token=TOKEN))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_a_signed_get_webhook_ignores_its_unsigned_body(signed: StreamServer) -> None:
+    target = f"/twiml/media?CallSid={CALL_SID}"
+    signature = RequestValidator(TOKEN).compute_signature(
+        "https://example.ngrok.app" + target, {})
+    body = b"injected=evil&CallSid=CAforged"
+    request = (f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Twilio-Signature: {signature}\r\n"
+               f"Content-Type: application/x-www-form-urlencoded\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    status, answer = await asyncio.to_thread(_exchange, signed.port, request)
+    assert 200 == status
+    document = answer.split(b"\r\n\r\n", 1)[1].decode()
+    assert {"CallSid": CALL_SID} == parameters_from_twiml(document)
+
+
+async def test_a_repeated_signature_header_is_refused_403_not_500(
+        signed: StreamServer, logs: LogEvents) -> None:
+    target = f"/twiml/media?CallSid={CALL_SID}"
+    good = RequestValidator(TOKEN).compute_signature("https://example.ngrok.app" + target, {})
+    request = (f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Twilio-Signature: {good}\r\n"
+               f"X-Twilio-Signature: {good}\r\n\r\n").encode()
+    status, _ = await asyncio.to_thread(_exchange, signed.port, request)
+    assert 403 == status
+    twice = signature_headers("wss://example.ngrok.app/media", TOKEN)
+    key = base64.b64encode(os.urandom(16)).decode()
+    handshake = (f"GET /media HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 "Sec-WebSocket-Version: 13\r\n" + "".join(
+                     f"X-Twilio-Signature: {value}\r\n" for value in twice.values()) * 2
+                 + "\r\n").encode()
+    status, _ = await asyncio.to_thread(_exchange, signed.port, handshake)
+    assert 403 == status
+    assert ["bad_signature"] == [e["reason"] for e in events(logs, "handshake.rejected")]
