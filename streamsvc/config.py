@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 from .handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
+from .providers import PROVIDERS
 from .twiml import ContextMapping, render_stream_twiml
 
 __all__ = [
@@ -87,6 +88,8 @@ class Route:
     context: ContextMapping = field(default_factory=ContextMapping)
     stream_track: str = "inbound_track"  # <Start><Stream track=...>
     after_twiml: str = ""  # verbs after <Start>, e.g. '<Pause length="3600"/>'
+    provider: str = "twilio"  # whose wire protocol the streams speak (streamsvc.providers)
+    unmixed: bool = False  # ACS: each participant its own track
 
 
 # The embedded default: <Start><Stream> calls on /stream, <Connect><Stream> on /connect.
@@ -422,7 +425,15 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     key = f"routes[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
-    _check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml"}, key + ".")
+    _check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml", "provider",
+                      "unmixed"}, key + ".")
+    provider = raw.get("provider", "twilio")
+    if provider not in PROVIDERS:
+        raise ConfigError(key + ".provider",
+                          f"expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+    unmixed = raw.get("unmixed", False)
+    if not isinstance(unmixed, bool):
+        raise ConfigError(key + ".unmixed", f"must be true or false, got {unmixed!r}")
     path = raw.get("path")
     if not isinstance(path, str) or not path.startswith("/") or "?" in path:
         raise ConfigError(key + ".path", f"must be a URL path like '/stream', got {path!r}")
@@ -446,7 +457,7 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
                             track=track, after=after)
     except (ValueError, TypeError) as exc:
         raise ConfigError(key + ".twiml", str(exc)) from None
-    return Route(path, specs, bidirectional, context, track, after)
+    return Route(path, specs, bidirectional, context, track, after, provider, unmixed)
 
 
 def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:

@@ -157,7 +157,8 @@ def _route(server: StreamServer,
     if answer is None:
         route = server.settings.route_for(path)
         assert route is not None  # admit() refuses unknown paths
-        return _Listener(server, route)
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        return _Listener(server, route, headers)
     return WSUpgradeResponseWithListener(_response(answer), None)
 
 
@@ -176,9 +177,10 @@ class _Listener(WSListener):
     """One stream connection: picows calls back per frame; :class:`_PicowsCall` does the
     work inside the connection's own context (its ids bound into every log line)."""
 
-    def __init__(self, server: StreamServer, route: Route) -> None:
+    def __init__(self, server: StreamServer, route: Route, headers: dict[str, str]) -> None:
         self.server = server
         self.route = route
+        self.headers = headers
         self.call: _PicowsCall | None = None
         self.context = contextvars.copy_context()
         # picows flags a frame over its size limit but may still hand it over: checked here.
@@ -189,7 +191,7 @@ class _Listener(WSListener):
 
     def _connected(self, transport: WSTransport) -> None:
         structlog.contextvars.bind_contextvars(path=self.route.path)
-        self.call = _PicowsCall(self.server, self.route, transport)
+        self.call = _PicowsCall(self.server, self.route, self.headers, transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         call = self.call
@@ -210,8 +212,9 @@ class _Listener(WSListener):
 class _PicowsCall(CallCore):
     """The shell around :class:`~streamsvc.server.CallCore` for one picows connection."""
 
-    def __init__(self, server: StreamServer, route: Route, transport: WSTransport) -> None:
-        super().__init__(server, route)
+    def __init__(self, server: StreamServer, route: Route, headers: dict[str, str],
+                 transport: WSTransport) -> None:
+        super().__init__(server, route, headers)
         self.transport = transport
         self.fragments: list[bytes] = []
         self.fragment_bytes = 0

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
-from .audio import TWILIO_SAMPLE_RATE, Resampler, pcm16_to_mulaw
+from .audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
 from .exceptions import LocalProtocolError
 from .session import FRAME_MS, Session
 
@@ -45,8 +45,9 @@ class PlaybackObserver(Protocol):
     handler of a bidirectional route that has these two methods is registered as the stream
     starts, before any handler's ``on_start``, so it hears everything sent."""
 
-    def audio_sent(self, mulaw: bytes, heard_ms: int) -> None:
-        """8 kHz mu-law audio was queued to play after what was queued before, when
+    def audio_sent(self, pcm16: bytes, heard_ms: int) -> None:
+        """Audio (PCM16 at the stream's rate) was queued to play after what was queued
+        before, when
         ``heard_ms`` of the caller's audio had arrived (from its first media frame to the
         end of its latest, on the media timeline)."""
 
@@ -73,15 +74,34 @@ class LiveSession(Session):
         self._clears_sent = 0
         self._resamplers: dict[int, Resampler] = {}
         self._observers: list[PlaybackObserver] = []
+        # Providers without marks (ACS): when the audio queued so far ends playing, by the
+        # loop's clock, and the timers that resolve marks then.
+        self._playback_ends = 0.0
+        self._mark_timers: dict[int, asyncio.TimerHandle] = {}
 
     def observe_playback(self, observer: PlaybackObserver) -> None:
         """Tell ``observer`` about every piece of audio sent and every ``clear``."""
         self._observers.append(observer)
 
+    @property
+    def _mulaw(self) -> bool:
+        return self.codec.native_encoding == "mulaw"
+
+    @property
+    def _chunk_bytes(self) -> int:
+        """20 ms of the stream's native audio: what one outbound message carries."""
+        return CHUNK_BYTES if self._mulaw else self.sample_rate * 2 // 50
+
     def send_media(self, payload: bytes) -> None:
         super().send_media(payload)
-        for observer in self._observers:
-            observer.audio_sent(payload, self._heard_ms())
+        if not self.codec.has_marks:
+            loop_time = asyncio.get_running_loop().time()
+            seconds = len(payload) / (8000 if self._mulaw else self.sample_rate * 2)
+            self._playback_ends = max(self._playback_ends, loop_time) + seconds
+        if self._observers:
+            pcm = mulaw_to_pcm16(payload) if self._mulaw else payload
+            for observer in self._observers:
+                observer.audio_sent(pcm, self._heard_ms())
 
     def send_clear(self) -> None:
         super().send_clear()
@@ -96,24 +116,29 @@ class LiveSession(Session):
 
     def send_audio(self, audio: bytes, *, sample_rate: int | None = None,
                    final: bool = False) -> None:
-        """Play ``audio``: 8 kHz mu-law bytes when ``sample_rate`` is None, else mono PCM16
-        (little-endian) at ``sample_rate`` Hz, converted to 8 kHz mu-law. ``final`` ends
-        the utterance: the resampler's held-back tail goes out too."""
+        """Play ``audio``: the stream's native audio when ``sample_rate`` is None (Twilio:
+        8 kHz mu-law; ACS: PCM16 at the stream's rate), else mono PCM16 (little-endian) at
+        ``sample_rate`` Hz, converted to the stream's format. ``final`` ends the
+        utterance: the resampler's held-back tail goes out too."""
         self._sendable_stream_sid()  # raises on a unidirectional or ended stream
         if sample_rate is not None:
             resampler = self._resampler(sample_rate)
-            pcm = resampler.process(audio) + (resampler.flush() if final else b"")
-            audio = pcm16_to_mulaw(pcm)
+            audio = self._native(resampler.process(audio)
+                                 + (resampler.flush() if final else b""))
         self._send_chunked(audio)
         self._wake()
 
+    def _native(self, pcm: bytes) -> bytes:
+        return pcm16_to_mulaw(pcm) if self._mulaw else pcm
+
     def _send_chunked(self, audio: bytes) -> None:
-        for start in range(0, len(audio), CHUNK_BYTES):
-            self.send_media(audio[start : start + CHUNK_BYTES])
+        chunk = self._chunk_bytes
+        for start in range(0, len(audio), chunk):
+            self.send_media(audio[start : start + chunk])
 
     def _flush_resamplers(self) -> None:
         for resampler in self._resamplers.values():
-            self._send_chunked(pcm16_to_mulaw(resampler.flush()))
+            self._send_chunked(self._native(resampler.flush()))
 
     def mark(self, name: str) -> asyncio.Future[MarkResult]:
         """Send a mark after the audio queued so far; the future tells how it came back."""
@@ -122,10 +147,21 @@ class LiveSession(Session):
         self._sendable_stream_sid()
         self._flush_resamplers()  # the mark goes after all of the audio before it
         self.send_mark(name)
-        future: asyncio.Future[MarkResult] = asyncio.get_running_loop().create_future()
-        self._pending_marks.append(_PendingMark(name, future, self._clears_sent))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[MarkResult] = loop.create_future()
+        entry = _PendingMark(name, future, self._clears_sent)
+        self._pending_marks.append(entry)
+        if not self.codec.has_marks:  # no echo will come: the playback clock resolves it
+            delay = max(0.0, self._playback_ends - loop.time())
+            self._mark_timers[id(entry)] = loop.call_later(delay, self._played, entry)
         self._wake()
         return future
+
+    def _played(self, entry: _PendingMark) -> None:
+        self._mark_timers.pop(id(entry), None)
+        if entry in self._pending_marks:
+            self._pending_marks.remove(entry)
+            _resolve(entry.future, "played")
 
     def clear(self) -> None:
         """Drop the audio Twilio has buffered; pending marks will resolve ``"cleared"``."""
@@ -133,6 +169,9 @@ class LiveSession(Session):
         self._clears_sent += 1
         for resampler in self._resamplers.values():
             resampler.reset()
+        if not self.codec.has_marks:  # what was queued is dropped: its marks too
+            self._playback_ends = 0.0
+            self.abandon_marks()
         self._wake()
 
     @property
@@ -151,13 +190,16 @@ class LiveSession(Session):
 
     def abandon_marks(self) -> None:
         """The stream ended: marks that never came back resolve ``"cleared"``."""
+        for timer in self._mark_timers.values():
+            timer.cancel()
+        self._mark_timers.clear()
         while self._pending_marks:
             _resolve(self._pending_marks.popleft().future, "cleared")
 
     def _resampler(self, sample_rate: int) -> Resampler:
         resampler = self._resamplers.get(sample_rate)
         if resampler is None:
-            resampler = self._resamplers[sample_rate] = Resampler(sample_rate, TWILIO_SAMPLE_RATE)
+            resampler = self._resamplers[sample_rate] = Resampler(sample_rate, self.sample_rate)
         return resampler
 
 

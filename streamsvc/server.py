@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import http
 import time
+from collections.abc import Mapping
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
@@ -27,6 +28,7 @@ from .httpfront import HttpFront, Upgrade
 from .live import LiveSession
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, WorkerShare
+from .providers import codec_for
 from .session import BadFrame, State, StopReason
 from .signature import SIGNATURE_HEADER, signature_problem
 from .twiml import KEEP_CALL_UP_TWIML
@@ -422,7 +424,8 @@ class CallCore:
     shell calls :meth:`receive` per message, sends what :meth:`take_outbound` yields (after
     :meth:`wake`), and awaits :meth:`finish` once when the connection ends."""
 
-    def __init__(self, server: StreamServer, route: Route) -> None:
+    def __init__(self, server: StreamServer, route: Route,
+                 headers: Mapping[str, str]) -> None:
         self.server = server
         self.route = route
         settings = server.settings
@@ -431,6 +434,7 @@ class CallCore:
             path=route.path,
             bidirectional=route.bidirectional,
             parameter_budget_bytes=settings.parameter_budget_bytes,
+            codec=codec_for(route.provider, headers, unmixed=route.unmixed),
         )
         self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
         self.connected_at = time.monotonic()
@@ -525,6 +529,8 @@ class CallCore:
             path=session.path,
             bidirectional=session.bidirectional,
             protocol_version=session.protocol_version,
+            provider=session.codec.provider,
+            correlation_id=session.codec.correlation_id,
         )
         if session.parameters_over_budget:
             logger.warning(
@@ -581,6 +587,8 @@ class CallCore:
                 self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, sent=True))
 
     async def finish(self, reason: StopReason) -> None:
+        if reason == "closed" and self.session.codec.stops_on_close:
+            reason = "stop"  # the provider has no stop message: its close is the stop
         stream_sid = self.session.stream_sid
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
             del self.server.streams[stream_sid]
@@ -620,7 +628,8 @@ class _Call(CallCore):
     """One websockets connection: receive loop, outbound writer task, timers."""
 
     def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
-        super().__init__(server, route)
+        headers = connection.request.headers if connection.request else {}
+        super().__init__(server, route, {name.lower(): value for name, value in headers.items()})
         self.connection = connection
         self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None

@@ -25,7 +25,9 @@ from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
 from . import wire
+from .audio import mulaw_to_pcm16
 from .exceptions import LocalProtocolError, RemoteProtocolError
+from .providers import TWILIO, Codec
 
 __all__ = [
     "DEFAULT_PARAMETER_BUDGET_BYTES",
@@ -201,7 +203,6 @@ class CallSummary:
 
 
 _EMPTY_PARAMETERS: Final[Mapping[str, str]] = MappingProxyType({})
-_KNOWN_TRACKS: Final = frozenset({"inbound", "outbound"})
 
 
 class Session:
@@ -210,7 +211,9 @@ class Session:
     ``path`` is the URL path the stream connected to. ``bidirectional`` says whether the
     server may talk back (``<Connect><Stream>``); on a ``<Start><Stream>`` it must not.
     ``parameter_budget_bytes`` is the size of the custom parameters above which
-    :attr:`parameters_over_budget` is set (they are kept whole either way).
+    :attr:`parameters_over_budget` is set (they are kept whole either way). ``codec`` is the
+    provider's (:mod:`streamsvc.providers`; Twilio's by default): whatever it is, the
+    session, its counters and its events are the same.
     """
 
     def __init__(
@@ -219,7 +222,10 @@ class Session:
         path: str = "/",
         bidirectional: bool = False,
         parameter_budget_bytes: int = DEFAULT_PARAMETER_BUDGET_BYTES,
+        codec: Codec = TWILIO,
     ) -> None:
+        self.codec = codec
+        self._parse = codec.parse
         self.path = path
         self.bidirectional = bidirectional
         self.parameter_budget_bytes = parameter_budget_bytes
@@ -249,7 +255,7 @@ class Session:
         """Take one inbound text frame. Never raises for bad input: it becomes a
         :class:`BadFrame` event. Call :meth:`events_received` next."""
         try:
-            event = wire.parse_media(frame)
+            event = self._parse(frame)
             if type(event) is wire.Media:
                 self._on_media(event)
             else:
@@ -276,7 +282,9 @@ class Session:
         stats.add_frame(body.timestamp, len(body.payload))
 
     def _new_track(self, track: str) -> TrackStats:
-        if track not in _KNOWN_TRACKS:
+        allowed = self.codec.tracks
+        if (track not in allowed) if allowed is not None else (
+                len(self.track_stats) >= self.codec.max_tracks):
             raise RemoteProtocolError(f"media on unknown track {track!r}")
         stats = self.track_stats[track] = TrackStats()
         return stats
@@ -314,11 +322,12 @@ class Session:
         self.stream_sid = start.started_stream_sid
         self.call_sid = start.call_sid
         self.account_sid = start.account_sid
-        # Only Twilio's track names: any other (a hostile start may list thousands) is
-        # left out, so a stream has at most two tracks' worth of state.
-        self.tracks = tuple(dict.fromkeys(t for t in start.tracks if t in _KNOWN_TRACKS))
+        # Only the provider's track names (Twilio: inbound, outbound): any other (a hostile
+        # start may list thousands) is left out, so a stream's state stays bounded.
+        allowed = self.codec.tracks or frozenset(start.tracks[: self.codec.max_tracks])
+        self.tracks = tuple(dict.fromkeys(t for t in start.tracks if t in allowed))
         self.media_format = start.media_format
-        unknown = [t for t in start.tracks if t not in _KNOWN_TRACKS]
+        unknown = [t for t in start.tracks if t not in allowed]
         if unknown:
             self.bad_frames += 1
             self._events.append(BadFrame(
@@ -336,6 +345,18 @@ class Session:
         self._events.append(BadFrame(reason, excerpt[:BAD_FRAME_EXCERPT_CHARS], self.bad_frames))
 
     @property
+    def sample_rate(self) -> int:
+        """The stream's audio rate (8000 until ``start`` says otherwise)."""
+        return self.media_format.sample_rate if self.media_format else 8000
+
+    def pcm16(self, frame: wire.Media) -> bytes:
+        """``frame``'s audio as PCM16 little-endian at :attr:`sample_rate`, whatever the
+        provider sends (mu-law is decoded, PCM16 returned as it is)."""
+        if self.codec.native_encoding == "mulaw":
+            return mulaw_to_pcm16(frame.payload)
+        return frame.payload
+
+    @property
     def parameters_over_budget(self) -> bool:
         return self.custom_parameters_bytes > self.parameter_budget_bytes
 
@@ -346,16 +367,18 @@ class Session:
 
         Raises :class:`LocalProtocolError` on a unidirectional stream or when the stream is
         not streaming."""
-        self._outgoing.append(wire.serialize_media(self._sendable_stream_sid(), payload))
+        self._outgoing.append(self.codec.serialize_media(self._sendable_stream_sid(), payload))
 
     def send_mark(self, name: str) -> None:
         """Queue a mark; Twilio echoes it when playback reaches it or ``clear`` flushes it."""
-        self._outgoing.append(wire.serialize_mark(self._sendable_stream_sid(), name))
+        frame = self.codec.serialize_mark(self._sendable_stream_sid(), name)
+        if frame is not None:  # a provider without marks: resolved by the playback clock
+            self._outgoing.append(frame)
         self.marks_sent += 1
 
     def send_clear(self) -> None:
         """Queue a ``clear``: Twilio drops its buffered audio and echoes pending marks."""
-        self._outgoing.append(wire.serialize_clear(self._sendable_stream_sid()))
+        self._outgoing.append(self.codec.serialize_clear(self._sendable_stream_sid()))
 
     def data_to_send(self) -> list[bytes]:
         """Return the frames queued since the last call, to be sent as text frames."""

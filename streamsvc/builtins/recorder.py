@@ -5,13 +5,14 @@ held in memory, default 2000), ``max_duration_s`` (longest recording, default 14
 ``max_gap_ms`` (the most silence one jump in the timestamps may write, default 60000),
 ``file_mode`` (default ``"0640"``).
 
-The file is PCM16 at 8 kHz: mono for one track, stereo for two (left inbound, right
-outbound). On a bidirectional (``<Connect>``) route, where Twilio streams only the caller,
-the right channel is what the service played back: each piece of audio sent starts where
+The file is PCM16 at the stream's rate (Twilio: 8 kHz; ACS: 16 or 24 kHz): mono for
+one track, stereo for two (left inbound, right outbound); unmixed ACS participants are
+mixed down into one channel. On a bidirectional (``<Connect>``) route, where Twilio
+streams only the caller, the right channel is what the service played back: each piece of audio sent starts where
 the caller's timeline is when it is sent (or where the audio before it ends), a ``clear``
 drops what was not yet played. The timeline comes from ``media.timestamp``: sample 0 is the
 stream's first media frame (``recording.first_timestamp_ms`` in the sidecar), a frame lands
-at ``(timestamp - first_timestamp_ms) * 8``, slots that never arrived stay silent (one jump
+at ``(timestamp - first_timestamp_ms) * rate / 1000``, slots that never arrived stay silent (one jump
 writes at most ``max_gap_ms`` of silence: the rest of it is counted in ``gaps_capped`` and
 later audio follows on), and a late frame lands in its slot if it is no more than half of
 ``window_ms`` late (older ones are counted as ``late_frames``; frames longer than half the
@@ -41,7 +42,7 @@ import orjson
 import structlog
 
 from streamsvc import wire
-from streamsvc.audio import TWILIO_SAMPLE_RATE, mulaw_to_pcm16
+from streamsvc.audio import TWILIO_SAMPLE_RATE
 from streamsvc.builtins.files import (
     DEFAULT_FILE_MODE,
     create_file,
@@ -57,12 +58,13 @@ __all__ = ["RecorderHandler"]
 
 logger = structlog.get_logger("streamsvc.builtins.recorder")
 
-SAMPLES_PER_MS: Final = TWILIO_SAMPLE_RATE // 1000
 WAV_HEADER_BYTES: Final = 44
-SILENCE_CHUNK_SAMPLES: Final = TWILIO_SAMPLE_RATE * 60  # write long gaps a minute at a time
+SILENCE_CHUNK_SECONDS: Final = 60  # long gaps are written a minute at a time
+# A WAV file's channels: Twilio's two tracks, or up to this many ACS participants.
+MAX_CHANNELS: Final = 8
 # Audio the service queued to play and the caller has not heard yet: Twilio's own buffer
 # holds what was sent ahead; beyond five minutes of it, the rest is not recorded (counted).
-MAX_PLAYBACK_SAMPLES: Final = TWILIO_SAMPLE_RATE * 300
+MAX_PLAYBACK_SECONDS: Final = 300
 
 
 class RecorderHandler(AsyncHandler):
@@ -78,9 +80,8 @@ class RecorderHandler(AsyncHandler):
             raise ValueError("window_ms and max_gap_ms must be >= 20 and max_duration_s > 0")
         self.root = Path(dir)
         self.mode = _mode(file_mode)
-        self.window_samples = window_ms * SAMPLES_PER_MS
-        self.max_samples = int(max_duration_s * TWILIO_SAMPLE_RATE)
-        self.max_gap_samples = max_gap_ms * SAMPLES_PER_MS
+        self.window_ms, self.max_duration_s, self.max_gap_ms = window_ms, max_duration_s, max_gap_ms
+        self._timeline(TWILIO_SAMPLE_RATE)  # set again by on_start, at the stream's rate
         self.skipped_samples = 0  # silence not written: jumps over max_gap_ms
         self.gaps_capped = 0
         self.oversized_frames = 0
@@ -104,8 +105,26 @@ class RecorderHandler(AsyncHandler):
         self.writer: asyncio.Task[None] | None = None
         self.failure: OSError | None = None  # the disk error that stopped this recording
 
+    def _timeline(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self.samples_per_ms = sample_rate // 1000
+        self.window_samples = self.window_ms * self.samples_per_ms
+        self.max_samples = int(self.max_duration_s * sample_rate)
+        self.max_gap_samples = self.max_gap_ms * self.samples_per_ms
+        self.max_playback_samples = MAX_PLAYBACK_SECONDS * sample_rate
+
     async def on_start(self, session: LiveSession) -> None:
-        tracks = [t for t in ("inbound", "outbound") if t in session.tracks] or ["inbound"]
+        self.session = session
+        self._timeline(session.sample_rate)
+        self.bytes_per_sample = 1 if session.codec.native_encoding == "mulaw" else 2
+        # Twilio's two tracks, or an ACS stream's (mixed: inbound; unmixed: the first
+        # participants, in the order they speak, up to the channels a WAV file can take).
+        tracks = sorted(session.tracks[:MAX_CHANNELS],
+                        key=lambda track: ("inbound", "outbound", track).index(track))
+        tracks = tracks or ["inbound"]
+        # Unmixed ACS audio names its participants only as they speak: they are mixed
+        # down into the one channel (each stays a track of its own in the counters).
+        self.mix_down = not session.tracks
         self.channel_of = {track: channel for channel, track in enumerate(tracks)}
         channels = len(tracks)
         if session.bidirectional and "outbound" not in self.channel_of:
@@ -115,7 +134,8 @@ class RecorderHandler(AsyncHandler):
         folder = self.root / safe_path_component(session.call_sid)
         self.path = folder / f"{safe_path_component(session.stream_sid)}.wav"
         partial = self.path.with_suffix(".wav.partial")
-        self.wav = await self._disk(_WavFile.create, partial, channels, self.mode)
+        self.wav = await self._disk(_WavFile.create, partial, channels, self.sample_rate,
+                                    self.mode)
 
     def on_media(self, frame: wire.Media) -> None:
         # Synchronous, so the chain calls it in the receive loop once on_start is done
@@ -123,22 +143,25 @@ class RecorderHandler(AsyncHandler):
         if self.failure is not None:
             failure, self.failure = self.failure, None
             raise failure  # once: the chain disables this recorder and counts the error
-        channel = self.channel_of.get(frame.track)
+        channel = 0 if self.mix_down else self.channel_of.get(frame.track)
         if channel is None or self.wav is None:
             return
-        payload = frame.payload
-        if len(payload) > self.window_samples // 2:  # Twilio's frames are 160 bytes
+        samples = len(frame.payload) // self.bytes_per_sample
+        if samples > self.window_samples // 2:  # a 20 ms frame is 160 to 480 samples
             self.oversized_frames += 1
             return
         position = self._position(frame.timestamp_ms)
-        end = position + len(payload)
+        end = position + samples
         if position < self.window_start or end > self.max_samples:
             self.late_frames += 1
             return
         self._make_room(end)
         offset = position - self.window_start
-        self.window[offset : offset + len(payload), channel] = np.frombuffer(
-            mulaw_to_pcm16(payload), dtype="<i2")
+        audio = np.frombuffer(self.session.pcm16(frame), dtype="<i2")
+        target = self.window[offset : offset + len(audio), channel]
+        if self.mix_down and target.any():  # another participant spoke in these samples
+            audio = np.clip(target.astype("<i4") + audio, -32768, 32767).astype("<i2")
+        target[:] = audio
         self.end_sample = max(self.end_sample, end)
         if self.playback_channel is not None:
             self._play_until(self.end_sample)
@@ -148,7 +171,7 @@ class RecorderHandler(AsyncHandler):
         beyond the audio so far is shortened to it (the rest counted, not written)."""
         if self.first_timestamp_ms is None:
             self.first_timestamp_ms = timestamp_ms
-        position = (timestamp_ms - self.first_timestamp_ms) * SAMPLES_PER_MS
+        position = (timestamp_ms - self.first_timestamp_ms) * self.samples_per_ms
         position -= self.skipped_samples
         gap = position - self.end_sample
         if gap > self.max_gap_samples:
@@ -161,18 +184,19 @@ class RecorderHandler(AsyncHandler):
     # registers the recorder before any on_start runs, so these may come before on_start;
     # and while the recorder's queue lags, so positions come from the session's own clock.
 
-    def audio_sent(self, mulaw: bytes, heard_ms: int) -> None:
-        """Queue ``mulaw`` on the playback channel after what was queued before, starting
+    def audio_sent(self, pcm16: bytes, heard_ms: int) -> None:
+        """Queue ``pcm16`` on the playback channel after what was queued before, starting
         no earlier than where the caller's audio was when it was sent."""
         start = max(self.playback_end, self._timeline_position(heard_ms))
-        room = MAX_PLAYBACK_SAMPLES - self.playback_queued
-        if room < len(mulaw):
-            self.playback_dropped_samples += len(mulaw) - max(room, 0)
-            mulaw = mulaw[: max(room, 0)]
-        if mulaw:
-            self.playback.append((start, np.frombuffer(mulaw_to_pcm16(mulaw), dtype="<i2")))
-            self.playback_queued += len(mulaw)
-            self.playback_end = start + len(mulaw)
+        room = self.max_playback_samples - self.playback_queued
+        samples = np.frombuffer(pcm16, dtype="<i2")
+        if room < len(samples):
+            self.playback_dropped_samples += len(samples) - max(room, 0)
+            samples = samples[: max(room, 0)]
+        if len(samples):
+            self.playback.append((start, samples))
+            self.playback_queued += len(samples)
+            self.playback_end = start + len(samples)
 
     def audio_cleared(self, heard_ms: int) -> None:
         """``clear``: what was queued and not yet heard when it came is never played."""
@@ -187,7 +211,7 @@ class RecorderHandler(AsyncHandler):
         self.playback_end = cut
 
     def _timeline_position(self, heard_ms: int) -> int:
-        return max(0, heard_ms * SAMPLES_PER_MS - self.skipped_samples)
+        return max(0, heard_ms * self.samples_per_ms - self.skipped_samples)
 
     def _play_until(self, end: int) -> None:
         """Move the queued playback that the caller's timeline has reached (up to ``end``)
@@ -211,7 +235,7 @@ class RecorderHandler(AsyncHandler):
             "late_frames": self.late_frames, "oversized_frames": self.oversized_frames,
             "gaps_capped": self.gaps_capped}
         if self.playback_channel is not None:
-            report["playback_dropped_ms"] = self.playback_dropped_samples // SAMPLES_PER_MS
+            report["playback_dropped_ms"] = self.playback_dropped_samples // self.samples_per_ms
         return report
 
     async def on_stop(self, session: LiveSession, summary: CallSummary) -> None:
@@ -225,9 +249,9 @@ class RecorderHandler(AsyncHandler):
         wav, self.wav = self.wav, None
         await self._disk(wav.finish, tail.tobytes(), self.path)
         recording = {"file": self.path.name, "channels": int(self.window.shape[1]),
-                     "sample_rate": TWILIO_SAMPLE_RATE, "samples": self.end_sample,
+                     "sample_rate": self.sample_rate, "samples": self.end_sample,
                      "first_timestamp_ms": self.first_timestamp_ms,
-                     "skipped_ms": self.skipped_samples // SAMPLES_PER_MS,
+                     "skipped_ms": self.skipped_samples // self.samples_per_ms,
                      "channel_tracks": self._channel_tracks()}
         sidecar = orjson.dumps(_sidecar(session, summary, recording), option=orjson.OPT_INDENT_2)
         await self._disk(write_atomically, self.path.with_suffix(".json"), sidecar, self.mode)
@@ -280,18 +304,19 @@ class RecorderHandler(AsyncHandler):
 
 
 class _WavFile:
-    """A PCM16 8 kHz WAV file written in order, its header updated as it grows."""
+    """A PCM16 WAV file written in order, its header updated as it grows."""
 
-    def __init__(self, file: IO[bytes], path: Path, channels: int) -> None:
+    def __init__(self, file: IO[bytes], path: Path, channels: int, sample_rate: int) -> None:
         self.file = file
         self.path = path
         self.channels = channels
+        self.sample_rate = sample_rate
         self.data_bytes = 0
 
     @classmethod
-    def create(cls, path: Path, channels: int, mode: int) -> _WavFile:
+    def create(cls, path: Path, channels: int, sample_rate: int, mode: int) -> _WavFile:
         file = create_file(path, mode)
-        wav = cls(file, path, channels)
+        wav = cls(file, path, channels, sample_rate)
         file.write(wav._header())
         return wav
 
@@ -300,7 +325,7 @@ class _WavFile:
         self.data_bytes += len(audio)
         frame_bytes = 2 * self.channels
         while silent_samples > 0:
-            count = min(silent_samples, SILENCE_CHUNK_SAMPLES)
+            count = min(silent_samples, SILENCE_CHUNK_SECONDS * self.sample_rate)
             self.file.write(bytes(count * frame_bytes))
             self.data_bytes += count * frame_bytes
             silent_samples -= count
@@ -326,8 +351,8 @@ class _WavFile:
         block_align = 2 * self.channels
         return b"".join((
             b"RIFF", struct.pack("<I", 36 + self.data_bytes), b"WAVE",
-            b"fmt ", struct.pack("<IHHIIHH", 16, 1, self.channels, TWILIO_SAMPLE_RATE,
-                                 TWILIO_SAMPLE_RATE * block_align, block_align, 16),
+            b"fmt ", struct.pack("<IHHIIHH", 16, 1, self.channels, self.sample_rate,
+                                 self.sample_rate * block_align, block_align, 16),
             b"data", struct.pack("<I", self.data_bytes),
         ))
 
