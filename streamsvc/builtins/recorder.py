@@ -8,13 +8,14 @@ held in memory, default 2000), ``max_duration_s`` (longest recording, default 14
 The file is PCM16 at the stream's rate (Twilio: 8 kHz; ACS: 16 or 24 kHz): mono for
 one track, stereo for two (left inbound, right outbound); unmixed ACS participants are
 mixed down into one channel. On a bidirectional (``<Connect>``) route, where Twilio
-streams only the caller, the right channel is what the service played back: each piece of audio sent starts where
-the caller's timeline is when it is sent (or where the audio before it ends), a ``clear``
-drops what was not yet played. The timeline comes from ``media.timestamp``: sample 0 is the
-stream's first media frame (``recording.first_timestamp_ms`` in the sidecar), a frame lands
-at ``(timestamp - first_timestamp_ms) * rate / 1000``, slots that never arrived stay silent (one jump
-writes at most ``max_gap_ms`` of silence: the rest of it is counted in ``gaps_capped`` and
-later audio follows on), and a late frame lands in its slot if it is no more than half of
+streams only the caller, the right channel is what the service played back: each piece
+of audio sent starts where the caller's timeline is when it is sent (or where the audio
+before it ends), a ``clear`` drops what was not yet played. The timeline comes from
+``media.timestamp``: sample 0 is the stream's first media frame
+(``recording.first_timestamp_ms`` in the sidecar), a frame lands at ``(timestamp -
+first_timestamp_ms) * rate / 1000``, slots that never arrived stay silent (one jump writes
+at most ``max_gap_ms`` of silence: the rest of it is counted in ``gaps_capped`` and later
+audio follows on), and a late frame lands in its slot if it is no more than half of
 ``window_ms`` late (older ones are counted as ``late_frames``; frames longer than half the
 window as ``oversized_frames``). Only that window is held in memory; older audio
 goes to ``<dir>/<call_sid>/<stream_sid>.wav.partial``, whose header is kept valid as it
