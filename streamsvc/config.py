@@ -117,6 +117,8 @@ class Settings:
     auth_token: str | None = field(default=None, repr=False)
     auth_token_previous: str | None = field(default=None, repr=False)
     insecure: bool = False
+    acs_audience: str | None = None
+    acs_jwks_url: str = "https://acscallautomation.communication.azure.com/calling/keys"
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -211,6 +213,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "a second token also accepted, while the account's token is rotated", secret=True),
     Setting("insecure", ("STREAMSVC_INSECURE",), bool,
             "allow a non-loopback host with no auth token (signatures unchecked)"),
+    Setting("acs_audience", ("STREAMSVC_ACS_AUDIENCE",), str,
+            "the ACS resource id: when set, every upgrade on a provider = \"acs\" route needs "
+            "an ACS-signed bearer token for it (HTTP 403 otherwise)"),
+    Setting("acs_jwks_url", ("STREAMSVC_ACS_JWKS_URL",), str,
+            "where ACS publishes the keys its tokens are signed with"),
     # Limits
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
@@ -364,7 +371,14 @@ def _check_security(settings: Settings) -> None:
     _check_paths(settings)
     if settings.workers > 1 and settings.port == 0:
         raise ConfigError("workers", "several workers need a fixed port to share, not 0")
-    if not settings.auth_tokens and not settings.insecure and not _is_loopback(settings.host):
+    exposed = not settings.insecure and not _is_loopback(settings.host)
+    if exposed and not settings.acs_audience and any(r.provider == "acs"
+                                                     for r in settings.routes):
+        raise ConfigError("acs_audience", f"{settings.host!r} is reachable from other "
+                          "machines but ACS routes check no token: set "
+                          "STREAMSVC_ACS_AUDIENCE to the ACS resource id, or pass --insecure")
+    if not settings.auth_tokens and exposed and any(r.provider == "twilio"
+                                                    for r in settings.routes):
         raise ConfigError("host", f"{settings.host!r} is reachable from other machines but no "
                           "auth token is set: set TWILIO_AUTH_TOKEN and STREAMSVC_PUBLIC_URL, "
                           "or pass --insecure to accept unsigned streams")

@@ -153,7 +153,8 @@ def _route(server: StreamServer,
     path = server.settings.local_path(urlsplit(request.path.decode("latin-1")).path)
     signatures = request.headers.getall(SIGNATURE_HEADER, [])
     answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
-                          repeated_signature=len(signatures) > 1)
+                          repeated_signature=len(signatures) > 1,
+                          authorization=request.headers.get("Authorization"))
     if answer is None:
         route = server.settings.route_for(path)
         assert route is not None  # admit() refuses unknown paths

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 
 from . import wire
+from .acs_auth import AcsAuthenticator
 from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Route, Settings
 from .exceptions import CLOSE_POLICY_VIOLATION, LocalProtocolError
 from .handlers import HandlerChain, RawFrame
@@ -101,6 +102,7 @@ class StreamServer:
         self.picows_calls: set[ShellCall] = set()  # their connections in progress
         self._shutting_down = False
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
+        self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
 
     @property
     def active_calls(self) -> int:
@@ -112,6 +114,9 @@ class StreamServer:
 
     async def start(self) -> None:
         s = self.settings
+        if s.acs_audience and any(route.provider == "acs" for route in s.routes):
+            self.acs_auth = AcsAuthenticator(s.acs_audience, s.acs_jwks_url)
+            await self.acs_auth.start()
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))
@@ -194,6 +199,8 @@ class StreamServer:
                     logger.warning("server.stop_timeout", within_s=within_s,
                                    active_calls=self.active_calls)
         finally:
+            if self.acs_auth is not None:
+                self.acs_auth.stop()
             if self._publisher is not None:
                 self._publisher.cancel()
                 self._publisher = None
@@ -230,27 +237,37 @@ class StreamServer:
         finally:
             await self.stop()
 
-    def admit(self, path: str, signature: str | None, *,
-              repeated_signature: bool = False) -> HttpResponse | None:
+    def admit(self, path: str, signature: str | None, *, repeated_signature: bool = False,
+              authorization: str | None = None) -> HttpResponse | None:
         """The refusal of a stream handshake for ``path`` (without the public prefix)
-        carrying ``signature`` (logged and counted), or None to accept it. Every transport
-        asks this. A handshake with more than one signature header is refused."""
-        refusal: tuple[http.HTTPStatus, str] | None = None
-        if self.settings.route_for(path) is None:
-            refusal = http.HTTPStatus.NOT_FOUND, "no_route"
-        elif self.settings.auth_tokens and repeated_signature:
-            refusal = http.HTTPStatus.FORBIDDEN, "bad_signature"
-        elif self.settings.auth_tokens and (problem := self._signature_problem(signature, path)):
-            refusal = http.HTTPStatus.FORBIDDEN, problem
-        elif self.draining or self._shutting_down:
-            refusal = http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
-        elif self.active_calls >= self.settings.max_connections:
-            refusal = http.HTTPStatus.SERVICE_UNAVAILABLE, "busy"
+        carrying ``signature`` (Twilio) or ``authorization`` (ACS's bearer token), logged
+        and counted, or None to accept it. Every transport asks this. A handshake with more
+        than one signature header is refused."""
+        refusal = self._refusal(path, signature, repeated_signature, authorization)
         if refusal is not None:
             status, reason = refusal
             self.metrics.handshakes_rejected[reason] += 1
             logger.warning("handshake.rejected", reason=reason, status=int(status), path=path)
             return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
+        return None
+
+    def _refusal(self, path: str, signature: str | None, repeated_signature: bool,
+                 authorization: str | None) -> tuple[http.HTTPStatus, str] | None:
+        route = self.settings.route_for(path)
+        forbidden = http.HTTPStatus.FORBIDDEN
+        if route is None:
+            return http.HTTPStatus.NOT_FOUND, "no_route"
+        if route.provider == "acs":
+            if self.acs_auth and (problem := self.acs_auth.problem(authorization)):
+                return forbidden, problem
+        elif self.settings.auth_tokens and repeated_signature:
+            return forbidden, "bad_signature"
+        elif self.settings.auth_tokens and (problem := self._signature_problem(signature, path)):
+            return forbidden, problem
+        if self.draining or self._shutting_down:
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
+        if self.active_calls >= self.settings.max_connections:
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "busy"
         return None
 
     def probe(self, path: str) -> HttpResponse | None:
@@ -328,7 +345,8 @@ class StreamServer:
         path = self.settings.local_path(urlsplit(request.path).path)
         signatures = request.headers.get_all(SIGNATURE_HEADER)
         answer = self.admit(path, signatures[0] if len(signatures) == 1 else None,
-                            repeated_signature=len(signatures) > 1)
+                            repeated_signature=len(signatures) > 1,
+                            authorization=request.headers.get("Authorization"))
         if answer is None:
             return None
         response = connection.respond(answer.status, "")
