@@ -152,8 +152,11 @@ class LiveSession(Session):
         entry = _PendingMark(name, future, self._clears_sent)
         self._pending_marks.append(entry)
         if not self.codec.has_marks:  # no echo will come: the playback clock resolves it
-            delay = max(0.0, self._playback_ends - loop.time())
-            self._mark_timers[id(entry)] = loop.call_later(delay, self._played, entry)
+            delay = self._playback_ends - loop.time()
+            if delay <= 0:  # everything before it has played already
+                self._played(entry)
+            else:
+                self._mark_timers[id(entry)] = loop.call_later(delay, self._played, entry)
         self._wake()
         return future
 

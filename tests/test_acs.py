@@ -3,7 +3,9 @@ session over ACS frames, and the stream end to end with ACS's signed upgrade."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -27,7 +29,8 @@ from streamsvc.acs_auth import ACS_ISSUER
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError, RemoteProtocolError
-from streamsvc.handlers import HandlerSpec, resolve_handler
+from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
+from streamsvc.live import LiveSession
 from streamsvc.providers import codec_for
 from streamsvc.providers.acs import AcsCodec, parse_timestamp_ms
 from streamsvc.server import StreamServer
@@ -305,3 +308,54 @@ def test_an_acs_route_on_a_public_address_needs_the_audience_or_insecure(
     assert "acs_audience" == refused.value.key
     load_settings(config_path=str(config), env={"STREAMSVC_HOST": "0.0.0.0",
                                                 "STREAMSVC_ACS_AUDIENCE": AUDIENCE})
+
+
+async def test_on_a_bidirectional_acs_route_audio_goes_back_and_marks_follow_its_clock(
+        keys: KeySet, logs: LogEvents, transport: str) -> None:
+    outcomes: dict[str, str] = {}
+
+    class Talker(Handler):
+        def on_start(self, session: LiveSession) -> None:
+            self.session = session
+            session.send_audio(bytes(16000 * 2 // 5))  # 200 ms of PCM16 at 16 kHz
+            self._mark("greeting")
+
+        def on_dtmf(self, event: wire.Dtmf) -> None:
+            self._mark("after-dtmf")  # nothing queued: played at once
+            self.session.send_audio(bytes(16000 * 2 * 5))  # 5 s: cleared before it ends
+            self._mark("long")
+            self.session.clear()
+
+        def _mark(self, name: str) -> None:
+            self.session.mark(name).add_done_callback(
+                lambda done: outcomes.__setitem__(name, done.result()))
+
+    route = Route("/acs", (HandlerSpec("talker", Talker), HandlerSpec("log", LogHandler)),
+                  bidirectional=True, provider="acs")
+    server = StreamServer(Settings(port=0, routes=(route,), transport=transport))
+    await server.start()
+    received: list[dict[str, Any]] = []
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/acs",
+                           additional_headers=HEADERS) as connection:
+            await connection.send(metadata())
+            for index in range(20):
+                await connection.send(audio(index * 20))
+            await asyncio.sleep(0.4)  # the greeting has played by the clock
+            await connection.send(dtmf("1"))
+            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    received.append(json.loads(await asyncio.wait_for(connection.recv(),
+                                                                      0.2)))
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await server.stop()
+    kinds = [message["Kind"] for message in received]
+    assert "StopAudio" == kinds[-1]
+    assert 10 + 250 == kinds.count("AudioData")  # 20 ms messages of 640 bytes
+    assert {640} == {len(base64.b64decode(m["AudioData"]["Data"]))
+                     for m in received if m["Kind"] == "AudioData"}
+    (stopped,) = events(logs, "stream.stopped")
+    assert (3, 0) == (stopped["marks_sent"], stopped["marks_received"])
+    assert {"greeting": "played", "after-dtmf": "played", "long": "cleared"} == outcomes
