@@ -119,6 +119,8 @@ class Settings:
     insecure: bool = False
     acs_audience: str | None = None
     acs_jwks_url: str = "https://acscallautomation.communication.azure.com/calling/keys"
+    acs_events_secret: str | None = field(default=None, repr=False)
+    acs_connection_string: str | None = field(default=None, repr=False)
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -135,6 +137,9 @@ class Settings:
     # Webhooks
     webhook_path: str = "/twiml"
     status_callback_path: str = "/stream-status"
+    acs_events_path: str = "/acs/events"
+    acs_callback_path: str = "/acs/callbacks"
+    acs_route: str | None = None
     # Logging
     log_format: str = "json"
     log_level: str = "info"
@@ -173,6 +178,13 @@ class Settings:
         if prefix and path.startswith(prefix + "/"):
             return path[len(prefix):]
         return path
+
+    @property
+    def acs_answer_route(self) -> Route | None:
+        """The route ACS calls are answered with: ``acs_route``, else the first ACS one."""
+        if self.acs_route is not None:
+            return self.route_for(self.acs_route)
+        return next((route for route in self.routes if route.provider == "acs"), None)
 
     def route_for(self, path: str) -> Route | None:
         """The route serving ``path`` (exact match), or None."""
@@ -218,6 +230,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "an ACS-signed bearer token for it (HTTP 403 otherwise)"),
     Setting("acs_jwks_url", ("STREAMSVC_ACS_JWKS_URL",), str,
             "where ACS publishes the keys its tokens are signed with"),
+    Setting("acs_events_secret", ("STREAMSVC_ACS_EVENTS_SECRET",), str,
+            "the ?secret= the Event Grid subscription URL and ACS callbacks carry", secret=True),
+    Setting("acs_connection_string", ("STREAMSVC_ACS_CONNECTION_STRING",
+                                      "ACS_CONNECTION_STRING"), str,
+            "the ACS resource's connection string: its endpoint= answers IncomingCall",
+            secret=True),
     # Limits
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
@@ -252,6 +270,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "PATH/<name> for the route /<name>)"),
     Setting("status_callback_path", ("STREAMSVC_STATUS_CALLBACK_PATH",), str,
             "where Twilio posts stream-started/-stopped/-error callbacks"),
+    Setting("acs_events_path", ("STREAMSVC_ACS_EVENTS_PATH",), str,
+            "where Event Grid delivers ACS IncomingCall events"),
+    Setting("acs_callback_path", ("STREAMSVC_ACS_CALLBACK_PATH",), str,
+            "where ACS posts the answered calls' callbacks"),
+    Setting("acs_route", ("STREAMSVC_ACS_ROUTE",), str,
+            "the ACS route (path) IncomingCall answers stream to (default: the first ACS "
+            "route)"),
     # Logging
     Setting("log_format", ("STREAMSVC_LOG_FORMAT",), str,
             "json (one object per line) or console", choices=("json", "console")),
@@ -369,6 +394,10 @@ def _check_security(settings: Settings) -> None:
         raise ConfigError("public_url", "is needed to check signatures when an auth token "
                           "is set (Twilio signs the URL it was given, not the Host header)")
     _check_paths(settings)
+    if settings.acs_route is not None and (settings.acs_answer_route is None
+                                           or settings.acs_answer_route.provider != "acs"):
+        raise ConfigError("acs_route", f"{settings.acs_route!r} is not a provider = \"acs\" "
+                          "route")
     if settings.workers > 1 and settings.port == 0:
         raise ConfigError("workers", "several workers need a fixed port to share, not 0")
     exposed = not settings.insecure and not _is_loopback(settings.host)
@@ -387,7 +416,8 @@ def _check_security(settings: Settings) -> None:
 def _check_paths(settings: Settings) -> None:
     """The webhook paths are paths, and no stream route sits where the service answers
     HTTP itself (probes, metrics, webhooks)."""
-    for key in ("webhook_path", "status_callback_path"):
+    for key in ("webhook_path", "status_callback_path", "acs_events_path",
+                "acs_callback_path"):
         value = getattr(settings, key)
         if not value.startswith("/"):
             raise ConfigError(key, f"must start with '/', like '/{value}'; got {value!r}")
@@ -410,6 +440,8 @@ def _answered_by_the_service(settings: Settings, path: str) -> str | None:
         return f"under the voice webhook path ({webhook})"
     if path == settings.status_callback_path:
         return "the status callback path"
+    if path in (settings.acs_events_path, settings.acs_callback_path):
+        return "an ACS webhook path"
     return None
 
 

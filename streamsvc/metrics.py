@@ -79,6 +79,9 @@ class Metrics(Collector):
         self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
         # Voice webhook answers by outcome: served, over_budget, or a rejection reason.
         self.webhooks: collections.Counter[str] = collections.Counter()
+        # ACS: Event Grid deliveries by outcome, Call Automation callbacks by type.
+        self.acs_events: collections.Counter[str] = collections.Counter()
+        self.acs_callbacks: collections.Counter[str] = collections.Counter()
         self.handler_latency: dict[str, LatencyHistogram] = collections.defaultdict(
             LatencyHistogram)
         self.share: WorkerShare | None = None
@@ -159,6 +162,10 @@ class Metrics(Collector):
         yield _labelled("streamsvc_stream_status_callbacks",
                         "Stream status callbacks from Twilio, by event.", "event",
                         self.stream_status_callbacks)
+        yield _labelled("streamsvc_acs_events", "ACS Event Grid deliveries, by outcome.",
+                        "outcome", self.acs_events)
+        yield _labelled("streamsvc_acs_callbacks", "ACS Call Automation callbacks, by type.",
+                        "callback", self.acs_callbacks)
         yield _labelled("streamsvc_webhooks",
                         "Voice webhook and status callback requests, by outcome.", "outcome",
                         self.webhooks)

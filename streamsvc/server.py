@@ -22,7 +22,9 @@ from websockets.http11 import Request, Response
 
 from . import wire
 from .acs_auth import AcsAuthenticator
+from .acs_events import AcsEvents
 from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Route, Settings
+from .context_store import MemoryContextStore
 from .exceptions import CLOSE_POLICY_VIOLATION, LocalProtocolError
 from .handlers import HandlerChain, RawFrame
 from .httpfront import HttpFront, Upgrade
@@ -103,6 +105,10 @@ class StreamServer:
         self._shutting_down = False
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
         self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
+        self.contexts = MemoryContextStore()  # calls' context, webhook -> stream (ACS)
+        self.acs_events = AcsEvents(settings, self.contexts)
+        self.metrics.acs_events = self.acs_events.outcomes
+        self.metrics.acs_callbacks = self.acs_events.callbacks
 
     @property
     def active_calls(self) -> int:
@@ -301,6 +307,8 @@ class StreamServer:
             logger.debug("http.probe", method=request.method, path=local,
                          status=int(answer.status))
             return dataclasses.replace(answer, body=b"") if request.method == "HEAD" else answer
+        if local in self.acs_events.paths:
+            return self.acs_events.respond(request)
         if self.webhooks.handles(local):
             try:
                 return self.webhooks.respond(request)
@@ -339,7 +347,8 @@ class StreamServer:
         settings = self.settings
         webhook = settings.webhook_path
         return [*(route.path for route in settings.routes), webhook, f"{webhook}/<route>",
-                settings.status_callback_path, HEALTH_PATH, READY_PATH, METRICS_PATH]
+                settings.status_callback_path, settings.acs_events_path,
+                settings.acs_callback_path, HEALTH_PATH, READY_PATH, METRICS_PATH]
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = self.settings.local_path(urlsplit(request.path).path)
@@ -452,7 +461,8 @@ class CallCore:
             path=route.path,
             bidirectional=route.bidirectional,
             parameter_budget_bytes=settings.parameter_budget_bytes,
-            codec=codec_for(route.provider, headers, unmixed=route.unmixed),
+            codec=codec_for(route.provider, headers, unmixed=route.unmixed,
+                            context=server.contexts.get),
         )
         self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
         self.connected_at = time.monotonic()

@@ -12,7 +12,7 @@ native audio encoding (``mulaw`` or ``pcm16``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 from . import twilio
@@ -89,11 +89,13 @@ TWILIO: Final = TwilioCodec()
 PROVIDERS: Final = ("twilio", "acs")
 
 
-def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False) -> Codec:
+def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
+              context: Callable[[str], Mapping[str, str] | None] | None = None) -> Codec:
     """A codec for one stream of ``provider``, given its upgrade request's headers
-    (lower-case names)."""
+    (lower-case names); ``context`` looks a call's stored context up by the id the
+    provider's upgrade carries (ACS: the correlation id)."""
     if provider == "acs":
-        return AcsCodec(headers, unmixed=unmixed)
+        return AcsCodec(headers, unmixed=unmixed, context=context)
     if provider == "twilio":
         return TWILIO
     raise ValueError(f"unknown provider {provider!r}")

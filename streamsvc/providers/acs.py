@@ -8,7 +8,9 @@ Follows Microsoft's audio streaming quickstart and concept pages
 * ``{"kind":"AudioMetadata","audioMetadata":{"subscriptionId","encoding","sampleRate",
   "channels","length"}}`` opens the stream: a :class:`~streamsvc.wire.Start` whose
   ``stream_sid`` is the subscription id and whose ``call_sid`` is the upgrade's
-  ``x-ms-call-connection-id`` header (the subscription id when it is missing);
+  ``x-ms-call-connection-id`` header (the subscription id when it is missing), and whose
+  ``custom_parameters`` are the context the IncomingCall webhook stored under the
+  upgrade's ``x-ms-call-correlation-id`` (:mod:`streamsvc.acs_events`);
 * ``{"kind":"AudioData","audioData":{"timestamp":ISO 8601,"participantRawID","data":
   base64 PCM16LE,"silent"}}`` is one 20 ms :class:`~streamsvc.wire.Media` frame; its
   timestamp becomes milliseconds since the Unix epoch, so gaps, reordering and duplicates
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import msgspec
@@ -106,9 +108,13 @@ class AcsCodec:
     has_marks: Final = False
     native_encoding: Final = "pcm16"
 
-    def __init__(self, headers: Mapping[str, str], *, unmixed: bool = False) -> None:
+    def __init__(self, headers: Mapping[str, str], *, unmixed: bool = False,
+                 context: Callable[[str], Mapping[str, str] | None] | None = None) -> None:
         self.call_connection_id = headers.get(CALL_CONNECTION_HEADER) or None
         self.correlation_id = headers.get(CORRELATION_HEADER) or None
+        # The call's context, stored under its correlation id by the IncomingCall webhook.
+        found = context(self.correlation_id) if context and self.correlation_id else None
+        self.custom_parameters = dict(found or {})
         self.unmixed = unmixed
         self.subscription_id = ""
         self.chunks = 0
@@ -139,7 +145,8 @@ class AcsCodec:
         body = common._StartBody(
             account_sid="", stream_sid=metadata.subscription_id,
             call_sid=self.call_connection_id or metadata.subscription_id,
-            tracks=() if self.unmixed else ("inbound",), media_format=media_format)
+            tracks=() if self.unmixed else ("inbound",), media_format=media_format,
+            custom_parameters=self.custom_parameters)
         return common.Start(body, None, metadata.subscription_id)
 
     def _media(self, audio: _Audio) -> common.Media:
