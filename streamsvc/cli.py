@@ -16,9 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import wave
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -26,12 +28,13 @@ import structlog
 from . import __version__
 from .config import SETTINGS, Settings, load_settings
 from .exceptions import ConfigError
-from .fixtures import FixtureError, dump_fixture, load_fixture
+from .fixtures import FixtureError, FixtureFrame, dump_fixture, load_fixture
 from .logs import configure_logging, flush_logging
-from .replay import replay
+from .replay import acs_token, replay
 from .server import StreamServer
 from .session import DEFAULT_PARAMETER_BUDGET_BYTES, parameters_size
 from .synth import SessionPlan, expected_outcome, read_wav, synthesize
+from .synth_acs import AcsPlan, acs_header, synthesize_acs
 from .twiml import KEEP_CALL_UP_TWIML, parse_pairs, render_stream_twiml
 
 __all__ = ["main"]
@@ -98,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="origin Twilio was given, e.g. wss://voice.example.com: the signed "
                       "URL is this plus --url's path (env STREAMSVC_PUBLIC_URL; default: "
                       "--url itself)")
+    play.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                      help="a header to add to each upgrade (repeatable); a fixture's own "
+                      "provider headers (ACS's call ids) are sent anyway")
+    play.add_argument("--acs-token", metavar="KEY.pem",
+                      help="sign each upgrade with an ACS-style bearer JWT (RS256) made with "
+                      "this private key, for --acs-audience")
+    play.add_argument("--acs-audience", metavar="ID",
+                      help="the audience of --acs-token's JWT: the server's acs_audience")
+    play.add_argument("--acs-kid", default="streamsvc-replay", metavar="KID",
+                      help="the key id in --acs-token's JWT header (default streamsvc-replay)")
     play.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     play.add_argument("--check", action="store_true",
                       help="compare each session's outcome with its fixture's expect and exit "
@@ -137,7 +150,18 @@ def _parser() -> argparse.ArgumentParser:
         "to 8 kHz mu-law in 20 ms frames, first timestamp not 0, numbers as strings, both "
         "tracks interleaved when --outbound is given. The header carries the expected outcome.",
     )
+    synth.add_argument("--provider", choices=["twilio", "acs"], default="twilio",
+                       help="whose frames to write (default twilio); acs: AudioMetadata, "
+                       "AudioData in PCM16, DtmfData, no stop")
     synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
+    synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
+                       help="acs: another participant's audio; makes the stream unmixed "
+                       "(each participant a track; --inbound is 8:acs:caller)")
+    synth.add_argument("--sample-rate", type=int, choices=[16000, 24000], default=16000,
+                       help="acs: the stream's rate (default 16000)")
+    synth.add_argument("--correlation-id", metavar="ID",
+                       help="acs: the x-ms-call-correlation-id upgrade header "
+                       "(default: random)")
     synth.add_argument("--outbound", metavar="WAV", help="the other party's audio "
                        "(makes a both_tracks stream)")
     synth.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -153,9 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--swap", default="", metavar="I,...",
                        help="frame I is sent after frame I+1, e.g. 120")
     synth.add_argument("--call-sid", metavar="SID",
-                       help="the call's CallSid, e.g. the one a voice webhook was given "
-                       "(default: random)")
-    synth.add_argument("--stream-sid", metavar="SID", help="the StreamSid (default: random)")
+                       help="the call's CallSid, e.g. the one a voice webhook was given; "
+                       "acs: the call connection id (default: random)")
+    synth.add_argument("--stream-sid", metavar="SID",
+                       help="the StreamSid; acs: the subscription id (default: random)")
     synth.add_argument("--account-sid", metavar="SID", help="the AccountSid (default: random)")
     synth.add_argument("--path", default="/stream", help="URL path recorded in the header")
     synth.add_argument("--description", default="", help="free text for the header")
@@ -310,10 +335,18 @@ def _replay(args: argparse.Namespace) -> int:
     except FixtureError as exc:
         print(f"streamsvc replay: {exc}", file=sys.stderr)
         return 2
+    try:
+        headers = dict(_split_pair(item, ":", "--header") for item in args.header)
+        if args.acs_token:
+            headers["Authorization"] = "Bearer " + acs_token(
+                Path(args.acs_token).read_bytes(), args.acs_audience or "", kid=args.acs_kid)
+    except (ValueError, OSError) as exc:
+        print(f"streamsvc replay: {exc}", file=sys.stderr)
+        return 2
     report = asyncio.run(replay(
         fixtures, args.url, speed=args.speed, concurrency=args.concurrency,
         auth_token=args.auth_token, public_url=args.public_url,
-        check=args.check, server_log=args.log,
+        check=args.check, server_log=args.log, headers=headers,
     ))
     summary = report.summary()
     if args.json:
@@ -335,6 +368,8 @@ def _replay_problem(args: argparse.Namespace) -> str | None:
         return f"--url must be ws://HOST[:PORT]/PATH or wss://..., got {args.url!r}"
     if args.log is not None and not args.check:
         return "--log is read by --check: give both"
+    if args.acs_token and not args.acs_audience:
+        return "--acs-token needs --acs-audience (the server's acs_audience)"
     if args.public_url and urlsplit(args.public_url).scheme not in ("ws", "wss",
                                                                    "http", "https"):
         return f"--public-url must be like wss://voice.example.com, got {args.public_url!r}"
@@ -360,6 +395,8 @@ def _print_summary(summary: dict[str, object]) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    if args.provider == "acs":
+        return _synth_acs(args)
     parameters = None if args.no_custom_parameters else dict(
         _split_pair(item, "=", "--param") for item in args.param
     )
@@ -378,17 +415,42 @@ def _synth(args: argparse.Namespace) -> int:
     header = {"description": args.description, "path": args.path,
               "expect": expected_outcome(plan)}
     frames = synthesize(plan)
-    try:
-        Path(args.output).write_text(dump_fixture(header, frames), encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot write {args.output}: {exc.strerror}") from None
+    _write_fixture(args.output, header, frames)
     print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
     return 0
 
 
-def _read_wav(path: str, flag: str) -> list[int]:
+def _synth_acs(args: argparse.Namespace) -> int:
+    participants = {"8:acs:caller": _read_wav(args.inbound, "--inbound", args.sample_rate)}
+    for item in args.participant:
+        identity, wav = _split_pair(item, "=", "--participant")
+        participants[identity] = _read_wav(wav, "--participant", args.sample_rate)
+    plan = AcsPlan(
+        participants=participants, sample_rate=args.sample_rate,
+        unmixed=len(participants) > 1, dtmf=_timed(args.dtmf, "--dtmf"),
+        drop=frozenset(_indexes(args.drop, "--drop")),
+        swap=frozenset(_indexes(args.swap, "--swap")),
+        subscription_id=args.stream_sid or str(uuid.uuid4()),
+        call_connection_id=args.call_sid or str(uuid.uuid4()),
+        correlation_id=args.correlation_id or str(uuid.uuid4()))
+    path = args.path if args.path != "/stream" else "/acs"
+    header = acs_header(plan, path=path, description=args.description)
+    frames = synthesize_acs(plan)
+    _write_fixture(args.output, header, frames)
+    print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
+    return 0
+
+
+def _write_fixture(output: str, header: dict[str, Any], frames: list[FixtureFrame]) -> None:
     try:
-        return read_wav(path)
+        Path(output).write_text(dump_fixture(header, frames), encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot write {output}: {exc.strerror}") from None
+
+
+def _read_wav(path: str, flag: str, rate: int = 8000) -> list[int]:
+    try:
+        return read_wav(path, rate)
     except OSError as exc:
         raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
     except (wave.Error, EOFError) as exc:

@@ -58,8 +58,31 @@ class Fixture:
         expect = self.header.get("expect")
         return expect if isinstance(expect, dict) else {}
 
+    @property
+    def provider(self) -> str:
+        """Whose frames these are: the header's ``provider`` (``twilio`` by default)."""
+        provider = self.header.get("provider", "twilio")
+        return provider if isinstance(provider, str) else "twilio"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Upgrade headers the provider sends with this stream (ACS's call ids), if any."""
+        headers = self.header.get("headers")
+        if not isinstance(headers, dict):
+            return {}
+        return {str(name): str(value) for name, value in headers.items()}
+
     def stream_sid(self) -> str | None:
-        """The streamSid of the recorded ``start`` message, if there is one."""
+        """The stream's id as its opening message gives it (Twilio's ``start.streamSid``,
+        ACS's ``AudioMetadata.subscriptionId``), if there is one."""
+        if self.provider == "acs":
+            for frame in self.frames:
+                message = _json_object(frame.text)
+                metadata = message.get("audioMetadata") if message else None
+                if isinstance(metadata, dict) and isinstance(metadata.get("subscriptionId"),
+                                                             str):
+                    return str(metadata["subscriptionId"])
+            return None
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":
@@ -69,7 +92,10 @@ class Fixture:
         return None
 
     def call_sid(self) -> str | None:
-        """The callSid of the recorded ``start`` message, if there is one."""
+        """The call's id: Twilio's ``start.callSid``, or the ACS call connection id the
+        header's upgrade headers carry; None when there is none."""
+        if self.provider == "acs":
+            return self.headers.get("x-ms-call-connection-id")
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":

@@ -25,16 +25,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from . import wire
+from .acs_auth import ACS_ISSUER
 from .exceptions import RemoteProtocolError
 from .fixtures import Fixture
 from .outcome import differences, expect_for_copy, wait_for_outcomes
+from .providers import codec_for
 from .signature import SIGNATURE_HEADER, sign
 
-__all__ = ["ReplayReport", "SessionResult", "replay", "replay_session"]
+__all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_session"]
 
 # Twilio's own frames are small; be generous with what the server may send back.
 CLIENT_MAX_MESSAGE_BYTES = 1 << 20
@@ -130,6 +133,16 @@ def _copy_ids(fixture: Fixture, copy: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def acs_token(private_key_pem: bytes, audience: str, *, kid: str,
+              lifetime_s: float = 3600) -> str:
+    """A bearer JWT shaped like the ones ACS signs its media upgrades with (RS256, ACS's
+    issuer, ``audience``, an expiry), made with ``private_key_pem``: for replaying at a
+    server whose ``acs_jwks_url`` publishes the matching public key as ``kid``."""
+    claims = {"iss": ACS_ISSUER, "aud": audience, "iat": int(time.time()),
+              "exp": int(time.time() + lifetime_s)}
+    return jwt.encode(claims, private_key_pem, algorithm="RS256", headers={"kid": kid})
+
+
 def signature_headers(url: str, auth_token: str | None,
                       public_url: str | None = None) -> dict[str, str]:
     """The ``X-Twilio-Signature`` header Twilio would send when connecting to ``url``: it
@@ -164,10 +177,11 @@ async def replay_session(
         call_sid = new if call_sid == old else call_sid
     result = SessionResult(fixture.name, stream_sid, call_sid,
                            expect_for_copy(fixture.expect, replacements))
+    upgrade = {**_replaced(fixture.headers, replacements), **(headers or {})}
     try:
         async with connect(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
-            additional_headers=headers, open_timeout=10,
+            additional_headers=upgrade, open_timeout=10,
         ) as connection:
             peer = _TwilioPeer(connection, result, stream_sid)
             reader = asyncio.create_task(peer.read())
@@ -181,7 +195,7 @@ async def replay_session(
             result.ok = connection.close_code in (1000, None)
             if not result.ok:
                 result.error = f"server closed with {connection.close_code}"
-            elif not _starts_a_session(fixture):
+            elif not _starts_a_session(fixture, upgrade):
                 result.ok = False
                 result.error = "no start message the service accepts: no session began"
     except InvalidStatus as exc:
@@ -194,15 +208,23 @@ async def replay_session(
     return result
 
 
-def _starts_a_session(fixture: Fixture) -> bool:
-    """Whether the fixture sends a ``start`` that the service's own parser accepts."""
+def _starts_a_session(fixture: Fixture, headers: dict[str, str]) -> bool:
+    """Whether the fixture sends a ``start`` (or its provider's opening message) that the
+    service's own parser accepts."""
+    codec = codec_for(fixture.provider, {k.lower(): v for k, v in headers.items()})
     for frame in fixture.frames:
         try:
-            if isinstance(wire.parse(frame.text), wire.Start):
+            if isinstance(codec.parse(frame.text), wire.Start):
                 return True
         except RemoteProtocolError:
             continue
     return False
+
+
+def _replaced(headers: dict[str, str], replacements: list[tuple[str, str]]) -> dict[str, str]:
+    for old, new in replacements:
+        headers = {name: new if value == old else value for name, value in headers.items()}
+    return headers
 
 
 def _rejected(status: int, url: str, headers: dict[str, str]) -> str:
@@ -273,9 +295,11 @@ class _TwilioPeer:
         if not isinstance(event, dict):
             return
         now = time.monotonic()
-        kind = event.get("event")
+        kind = event.get("event") or {"AudioData": "media", "StopAudio": "clear"}.get(
+            str(event.get("Kind")))  # ACS's outbound frames
         if kind == "media":
-            payload = event.get("media", {}).get("payload", "")
+            body = event.get("media") or event.get("AudioData") or {}
+            payload = str(body.get("payload") or body.get("Data") or "")
             size = len(payload) * 3 // 4 - payload.count("=")
             self.result.audio_bytes_received += size
             self.playback_ends = max(self.playback_ends, now) + size / PLAYBACK_BYTES_PER_SECOND
@@ -326,13 +350,14 @@ async def replay(
     fixtures: Sequence[Fixture], url: str, *, speed: float = 1.0, concurrency: int = 1,
     auth_token: str | None = None, public_url: str | None = None,
     check: bool = False, server_log: Path | None = None,
+    headers: dict[str, str] | None = None,
 ) -> ReplayReport:
     """Play every fixture ``concurrency`` times at once at ``url``; a fixture's own ``path``
     is not used: ``url`` names the route. With ``auth_token`` the handshakes are signed.
     With ``check`` each session's outcome is compared with its fixture's ``expect``
     (:mod:`streamsvc.outcome`), through the server's JSON log when ``server_log`` is given."""
     started = time.monotonic()
-    headers = signature_headers(url, auth_token, public_url)
+    headers = {**(headers or {}), **signature_headers(url, auth_token, public_url)}
     sessions = list(await asyncio.gather(*(
         replay_session(fixture, url, speed=speed, copy=copy, headers=headers)
         for fixture in fixtures

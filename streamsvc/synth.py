@@ -50,17 +50,19 @@ def mulaw_encode(samples: Iterable[int]) -> bytes:
     return bytes(_MULAW_TABLE[s + 32768] for s in samples)
 
 
-def read_wav(path: str | Path) -> list[int]:
-    """Read a PCM WAV (8/16/24/32-bit, any rate, any channels) as 8 kHz mono PCM16
-    samples: channels are averaged, the rate converted by linear interpolation."""
+def read_wav(path: str | Path, rate: int = SAMPLE_RATE) -> list[int]:
+    """Read a PCM WAV (8/16/24/32-bit, any rate, any channels) as mono PCM16 samples at
+    ``rate`` (8 kHz by default): channels are averaged, the rate converted by linear
+    interpolation."""
     with wave.open(str(path), "rb") as wav:
-        width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
+        width, channels, source_rate = (wav.getsampwidth(), wav.getnchannels(),
+                                        wav.getframerate())
         raw = wav.readframes(wav.getnframes())
     frames = [
         sum(_sample(raw, (i * channels + c) * width, width) for c in range(channels)) // channels
         for i in range(len(raw) // (width * channels))
     ]
-    return _resample(frames, rate, SAMPLE_RATE)
+    return _resample(frames, source_rate, rate)
 
 
 def _sample(raw: bytes, offset: int, width: int) -> int:

@@ -30,7 +30,8 @@ from streamsvc.synth import SessionPlan, synthesize
 from .conftest import events, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-BUNDLED = sorted(FIXTURES.glob("*.jsonl"))
+# Twilio's sessions (ACS's are replayed at ACS routes in tests/test_acs_fixtures.py).
+BUNDLED = sorted(path for path in FIXTURES.glob("*.jsonl") if not path.name.startswith("acs_"))
 
 
 class Probe(Handler):

@@ -1,0 +1,113 @@
+"""The simulator speaks ACS: the bundled ACS sessions replayed through both transports
+match their expected outcome, ``fixture synth --provider acs`` makes such sessions from a
+WAV, and ``replay --acs-token`` signs upgrades as ACS does."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from streamsvc.builtins.log import LogHandler
+from streamsvc.config import Route, Settings
+from streamsvc.fixtures import load_fixture
+from streamsvc.handlers import HandlerSpec
+from streamsvc.outcome import differences
+from streamsvc.replay import replay
+from streamsvc.server import StreamServer
+
+from .conftest import LogEvents, events, until
+from .test_acs import AUDIENCE, KeySet, keys  # noqa: F401 (the module's fixture)
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+ACS_FIXTURES = sorted(path.name for path in FIXTURES.glob("acs_*.jsonl"))
+
+
+@pytest.fixture
+async def server(transport: str) -> AsyncIterator[StreamServer]:
+    routes = (Route("/acs", (HandlerSpec("log", LogHandler),), provider="acs"),
+              Route("/acs-unmixed", (HandlerSpec("log", LogHandler),), provider="acs",
+                    unmixed=True))
+    server = StreamServer(Settings(port=0, routes=routes, transport=transport))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def test_four_acs_sessions_are_bundled() -> None:
+    assert ["acs_dtmf_gap.jsonl", "acs_mixed.jsonl", "acs_silent.jsonl",
+            "acs_unmixed.jsonl"] == ACS_FIXTURES
+
+
+@pytest.mark.parametrize("name", ACS_FIXTURES)
+async def test_each_acs_fixture_replays_to_its_expected_outcome(
+        server: StreamServer, logs: LogEvents, name: str) -> None:
+    fixture = load_fixture(FIXTURES / name)
+    path = "/acs-unmixed" if "unmixed" in name else "/acs"
+    report = await replay([fixture], f"ws://127.0.0.1:{server.port}{path}", speed=0,
+                          concurrency=2)
+    assert (2, 0) == (len(report.sessions), report.failed)
+    await until(lambda: len(events(logs, "stream.stopped")) == 2)
+    for session in report.sessions:
+        outcome = {event: line for event in ("stream.started", "stream.stopped")
+                   for line in events(logs, event) if line["stream_sid"] == session.stream_sid}
+        assert [] == differences(session.expect, outcome)
+
+
+def test_synth_makes_acs_sessions_from_a_wav(tmp_path: Path) -> None:
+    with wave.open(str(tmp_path / "caller.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(44100)
+        wav.writeframes(bytes(44100 * 2))  # one second
+    output = tmp_path / "acs.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "fixture", "synth", "--provider", "acs",
+         "--inbound", str(tmp_path / "caller.wav"), "--participant",
+         f"8:acs:agent={tmp_path / 'caller.wav'}", "--dtmf", "9@0.5s", "--drop", "10",
+         "--call-sid", "conn-42", "--stream-sid", "sub-42", "-o", str(output)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert 0 == done.returncode, done.stderr
+    fixture = load_fixture(output)
+    assert ("acs", "sub-42", "conn-42", "/acs") == (fixture.provider, fixture.stream_sid(),
+                                                    fixture.call_sid(), fixture.path)
+    assert ({"8:acs:caller": 49, "8:acs:agent": 49}, "9", []) == (
+        fixture.expect["frames"], fixture.expect["dtmf"], fixture.expect["tracks"])
+
+
+async def test_replay_signs_acs_upgrades_with_a_given_key(keys: KeySet,  # noqa: F811
+                                                          tmp_path: Path, transport: str,
+                                                          logs: LogEvents) -> None:
+    routes = (Route("/acs", (HandlerSpec("log", LogHandler),), provider="acs"),)
+    server = StreamServer(Settings(port=0, routes=routes, transport=transport,
+                                   acs_audience=AUDIENCE, acs_jwks_url=keys.url))
+    await server.start()
+    key_file = tmp_path / "acs-key.pem"
+    key_file.write_bytes(keys.private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    url = f"ws://127.0.0.1:{server.port}/acs"
+    try:
+        base = [sys.executable, "-m", "streamsvc", "replay", "fixtures/acs_mixed.jsonl",
+                "--url", url, "--speed", "0", "--acs-kid", "acs-key-1"]
+        signed = await asyncio_run([*base, "--acs-token", str(key_file),
+                                    "--acs-audience", AUDIENCE])
+        unsigned = await asyncio_run(base)
+    finally:
+        await server.stop()
+    assert 0 == signed.returncode, signed.stdout + signed.stderr
+    assert 1 == unsigned.returncode
+    assert ["missing_token"] == [e["reason"] for e in events(logs, "handshake.rejected")]
+
+
+async def asyncio_run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=60, cwd=ROOT, env={**os.environ})
