@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Callable
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
 
 import structlog
@@ -35,13 +35,16 @@ from picows import (
 )
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
-from .config import Route
-from .exceptions import CLOSE_POLICY_VIOLATION
-from .httpfront import Upgrade
-from .server import CLOSE_GRACE_S, CallCore, StreamServer
-from .session import State, StopReason
-from .signature import SIGNATURE_HEADER
-from .webhooks import HttpResponse
+from streamsvc.config import Route
+from streamsvc.core import CLOSE_GRACE_S, CallCore
+from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.httpfront import Upgrade
+from streamsvc.session import State, StopReason
+from streamsvc.signature import SIGNATURE_HEADER
+from streamsvc.webhooks import HttpResponse
+
+if TYPE_CHECKING:
+    from streamsvc.server import StreamServer
 
 __all__ = ["serve"]
 

@@ -1,0 +1,250 @@
+"""What one stream connection does, whatever transport carries its frames.
+
+:class:`CallCore` feeds each message to the stream's :class:`~streamsvc.live.LiveSession`
+and the route's handler chain, logs the start and the summary, and hands what the session
+queues to the transport. A transport shell (:mod:`streamsvc.transports`) subclasses it with
+its own ``send_now``, ``outbound_full`` and timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from . import wire
+from .config import Route
+from .exceptions import LocalProtocolError
+from .handlers import HandlerChain, RawFrame
+from .live import LiveSession
+from .providers import codec_for
+from .session import BadFrame, State, StopReason
+
+if TYPE_CHECKING:
+    from .server import StreamServer
+
+__all__ = ["CLOSE_GRACE_S", "CallCore"]
+
+logger = structlog.get_logger("streamsvc.server")
+
+# Bad frames logged individually per call; the rest are only counted.
+BAD_FRAMES_LOGGED: Final = 5
+# Frames before `start` kept for handlers that record raw frames (connected, start, a few
+# bad ones); later ones are not kept: the start timeout bounds how many can come.
+EARLY_FRAMES_KEPT: Final = 16
+# How long a connection the service closes gets (to flush, to answer the close handshake)
+# before the TCP connection is dropped.
+CLOSE_GRACE_S: Final = 1.0
+# What is left of a drain's time at the very end, for the summaries to be logged.
+SHUTDOWN_CLOSE_S: Final = 0.25
+
+
+class CallCore:
+    """What one stream connection does whatever carries its frames: feeds them to the
+    session and the route's handler chain, logs the start and the summary. A transport
+    shell calls :meth:`receive` per message, sends what :meth:`take_outbound` yields (after
+    :meth:`wake`), and awaits :meth:`finish` once when the connection ends."""
+
+    def __init__(self, server: StreamServer, route: Route,
+                 headers: Mapping[str, str]) -> None:
+        self.server = server
+        self.route = route
+        settings = server.settings
+        self.session = LiveSession(
+            wake=self._flush,
+            path=route.path,
+            bidirectional=route.bidirectional,
+            parameter_budget_bytes=settings.parameter_budget_bytes,
+            codec=codec_for(route.provider, headers, unmixed=route.unmixed,
+                            context=server.contexts.get),
+        )
+        self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
+        self.connected_at = time.monotonic()
+        self.early_frames: list[RawFrame] = []
+        self.frames_received = 0  # read by the idle watchdog
+        self.outbound_dropped = 0  # frames for a peer that stopped reading
+        self.idle_closed = False
+        self._idle_seen = -1  # frames_received at the watchdog's last look
+        self._quiet_since = self.connected_at
+        # The budget report of the webhook that started this call's stream, if it was ours.
+        self.context_budget: dict[str, object] | None = None
+
+    def outbound_full(self) -> bool:
+        """True when the peer has stopped reading: frames to send are refused."""
+        raise NotImplementedError
+
+    @property
+    def idle_check_s(self) -> float:
+        """How often a shell's watchdog should call :meth:`went_idle`."""
+        return min(self.server.settings.idle_timeout_s / 4, 1.0)
+
+    def went_idle(self) -> bool:
+        """True (and logged) once no frame has come for ``idle_timeout_s``: a half-open
+        peer, since Twilio sends a frame every 20 ms. Compares a counter; costs nothing per
+        frame."""
+        now = time.monotonic()
+        if self.frames_received != self._idle_seen:
+            self._idle_seen, self._quiet_since = self.frames_received, now
+            return False
+        limit = self.server.settings.idle_timeout_s
+        if now - self._quiet_since < limit:
+            return False
+        self.idle_closed = True
+        logger.warning("stream.idle_timeout", timeout_s=limit)
+        return True
+
+    def log_start_timeout(self) -> None:
+        logger.warning("stream.start_timeout", timeout_s=self.server.settings.start_timeout_s,
+                       bad_frames=self.session.bad_frames)
+
+    def log_closed_before_start(self, reason: StopReason) -> None:
+        logger.info("stream.closed_before_start", reason=reason,
+                    bad_frames=self.session.bad_frames)
+
+    def send_now(self, frame: bytes) -> None:
+        """Hand one outbound text frame to the transport without blocking."""
+        raise NotImplementedError
+
+    def _now_ms(self) -> float:
+        return (time.monotonic() - self.connected_at) * 1000
+
+    def receive(self, frame: bytes) -> None:
+        session = self.session
+        if session.state is State.AWAITING_START:
+            if len(self.early_frames) < EARLY_FRAMES_KEPT:
+                self.early_frames.append(RawFrame(self._now_ms(), frame))
+        elif self.chain.wants_raw_frames:
+            self.chain.on_raw_frame(RawFrame(self._now_ms(), frame))
+        session.receive_message(frame)
+        for event in session.events_received():
+            if type(event) is wire.Media:
+                self.chain.on_media(event)
+            elif isinstance(event, BadFrame):
+                self._log_bad_frame(event)
+            elif isinstance(event, wire.Start):
+                self._started()
+            else:
+                if isinstance(event, wire.Mark):
+                    session.mark_echoed(event.name)
+                self.chain.dispatch(event)
+        if session.bidirectional:
+            self._flush_quietly()
+
+    def _started(self) -> None:
+        session = self.session
+        structlog.contextvars.bind_contextvars(
+            call_sid=session.call_sid, stream_sid=session.stream_sid
+        )
+        media_format = session.media_format
+        logger.info(
+            "stream.started",
+            call_sid=session.call_sid,
+            stream_sid=session.stream_sid,
+            account_sid=session.account_sid,
+            tracks=list(session.tracks),
+            media_format={
+                "encoding": media_format.encoding,
+                "sample_rate": media_format.sample_rate,
+                "channels": media_format.channels,
+            } if media_format else None,
+            custom_parameters=dict(session.custom_parameters),
+            path=session.path,
+            bidirectional=session.bidirectional,
+            protocol_version=session.protocol_version,
+            provider=session.codec.provider,
+            correlation_id=session.codec.correlation_id,
+        )
+        if session.parameters_over_budget:
+            logger.warning(
+                "stream.parameters_over_budget",
+                custom_parameters_bytes=session.custom_parameters_bytes,
+                budget_bytes=session.parameter_budget_bytes,
+            )
+        assert session.stream_sid is not None  # set by start
+        if session.stream_sid in self.server.streams:
+            logger.warning("stream.duplicate_stream_sid")
+        self.server.streams[session.stream_sid] = session
+        self.server.metrics.calls_started += 1
+        self.context_budget = self.server.webhooks.pop_context_report(session.call_sid)
+        if session.bidirectional:
+            self.start_writer()
+        self.chain.start(session)
+        if self.chain.wants_raw_frames:
+            for raw in self.early_frames:
+                self.chain.on_raw_frame(raw)
+        self.early_frames = []
+
+    def _log_bad_frame(self, bad: BadFrame) -> None:
+        if bad.count <= BAD_FRAMES_LOGGED:
+            logger.warning("stream.bad_frame", reason=bad.reason, excerpt=bad.excerpt,
+                           count=bad.count, last_logged=bad.count == BAD_FRAMES_LOGGED)
+
+    def _flush(self) -> None:
+        """Hand what the session queued to the transport; raises LocalProtocolError (in the
+        handler that sent) when the peer has stopped reading: the frames are dropped."""
+        if self.outbound_full():
+            self._drop_outbound()
+            raise LocalProtocolError("the peer is not reading: too many frames wait to be sent")
+        self._send_queued()
+
+    def _flush_quietly(self) -> None:
+        """As :meth:`_flush`, from the receive loop: a peer that stopped reading costs the
+        frames queued for it (counted), never the call."""
+        if self.outbound_full():
+            self._drop_outbound()
+        else:
+            self._send_queued()
+
+    def _drop_outbound(self) -> None:
+        dropped = len(self.session.data_to_send())
+        if dropped and not self.outbound_dropped:
+            logger.warning("stream.peer_not_reading", dropped_frames=dropped)
+        self.outbound_dropped += dropped
+        self.server.metrics.outbound_dropped += dropped
+
+    def _send_queued(self) -> None:
+        for frame in self.session.data_to_send():
+            self.send_now(frame)
+            if self.chain.wants_raw_frames:
+                self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, sent=True))
+
+    async def finish(self, reason: StopReason) -> None:
+        if reason == "closed" and self.session.codec.stops_on_close:
+            reason = "stop"  # the provider has no stop message: its close is the stop
+        stream_sid = self.session.stream_sid
+        if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
+            del self.server.streams[stream_sid]
+        self.session.abandon_marks()  # no echo can come any more
+        await asyncio.sleep(0)  # their callbacks run before the handlers report
+        closed = dataclasses.replace(self.session.close(reason),
+                                     context_budget=self.context_budget)
+        summary = await self.chain.finish(self.session, closed, self._handler_grace_s())
+        self.server.metrics.call_ended(summary, self.chain.errors(), self.chain.drops())
+        logger.info(
+            "stream.stopped",
+            call_sid=self.session.call_sid,
+            stream_sid=self.session.stream_sid,
+            **summary.log_fields(),
+            handler_errors=self.chain.errors(),
+            handler_drops=self.chain.drops(),
+            outbound_dropped=self.outbound_dropped,
+            custom_parameters_bytes=self.session.custom_parameters_bytes,
+            wall_ms=round((time.monotonic() - self.connected_at) * 1000),
+        )
+
+    def _handler_grace_s(self) -> float:
+        """How long handlers may take to finish: their stop timeout, cut to what is left
+        of a drain's time."""
+        grace = self.server.settings.handler_stop_timeout_s
+        deadline = self.server.stop_deadline
+        if deadline is not None:
+            left = deadline - asyncio.get_running_loop().time() - SHUTDOWN_CLOSE_S
+            grace = max(0.0, min(grace, left))
+        return grace
+
+    def start_writer(self) -> None:
+        """Called when a bidirectional stream starts (before any handler can send)."""

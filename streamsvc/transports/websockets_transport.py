@@ -1,0 +1,231 @@
+"""The default transport: websockets' asyncio server, one task per connection.
+
+Each connection's first request goes through the server's HTTP front
+(:mod:`streamsvc.httpfront`): a WebSocket handshake reaches websockets unchanged, any
+other request is answered by the server's HTTP side. A stream connection is a
+:class:`_Call`: a receive loop, an outbound writer task and the idle watchdog around the
+shared :class:`~streamsvc.core.CallCore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as serve_websockets
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.http11 import Request, Response
+
+from streamsvc.core import CLOSE_GRACE_S, CallCore
+from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.httpfront import HttpFront, Upgrade
+from streamsvc.session import State
+from streamsvc.signature import SIGNATURE_HEADER
+
+if TYPE_CHECKING:
+    from streamsvc.config import Route
+    from streamsvc.server import StreamServer
+    from streamsvc.session import StopReason
+
+__all__ = ["serve"]
+
+logger = structlog.get_logger("streamsvc.server")
+
+# RFC 6455 close codes.
+CLOSE_GOING_AWAY: Final = 1001
+# asyncio's selector transport reads up to 256 KiB per recv(); glibc serves buffers that
+# large with mmap/munmap, a syscall pair per read (CPython issue 85451). Twilio's frames are
+# ~300 bytes: 16 KiB reads stay on the heap. Measured by bench/server.py.
+TRANSPORT_READ_BYTES: Final = 16 * 1024
+# Outbound frames queued for one connection (20 ms each: 5 minutes of audio); more means
+# the peer is not reading and the sending handler gets LocalProtocolError.
+MAX_OUTBOUND_FRAMES: Final = 15_000
+
+
+async def serve(server: StreamServer) -> Server:
+    """Listen with websockets on the server's host and port; return the listening server."""
+    s = server.settings
+    return await serve_websockets(
+        functools.partial(_handle, server),
+        s.host,
+        s.port,
+        process_request=functools.partial(_process_request, server),
+        compression=None,  # Twilio does not negotiate it; it would cost CPU and memory
+        max_size=s.max_message_bytes,
+        max_queue=64,  # frames buffered per connection before TCP backpressure
+        ping_interval=s.ping_interval_s or None,
+        ping_timeout=s.ping_timeout_s,
+        close_timeout=CLOSE_GRACE_S,  # a peer that never answers the close is dropped
+        open_timeout=s.handshake_timeout_s,
+        server_header=None,
+        reuse_port=s.reuse_port or None,
+        create_connection=_http_aware_connection(server),
+    )
+
+
+def _process_request(server: StreamServer, connection: ServerConnection,
+                     request: Request) -> Response | None:
+    path = server.settings.local_path(urlsplit(request.path).path)
+    signatures = request.headers.get_all(SIGNATURE_HEADER)
+    answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
+                        repeated_signature=len(signatures) > 1,
+                        authorization=request.headers.get("Authorization"))
+    if answer is None:
+        return None
+    response = connection.respond(answer.status, "")
+    response.body = answer.body
+    del response.headers["Content-Type"], response.headers["Content-Length"]
+    response.headers["Content-Type"] = answer.content_type
+    response.headers["Content-Length"] = str(len(answer.body))
+    return response
+
+
+async def _handle(server: StreamServer, connection: ServerConnection) -> None:
+    _limit_read_size(connection)
+    path = urlsplit(connection.request.path).path if connection.request else "/"
+    path = server.settings.local_path(path)
+    route = server.settings.route_for(path)
+    assert route is not None  # _process_request answered 404 otherwise
+    server.call_began()
+    try:
+        with structlog.contextvars.bound_contextvars(path=path):
+            await _Call(server, connection, route).run()
+    finally:
+        server.call_ended()
+
+
+def _http_aware_connection(server: StreamServer) -> type[ServerConnection]:
+    """A websockets connection class whose first request goes through the server's
+    :class:`~streamsvc.httpfront.HttpFront`: a WebSocket handshake reaches websockets
+    unchanged, any other request is answered by the server's HTTP side (websockets' own
+    parser takes no request body and answers no method but GET)."""
+
+    class HttpAwareConnection(ServerConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._front: HttpFront | None = server.http_front()
+
+        def data_received(self, data: bytes) -> None:
+            front = self._front
+            if front is None:
+                super().data_received(data)
+                # websockets answers pings itself: a peer that floods pings and reads no
+                # pong grows this buffer without bound unless it is closed.
+                if self.transport.get_write_buffer_size() > server.settings.max_unread_bytes:
+                    server.close_unread(self.transport)
+                return
+            decision = front.receive_data(data)
+            if decision is None:
+                return
+            self._front = None
+            if isinstance(decision, Upgrade):
+                super().data_received(decision.data)
+                return
+            self.transport.write(decision.response.serialize())
+            self.transport.close()
+
+    return HttpAwareConnection
+
+
+def _limit_read_size(connection: ServerConnection) -> None:
+    # Only the selector transport has this knob (uvloop manages its own buffers).
+    transport = connection.transport
+    if hasattr(transport, "max_size"):
+        transport.max_size = TRANSPORT_READ_BYTES
+
+
+class _Call(CallCore):
+    """One websockets connection: receive loop, outbound writer task, timers."""
+
+    def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
+        headers = connection.request.headers if connection.request else {}
+        super().__init__(server, route, {name.lower(): value for name, value in headers.items()})
+        self.connection = connection
+        self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
+        self.writer: asyncio.Task[None] | None = None
+
+    def outbound_full(self) -> bool:
+        return self.outgoing.qsize() >= MAX_OUTBOUND_FRAMES
+
+    def send_now(self, frame: bytes) -> None:
+        self.outgoing.put_nowait(frame)
+
+    def start_writer(self) -> None:
+        self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def run(self) -> None:
+        reason: StopReason = "error"
+        try:
+            if await self._await_start():
+                reason = await self._stream()
+        finally:
+            if self.session.stream_sid is not None:  # a stream started: summarize it
+                await self.finish(reason)
+            if self.writer is not None:
+                self.writer.cancel()
+
+    async def _await_start(self) -> bool:
+        """Receive until ``start``; False if the stream ended or timed out first."""
+        limit = self.server.settings.start_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                while self.session.state is State.AWAITING_START:
+                    self.receive(await self.connection.recv(decode=False))
+        except TimeoutError:
+            self.log_start_timeout()
+            await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
+            return False
+        except ConnectionClosed as exc:
+            self.log_closed_before_start(self._closed_reason(exc))
+            return False
+        return self.session.state is State.STREAMING
+
+    async def _stream(self) -> StopReason:
+        receive, connection, session = self.receive, self.connection, self.session
+        watchdog = asyncio.get_running_loop().create_task(self._watch_idle())
+        try:
+            while session.state is State.STREAMING:
+                frame = await connection.recv(decode=False)
+                self.frames_received += 1
+                receive(frame)
+        except ConnectionClosed as exc:
+            return self._closed_reason(exc)
+        finally:
+            watchdog.cancel()
+        return "stop"
+
+    async def _watch_idle(self) -> None:
+        """Close a stream that has sent nothing for ``idle_timeout_s``."""
+        while True:
+            await asyncio.sleep(self.idle_check_s)
+            if self.went_idle():
+                break
+        try:  # a silent peer may never answer the close handshake
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await self.connection.close(CLOSE_POLICY_VIOLATION, "no frame in time")
+        except TimeoutError:
+            self.connection.transport.abort()
+
+    def _closed_reason(self, exc: ConnectionClosed) -> StopReason:
+        if self.server._shutting_down:
+            return "shutdown"
+        if self.idle_closed:
+            return "aborted"  # the peer went silent: it is gone
+        if isinstance(exc, ConnectionClosedOK):
+            return "closed"
+        if exc.sent is not None and exc.rcvd is None and exc.sent.code != CLOSE_GOING_AWAY:
+            return "error"  # we closed it: oversize message, protocol violation
+        return "aborted"
+
+    async def _write(self) -> None:
+        # Own task: a slow peer never blocks the receive loop.
+        try:
+            while True:
+                frame = await self.outgoing.get()
+                await self.connection.send(frame, text=True)
+        except ConnectionClosed:
+            pass
