@@ -143,11 +143,13 @@ class AcsEvents:
 
     def _answer(self, incoming_call_context: str, route: Route, correlation_id: str) -> None:
         """Answer the call with media streaming to this service (runs in a thread: the SDK
-        is synchronous)."""
+        is synchronous). The SDK is imported here, on the first call: it is slow to import
+        and only ACS deployments need it."""
         from azure.communication.callautomation import (
             CallAutomationClient,
             MediaStreamingOptions,
         )
+        from azure.core.credentials import AzureKeyCredential
         from azure.core.exceptions import AzureError
 
         settings = self.settings
@@ -166,7 +168,9 @@ class AcsEvents:
             start_media_streaming=True, enable_bidirectional=route.bidirectional,
             audio_format="Pcm16KMono", enable_dtmf_tones=True)
         try:
-            client = CallAutomationClient.from_connection_string(connection_string)
+            endpoint, access_key = _parse_connection_string(connection_string)
+            # The endpoint as written: the SDK's own parser would force https on it.
+            client = CallAutomationClient(endpoint, AzureKeyCredential(access_key))
             answered = client.answer_call(incoming_call_context, callback,
                                           media_streaming=options)
         except (AzureError, ValueError) as exc:
@@ -213,6 +217,18 @@ def _context_fields(data: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(data.get("correlationId"), str):
         fields["CorrelationId"] = data["correlationId"]
     return fields
+
+
+def _parse_connection_string(connection_string: str) -> tuple[str, str]:
+    """``endpoint=https://host/;accesskey=KEY`` -> (endpoint, key); ValueError otherwise."""
+    parts = {}
+    for element in connection_string.split(";"):
+        name, _, value = element.partition("=")
+        parts[name.strip().lower()] = value.strip()
+    endpoint, key = parts.get("endpoint", ""), parts.get("accesskey", "")
+    if not endpoint or not key:
+        raise ValueError("the ACS connection string needs endpoint= and accesskey=")
+    return endpoint.rstrip("/"), key
 
 
 def _object(value: object) -> dict[str, Any]:

@@ -62,7 +62,7 @@ class AcsStandIn:
     """The ACS endpoint the SDK talks to, over TLS on loopback: records each request and
     whether its HMAC-SHA256 signature is the one ACS would accept."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, tls: bool = True) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
         now = datetime.datetime.now(datetime.UTC)
@@ -102,12 +102,14 @@ class AcsStandIn:
                 pass
 
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.ca_file, key_file)
-        self.http.socket = context.wrap_socket(self.http.socket, server_side=True)
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.ca_file, key_file)
+            self.http.socket = context.wrap_socket(self.http.socket, server_side=True)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        self.connection_string = (f"endpoint=https://127.0.0.1:{self.http.server_address[1]}/;"
-                                  f"accesskey={ACCESS_KEY}")
+        scheme = "https" if tls else "http"
+        self.connection_string = (f"endpoint={scheme}://127.0.0.1:"
+                                  f"{self.http.server_address[1]}/;accesskey={ACCESS_KEY}")
 
     @staticmethod
     def signed(request: BaseHTTPRequestHandler, body: bytes) -> bool:
@@ -124,9 +126,12 @@ class AcsStandIn:
         return headers["x-ms-content-sha256"] == digest and headers["Authorization"] == expected
 
 
-@pytest.fixture
-def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AcsStandIn]:
-    acs = AcsStandIn(tmp_path)
+@pytest.fixture(params=["https", "http"])
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             request: pytest.FixtureRequest) -> Iterator[AcsStandIn]:
+    """The ACS endpoint over TLS (as Azure serves it), and over plain HTTP (as a local
+    stand-in may): the connection string's scheme is honoured."""
+    acs = AcsStandIn(tmp_path, tls=request.param == "https")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(acs.ca_file))  # trust the stand-in only
     yield acs
     acs.http.shutdown()
