@@ -28,9 +28,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
-from .handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
-from .providers import PROVIDERS
-from .twiml import ContextMapping, render_stream_twiml
+from .routes import DEFAULT_ROUTES, Route, check_keys, parse_routes, table
 
 __all__ = [
     "DEFAULT_ROUTES",
@@ -75,28 +73,6 @@ class Setting:
     @property
     def flag(self) -> str:
         return "--" + self.key.replace("_", "-")
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A URL path and the handlers each stream on it gets, in order; and for the voice
-    webhook, which call context becomes ``<Parameter>``s and the TwiML around the stream."""
-
-    path: str
-    handlers: tuple[HandlerSpec, ...]
-    bidirectional: bool = False
-    context: ContextMapping = field(default_factory=ContextMapping)
-    stream_track: str = "inbound_track"  # <Start><Stream track=...>
-    after_twiml: str = ""  # verbs after <Start>, e.g. '<Pause length="3600"/>'
-    provider: str = "twilio"  # whose wire protocol the streams speak (streamsvc.providers)
-    unmixed: bool = False  # ACS: each participant its own track
-
-
-# The embedded default: <Start><Stream> calls on /stream, <Connect><Stream> on /connect.
-DEFAULT_ROUTES: Final = (
-    Route("/stream", (resolve_handler("log", {}, key="handlers"),), bidirectional=False),
-    Route("/connect", (resolve_handler("log", {}, key="handlers"),), bidirectional=True),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,9 +274,9 @@ def load_settings(
     env = os.environ if env is None else env
     config_path = config_path or env.get("STREAMSVC_CONFIG") or None
     document = _read_toml(config_path) if config_path else {}
-    _check_keys(document, {"server", "routes", "handlers"}, "")
-    server = _table(document, "server")
-    _check_keys(server, set(_BY_KEY), "server.")
+    check_keys(document, {"server", "routes", "handlers"}, "")
+    server = table(document, "server")
+    check_keys(server, set(_BY_KEY), "server.")
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.key in server:
@@ -311,7 +287,7 @@ def load_settings(
         if cli and cli.get(setting.key) is not None:
             values[setting.key] = _coerce(setting, cli[setting.key], setting.flag)
     if "routes" in document:
-        values["routes"] = _routes(document)
+        values["routes"] = parse_routes(document)
     settings = dataclasses.replace(Settings(), **values)
     _check_security(settings)
     return settings
@@ -324,19 +300,6 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
-
-
-def _table(document: Mapping[str, Any], key: str) -> dict[str, Any]:
-    value = document.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(key, "must be a table")
-    return value
-
-
-def _check_keys(table: Mapping[str, Any], known: set[str], prefix: str) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(prefix + key, f"unknown setting; known: {', '.join(sorted(known))}")
 
 
 def _coerce(setting: Setting, raw: Any, key: str) -> Any:
@@ -452,62 +415,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _routes(document: Mapping[str, Any]) -> tuple[Route, ...]:
-    raw_routes = document["routes"]
-    if not isinstance(raw_routes, list) or not raw_routes:
-        raise ConfigError("routes", "must be a non-empty array of tables ([[routes]])")
-    options = _table(document, "handlers")
-    routes = tuple(_route(raw, i, options) for i, raw in enumerate(raw_routes))
-    paths = [route.path for route in routes]
-    for path in paths:
-        if paths.count(path) > 1:
-            raise ConfigError("routes.path", f"{path!r} appears more than once")
-    return routes
-
-
-def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
-    key = f"routes[{index}]"
-    if not isinstance(raw, dict):
-        raise ConfigError(key, "must be a table")
-    _check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml", "provider",
-                      "unmixed"}, key + ".")
-    provider = raw.get("provider", "twilio")
-    if provider not in PROVIDERS:
-        raise ConfigError(key + ".provider",
-                          f"expected one of {', '.join(PROVIDERS)}, got {provider!r}")
-    unmixed = raw.get("unmixed", False)
-    if not isinstance(unmixed, bool):
-        raise ConfigError(key + ".unmixed", f"must be true or false, got {unmixed!r}")
-    path = raw.get("path")
-    if not isinstance(path, str) or not path.startswith("/") or "?" in path:
-        raise ConfigError(key + ".path", f"must be a URL path like '/stream', got {path!r}")
-    names = raw.get("handlers", [])
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(key + ".handlers", "must be an array of handler names")
-    bidirectional = raw.get("bidirectional", False)
-    if not isinstance(bidirectional, bool):
-        raise ConfigError(key + ".bidirectional", f"must be true or false, got {bidirectional!r}")
-    for name in names:
-        if name in BIDIRECTIONAL_ONLY and not bidirectional:
-            raise ConfigError(key + ".handlers",
-                              f"{name!r} talks back: the route needs bidirectional = true")
-    specs = tuple(_handler(name, options, key + ".handlers") for name in names)
-    context = ContextMapping.from_table(_table(raw, "context"), key=key + ".context")
-    twiml = _table(raw, "twiml")
-    _check_keys(twiml, {"track", "after"}, key + ".twiml.")
-    track, after = twiml.get("track", "inbound_track"), twiml.get("after", "")
-    try:
-        render_stream_twiml("wss://check.invalid" + path, {}, connect=bidirectional,
-                            track=track, after=after)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(key + ".twiml", str(exc)) from None
-    return Route(path, specs, bidirectional, context, track, after, provider, unmixed)
-
-
-def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:
-    handler_options = options.get(name, {})
-    if not isinstance(handler_options, dict):
-        raise ConfigError(f"handlers.{name}", "must be a table of options")
-    return resolve_handler(name, handler_options, key=key)

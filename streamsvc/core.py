@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from . import wire
+from .chain import HandlerChain
 from .config import Route
 from .exceptions import LocalProtocolError
-from .handlers import HandlerChain, RawFrame
+from .handlers import RawFrame
 from .live import LiveSession
 from .providers import codec_for
 from .session import BadFrame, State, StopReason

@@ -11,11 +11,11 @@ import pytest
 
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
+from streamsvc.chain import HandlerChain
 from streamsvc.exceptions import ConfigError
 from streamsvc.handlers import (
     AsyncHandler,
     Handler,
-    HandlerChain,
     HandlerSpec,
     resolve_handler,
 )
