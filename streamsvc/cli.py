@@ -10,31 +10,26 @@ import importlib
 import importlib.util
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-import wave
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
 
 from . import __version__
+from .cli_fixture import split_pair, synth
 from .config import SETTINGS, Settings, load_settings
 from .exceptions import ConfigError
-from .fixtures import FixtureError, FixtureFrame, dump_fixture, load_fixture
+from .fixtures import FixtureError, load_fixture
 from .logs import configure_logging, flush_logging
 from .replay import acs_token, replay
 from .server import StreamServer
 from .session import DEFAULT_PARAMETER_BUDGET_BYTES, parameters_size
-from .synth import SessionPlan, expected_outcome, read_wav, synthesize
-from .synth_acs import AcsPlan, acs_header, synthesize_acs
 from .twiml import KEEP_CALL_UP_TWIML, parse_pairs, render_stream_twiml
 
 __all__ = ["main"]
@@ -200,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args, argv)
     if args.command == "fixture":
         try:
-            return _synth(args)
+            return synth(args)
         except ValueError as exc:
             print(f"streamsvc fixture synth: {exc}", file=sys.stderr)
             return 2
@@ -336,7 +331,7 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"streamsvc replay: {exc}", file=sys.stderr)
         return 2
     try:
-        headers = dict(_split_pair(item, ":", "--header") for item in args.header)
+        headers = dict(split_pair(item, ":", "--header") for item in args.header)
         if args.acs_token:
             headers["Authorization"] = "Bearer " + acs_token(
                 Path(args.acs_token).read_bytes(), args.acs_audience or "", kid=args.acs_kid)
@@ -392,100 +387,6 @@ def _print_summary(summary: dict[str, object]) -> None:
         print(f"check: matched {check['matched']}  mismatched {check['mismatched']}")
         for difference in check["differences"]:
             print(f"mismatch: {difference}")
-
-
-def _synth(args: argparse.Namespace) -> int:
-    if args.provider == "acs":
-        return _synth_acs(args)
-    parameters = None if args.no_custom_parameters else dict(
-        _split_pair(item, "=", "--param") for item in args.param
-    )
-    plan = SessionPlan(
-        inbound=_read_wav(args.inbound, "--inbound"),
-        outbound=_read_wav(args.outbound, "--outbound") if args.outbound else None,
-        custom_parameters=parameters,
-        dtmf=_timed(args.dtmf, "--dtmf"),
-        marks=_timed(args.mark, "--mark"),
-        drop=frozenset(_indexes(args.drop, "--drop")),
-        swap=frozenset(_indexes(args.swap, "--swap")),
-        stream_sid=args.stream_sid or "MZ" + secrets.token_hex(16),
-        call_sid=args.call_sid or "CA" + secrets.token_hex(16),
-        account_sid=args.account_sid or "AC" + secrets.token_hex(16),
-    )
-    header = {"description": args.description, "path": args.path,
-              "expect": expected_outcome(plan)}
-    frames = synthesize(plan)
-    _write_fixture(args.output, header, frames)
-    print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
-    return 0
-
-
-def _synth_acs(args: argparse.Namespace) -> int:
-    participants = {"8:acs:caller": _read_wav(args.inbound, "--inbound", args.sample_rate)}
-    for item in args.participant:
-        identity, wav = _split_pair(item, "=", "--participant")
-        participants[identity] = _read_wav(wav, "--participant", args.sample_rate)
-    plan = AcsPlan(
-        participants=participants, sample_rate=args.sample_rate,
-        unmixed=len(participants) > 1, dtmf=_timed(args.dtmf, "--dtmf"),
-        drop=frozenset(_indexes(args.drop, "--drop")),
-        swap=frozenset(_indexes(args.swap, "--swap")),
-        subscription_id=args.stream_sid or str(uuid.uuid4()),
-        call_connection_id=args.call_sid or str(uuid.uuid4()),
-        correlation_id=args.correlation_id or str(uuid.uuid4()))
-    path = args.path if args.path != "/stream" else "/acs"
-    header = acs_header(plan, path=path, description=args.description)
-    frames = synthesize_acs(plan)
-    _write_fixture(args.output, header, frames)
-    print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
-    return 0
-
-
-def _write_fixture(output: str, header: dict[str, Any], frames: list[FixtureFrame]) -> None:
-    try:
-        Path(output).write_text(dump_fixture(header, frames), encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot write {output}: {exc.strerror}") from None
-
-
-def _read_wav(path: str, flag: str, rate: int = 8000) -> list[int]:
-    try:
-        return read_wav(path, rate)
-    except OSError as exc:
-        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
-    except (wave.Error, EOFError) as exc:
-        raise ValueError(f"{flag}: {path} is not a PCM WAV file ({exc})") from None
-
-
-def _split_pair(item: str, separator: str, flag: str) -> tuple[str, str]:
-    name, found, value = item.partition(separator)
-    if not found or not name:
-        raise ValueError(f"{flag}: expected NAME{separator}VALUE, got {item!r}")
-    return name, value
-
-
-def _timed(spec: str, flag: str) -> list[tuple[str, float]]:
-    """``4@1.2s,5@2.0s`` -> [("4", 1.2), ("5", 2.0)]."""
-    timed = []
-    for item in filter(None, spec.split(",")):
-        name, at = _split_pair(item.strip(), "@", flag)
-        try:
-            timed.append((name, float(at.removesuffix("s"))))
-        except ValueError:
-            raise ValueError(f"{flag}: bad time in {item!r}") from None
-    return timed
-
-
-def _indexes(spec: str, flag: str) -> set[int]:
-    """``50-52,90`` -> {50, 51, 52, 90}."""
-    indexes: set[int] = set()
-    for item in filter(None, spec.split(",")):
-        first, _, last = item.strip().partition("-")
-        try:
-            indexes.update(range(int(first), int(last or first) + 1))
-        except ValueError:
-            raise ValueError(f"{flag}: expected I or I-J, got {item!r}") from None
-    return indexes
 
 
 def _twiml(args: argparse.Namespace) -> int:
