@@ -18,7 +18,8 @@ from typing import Any, Final
 
 from .fixtures import FixtureFrame
 
-__all__ = ["SessionPlan", "expected_outcome", "mulaw_encode", "read_wav", "synthesize"]
+__all__ = ["SessionPlan", "expected_outcome", "mulaw_encode", "read_wav", "sent_frames",
+           "synthesize"]
 
 SAMPLE_RATE: Final = 8000
 FRAME_MS: Final = 20
@@ -164,14 +165,8 @@ def _media_schedule(plan: SessionPlan, tracks: list[str]) -> list[tuple[float, d
     schedule: list[tuple[float, dict[str, object]]] = []
     for track in tracks:
         samples = sources[track]
-        count = len(samples) // FRAME_SAMPLES
-        order = list(range(count))
-        for i in sorted(plan.swap):
-            if i + 1 < count:
-                order[i], order[i + 1] = order[i + 1], order[i]
-        for position, index in enumerate(order):
-            if index in plan.drop:
-                continue
+        for position, index in sent_frames(len(samples) // FRAME_SAMPLES, plan.drop,
+                                           plan.swap):
             chunk = samples[index * FRAME_SAMPLES : (index + 1) * FRAME_SAMPLES]
             body = {"track": track, "chunk": str(index + 1),
                     "timestamp": str(plan.first_timestamp_ms + index * FRAME_MS),
@@ -179,6 +174,17 @@ def _media_schedule(plan: SessionPlan, tracks: list[str]) -> list[tuple[float, d
             schedule.append((position * FRAME_MS + (0.1 if track == "outbound" else 0.0),
                              {"media": body}))
     return schedule
+
+
+def sent_frames(count: int, drop: frozenset[int],
+                swap: frozenset[int]) -> list[tuple[int, int]]:
+    """(position sent, frame index) of ``count`` frames: frame ``i`` in ``swap`` goes after
+    frame ``i + 1``, frames in ``drop`` are never sent."""
+    order = list(range(count))
+    for i in sorted(swap):
+        if i + 1 < count:
+            order[i], order[i + 1] = order[i + 1], order[i]
+    return [(position, index) for position, index in enumerate(order) if index not in drop]
 
 
 def _dumps(message: Mapping[str, object]) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from .fixtures import FixtureFrame
 from .providers.acs import CALL_CONNECTION_HEADER, CORRELATION_HEADER
+from .synth import sent_frames
 
 __all__ = ["AcsPlan", "acs_expected_outcome", "acs_header", "synthesize_acs"]
 
@@ -65,14 +66,8 @@ def synthesize_acs(plan: AcsPlan) -> list[FixtureFrame]:
         "length": plan.frame_samples * 2}}))]
     timeline: list[tuple[float, int, str]] = []
     for number, (participant, samples) in enumerate(plan.participants.items()):
-        count = len(samples) // plan.frame_samples
-        order = list(range(count))
-        for i in sorted(plan.swap):
-            if i + 1 < count:
-                order[i], order[i + 1] = order[i + 1], order[i]
-        for position, index in enumerate(order):
-            if index in plan.drop:
-                continue
+        for position, index in sent_frames(len(samples) // plan.frame_samples, plan.drop,
+                                           plan.swap):
             chunk = samples[index * plan.frame_samples : (index + 1) * plan.frame_samples]
             timeline.append((position * FRAME_MS + number * 0.1, 0, _dumps({
                 "kind": "AudioData", "audioData": {

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.attacks import ws_frame as frame
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.fixtures import load_fixture
@@ -34,20 +35,6 @@ async def server(transport: str) -> AsyncIterator[StreamServer]:
     await server.start()
     yield server
     await server.stop()
-
-
-def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """One masked client frame."""
-    head = bytes([(0x80 if fin else 0) | opcode])
-    size = len(payload)
-    if size < 126:
-        head += bytes([0x80 | size])
-    elif size < 65536:
-        head += bytes([0x80 | 126]) + struct.pack(">H", size)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack(">Q", size)
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def raw_stream(port: int, path: str = "/stream") -> tuple[asyncio.StreamReader,
