@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.fixtures import load_fixture
-from streamsvc.handlers import HandlerSpec
+from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.outcome import differences
 from streamsvc.replay import replay
 from streamsvc.server import StreamServer
@@ -111,3 +111,24 @@ async def test_replay_signs_acs_upgrades_with_a_given_key(keys: KeySet,  # noqa:
 async def asyncio_run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True,
                                    timeout=60, cwd=ROOT, env={**os.environ})
+
+
+async def test_the_recorder_and_levels_work_unchanged_on_acs_audio(
+        logs: LogEvents, tmp_path: Path, transport: str) -> None:
+    handlers = (resolve_handler("levels", {}, key="t"),
+                resolve_handler("recorder", {"dir": str(tmp_path)}, key="t"))
+    server = StreamServer(Settings(port=0, routes=(Route("/acs", handlers, provider="acs"),),
+                                   transport=transport))
+    await server.start()
+    fixture = load_fixture(FIXTURES / "acs_silent.jsonl")  # 1 s speech, 2 s silence, 1 s
+    try:
+        report = await replay([fixture], f"ws://127.0.0.1:{server.port}/acs", speed=0)
+        assert 0 == report.failed
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await server.stop()
+    (stopped,) = events(logs, "stream.stopped")
+    levels = stopped["handlers"]["levels"]["inbound"]
+    assert 0 < levels["talk_ms"] < 3000  # the speech (and its hangover), not the silence
+    with wave.open(str(tmp_path / fixture.call_sid() / f"{fixture.stream_sid()}.wav")) as wav:
+        assert (16000, 200 * 320) == (wav.getframerate(), wav.getnframes())

@@ -22,6 +22,7 @@ from typing import Any, Final
 from streamsvc import wire
 from streamsvc.audio import TWILIO_SAMPLE_RATE, dbfs, mulaw_to_pcm16, pcm16_rms_peak
 from streamsvc.handlers import Handler
+from streamsvc.live import LiveSession
 
 __all__ = ["LevelsHandler"]
 
@@ -58,27 +59,36 @@ class LevelsHandler(Handler):
         self.hangover_ms = hangover_ms
         self.max_segments = max_segments
         self.tracks: dict[str, _Track] = {}
+        self.session: LiveSession | None = None
+        self.sample_rate = TWILIO_SAMPLE_RATE
+
+    def on_start(self, session: LiveSession) -> None:
+        # Audio the same way on every provider: PCM16 at the stream's rate.
+        self.session = session
+        self.sample_rate = session.sample_rate
 
     def on_media(self, frame: wire.Media) -> None:
         track = self.tracks.get(frame.track)
         if track is None:
             track = self.tracks[frame.track] = _Track()
-        pcm = mulaw_to_pcm16(frame.payload)
+        pcm = (self.session.pcm16(frame) if self.session is not None
+               else mulaw_to_pcm16(frame.payload))
         rms, peak = pcm16_rms_peak(pcm)
         samples = len(pcm) // 2
         track.samples += samples
         track.sum_squares += samples * rms * rms
         track.peak = max(track.peak, peak)
         start_ms = frame.timestamp_ms
-        end_ms = start_ms + samples * 1000 // TWILIO_SAMPLE_RATE
+        end_ms = start_ms + samples * 1000 // self.sample_rate
         if self._is_speech(pcm, rms):
             self._speech(track, start_ms, end_ms)
         elif self._hangover_over(track, start_ms):
             self._close(track)
 
     def _is_speech(self, pcm: bytes, rms: int) -> bool:
-        if self.vad is not None and len(pcm) in _VAD_FRAME_BYTES:
-            return bool(self.vad.is_speech(pcm, TWILIO_SAMPLE_RATE))
+        if self.vad is not None and len(pcm) * 8000 // self.sample_rate in _VAD_FRAME_BYTES \
+                and self.sample_rate in (8000, 16000, 32000, 48000):  # WebRTC VAD's rates
+            return bool(self.vad.is_speech(pcm, self.sample_rate))
         return dbfs(rms) > self.threshold_dbfs
 
     def _hangover_over(self, track: _Track, now_ms: int) -> bool:
