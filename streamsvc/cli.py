@@ -24,13 +24,13 @@ import structlog
 from . import __version__
 from .cli_fixture import split_pair, synth
 from .config import SETTINGS, Settings, load_settings
+from .context.twiml import KEEP_CALL_UP_TWIML, parse_pairs, render_stream_twiml
 from .exceptions import ConfigError
 from .fixtures import FixtureError, load_fixture
 from .logs import configure_logging, flush_logging
 from .replay import acs_token, replay
 from .server import StreamServer
 from .session import DEFAULT_PARAMETER_BUDGET_BYTES, parameters_size
-from .twiml import KEEP_CALL_UP_TWIML, parse_pairs, render_stream_twiml
 
 __all__ = ["main"]
 

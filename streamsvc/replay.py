@@ -30,11 +30,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from . import wire
-from .acs_auth import ACS_ISSUER
 from .exceptions import RemoteProtocolError
 from .fixtures import Fixture
 from .outcome import differences, expect_for_copy, wait_for_outcomes
 from .providers import codec_for
+from .providers.acs_auth import ACS_ISSUER
 from .signature import SIGNATURE_HEADER, sign
 
 __all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_session"]

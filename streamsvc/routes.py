@@ -7,7 +7,7 @@ voice webhook answers for it. Read from ``[[routes]]`` tables::
     bidirectional = false
     provider = "twilio"          # or "acs"
 
-    [routes.context]             # the call's context -> <Parameter>s (streamsvc.twiml)
+    [routes.context]             # the call's context -> <Parameter>s (streamsvc.context.twiml)
     [routes.twiml]               # track, follow-on TwiML
 
 Errors raise :class:`~streamsvc.exceptions.ConfigError` naming the key (``routes[0].path``).
@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from .context.twiml import ContextMapping, render_stream_twiml
 from .exceptions import ConfigError
 from .handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
 from .providers import PROVIDERS
-from .twiml import ContextMapping, render_stream_twiml
 
 __all__ = ["DEFAULT_ROUTES", "Route", "check_keys", "parse_routes", "table"]
 

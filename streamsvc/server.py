@@ -14,19 +14,19 @@ from typing import Final, Protocol
 import structlog
 from websockets.asyncio.server import Server
 
-from .acs_auth import AcsAuthenticator
-from .acs_events import AcsEvents
 from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Settings
-from .context_store import MemoryContextStore
-from .httpfront import HttpFront
+from .context.store import MemoryContextStore
+from .context.twiml import KEEP_CALL_UP_TWIML
 from .live import LiveSession
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, WorkerShare
+from .providers.acs_auth import AcsAuthenticator
 from .signature import signature_problem
 from .transports import websockets_transport
-from .twiml import KEEP_CALL_UP_TWIML
-from .webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
-from .webhooks import HttpRequest, HttpResponse, Webhooks
+from .web.acs_events import AcsEvents
+from .web.front import HttpFront
+from .web.webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
+from .web.webhooks import HttpRequest, HttpResponse, Webhooks
 
 __all__ = ["HEALTH_PATH", "METRICS_PATH", "READY_PATH", "StreamServer"]
 

@@ -177,7 +177,7 @@ class CallSummary:
     # What each handler reported about the call (Handler.report), by handler name.
     handlers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     # The voice webhook's parameter budget report for this call, when this service served
-    # the TwiML that started the stream (streamsvc.twiml.ParameterSelection.report).
+    # the TwiML that started the stream (streamsvc.context.twiml.ParameterSelection.report).
     context_budget: Mapping[str, object] | None = None
 
     def log_fields(self) -> dict[str, object]:

@@ -25,7 +25,6 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from streamsvc import wire
-from streamsvc.acs_auth import ACS_ISSUER
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError, RemoteProtocolError
@@ -33,6 +32,7 @@ from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
 from streamsvc.live import LiveSession
 from streamsvc.providers import codec_for
 from streamsvc.providers.acs import AcsCodec, parse_timestamp_ms
+from streamsvc.providers.acs_auth import ACS_ISSUER
 from streamsvc.server import StreamServer
 from streamsvc.session import BadFrame, Session
 

@@ -29,9 +29,9 @@ from websockets.asyncio.client import connect
 
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
+from streamsvc.context.twiml import ContextMapping
 from streamsvc.handlers import HandlerSpec
 from streamsvc.server import StreamServer
-from streamsvc.twiml import ContextMapping
 
 from .conftest import LogEvents, events, until
 from .test_acs import HEADERS, audio, metadata

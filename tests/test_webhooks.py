@@ -22,14 +22,7 @@ from twilio.request_validator import RequestValidator
 
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings, load_settings
-from streamsvc.exceptions import ConfigError
-from streamsvc.fixtures import Fixture
-from streamsvc.handlers import HandlerSpec, resolve_handler
-from streamsvc.replay import replay_session, signature_headers
-from streamsvc.server import StreamServer
-from streamsvc.signature import sign as twilio_signature
-from streamsvc.synth import SessionPlan, synthesize
-from streamsvc.twiml import (
+from streamsvc.context.twiml import (
     TWILIO_VOICE_FIELDS,
     ContextMapping,
     parameters_from_twiml,
@@ -37,6 +30,13 @@ from streamsvc.twiml import (
     select_parameters,
     xml_safe,
 )
+from streamsvc.exceptions import ConfigError
+from streamsvc.fixtures import Fixture
+from streamsvc.handlers import HandlerSpec, resolve_handler
+from streamsvc.replay import replay_session, signature_headers
+from streamsvc.server import StreamServer
+from streamsvc.signature import sign as twilio_signature
+from streamsvc.synth import SessionPlan, synthesize
 
 from .conftest import LogEvents, events, until
 

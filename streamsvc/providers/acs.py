@@ -10,7 +10,7 @@ Follows Microsoft's audio streaming quickstart and concept pages
   ``stream_sid`` is the subscription id and whose ``call_sid`` is the upgrade's
   ``x-ms-call-connection-id`` header (the subscription id when it is missing), and whose
   ``custom_parameters`` are the context the IncomingCall webhook stored under the
-  upgrade's ``x-ms-call-correlation-id`` (:mod:`streamsvc.acs_events`);
+  upgrade's ``x-ms-call-correlation-id`` (:mod:`streamsvc.web.acs_events`);
 * ``{"kind":"AudioData","audioData":{"timestamp":ISO 8601,"participantRawID","data":
   base64 PCM16LE,"silent"}}`` is one 20 ms :class:`~streamsvc.wire.Media` frame; its
   timestamp becomes milliseconds since the Unix epoch, so gaps, reordering and duplicates

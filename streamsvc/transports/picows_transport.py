@@ -38,10 +38,10 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 from streamsvc.config import Route
 from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
-from streamsvc.httpfront import Upgrade
 from streamsvc.session import State, StopReason
 from streamsvc.signature import SIGNATURE_HEADER
-from streamsvc.webhooks import HttpResponse
+from streamsvc.web.front import Upgrade
+from streamsvc.web.webhooks import HttpResponse
 
 if TYPE_CHECKING:
     from streamsvc.server import StreamServer
@@ -62,7 +62,7 @@ MAX_CONTROL_PAYLOAD: Final = 125
 
 async def serve(server: StreamServer) -> asyncio.Server:
     """Listen on the server's host and port; return the listening server. Each connection
-    starts with the server's :class:`~streamsvc.httpfront.HttpFront`: a WebSocket handshake
+    starts with the server's :class:`~streamsvc.web.front.HttpFront`: a WebSocket handshake
     is handed to a picows protocol, any other request is answered by the HTTP side."""
     settings = server.settings
     pinging = settings.ping_interval_s > 0

@@ -1,7 +1,7 @@
 """The default transport: websockets' asyncio server, one task per connection.
 
 Each connection's first request goes through the server's HTTP front
-(:mod:`streamsvc.httpfront`): a WebSocket handshake reaches websockets unchanged, any
+(:mod:`streamsvc.web.front`): a WebSocket handshake reaches websockets unchanged, any
 other request is answered by the server's HTTP side. A stream connection is a
 :class:`_Call`: a receive loop, an outbound writer task and the idle watchdog around the
 shared :class:`~streamsvc.core.CallCore`.
@@ -22,9 +22,9 @@ from websockets.http11 import Request, Response
 
 from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
-from streamsvc.httpfront import HttpFront, Upgrade
 from streamsvc.session import State
 from streamsvc.signature import SIGNATURE_HEADER
+from streamsvc.web.front import HttpFront, Upgrade
 
 if TYPE_CHECKING:
     from streamsvc.config import Route
@@ -100,7 +100,7 @@ async def _handle(server: StreamServer, connection: ServerConnection) -> None:
 
 def _http_aware_connection(server: StreamServer) -> type[ServerConnection]:
     """A websockets connection class whose first request goes through the server's
-    :class:`~streamsvc.httpfront.HttpFront`: a WebSocket handshake reaches websockets
+    :class:`~streamsvc.web.front.HttpFront`: a WebSocket handshake reaches websockets
     unchanged, any other request is answered by the server's HTTP side (websockets' own
     parser takes no request body and answers no method but GET)."""
 

@@ -22,7 +22,7 @@ from typing import Final
 
 import h11
 
-from .webhooks import HttpRequest, HttpResponse
+from streamsvc.web.webhooks import HttpRequest, HttpResponse
 
 __all__ = ["Answer", "HttpFront", "Upgrade"]
 

@@ -35,12 +35,12 @@ from urllib.parse import parse_qsl, quote
 import orjson
 import structlog
 
-from .context_store import ContextStore
-from .twiml import SIP_HEADER_PREFIX, select_parameters
-from .webhooks import HttpRequest, HttpResponse
+from streamsvc.context.store import ContextStore
+from streamsvc.context.twiml import SIP_HEADER_PREFIX, select_parameters
+from streamsvc.web.webhooks import HttpRequest, HttpResponse
 
 if TYPE_CHECKING:
-    from .config import Route, Settings
+    from streamsvc.config import Route, Settings
 
 __all__ = ["AcsEvents"]
 

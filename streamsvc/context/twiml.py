@@ -39,7 +39,7 @@ from typing import Any, Final
 from xml.etree import ElementTree
 from xml.sax.saxutils import quoteattr
 
-from .exceptions import ConfigError
+from streamsvc.exceptions import ConfigError
 
 __all__ = [
     "DEFAULT_BUDGET_BYTES",

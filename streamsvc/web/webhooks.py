@@ -5,7 +5,7 @@ starting a stream to this service, and the stream status callback.
   ``{webhook_path}/<name>`` for the route at ``/<name>``: ``<Connect><Stream>`` for a
   bidirectional route, ``<Start><Stream>`` (then the route's follow-on TwiML) otherwise, with
   the call's context as ``<Parameter>``s chosen by the route's context mapping
-  (:mod:`streamsvc.twiml`), the stream URL built from ``public_url`` and a status callback.
+  (:mod:`streamsvc.context.twiml`), the stream URL built from ``public_url`` and a status callback.
 * ``POST {status_callback_path}`` (default ``/stream-status``) takes Twilio's
   ``stream-started`` / ``stream-stopped`` / ``stream-error`` callbacks and logs them as
   ``stream.status`` with the stream's ids, so a failed handshake shows up next to its call.
@@ -25,16 +25,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 
-from .signature import SIGNATURE_HEADER, signature_problem
-from .twiml import render_stream_twiml, select_parameters
+from streamsvc.context.twiml import render_stream_twiml, select_parameters
+from streamsvc.signature import SIGNATURE_HEADER, signature_problem
 
 if TYPE_CHECKING:
-    from .config import Route, Settings
-    from .session import Session
+    from streamsvc.config import Route, Settings
+    from streamsvc.session import Session
 
 __all__ = ["HttpRequest", "HttpResponse", "Webhooks"]
 
-logger = structlog.get_logger("streamsvc.webhooks")
+logger = structlog.get_logger("streamsvc.web.webhooks")
 
 MAX_BODY_BYTES: Final = 64 * 1024  # Twilio's webhook bodies are a few kB
 # Context reports kept until their stream starts (a webhook whose stream never comes).

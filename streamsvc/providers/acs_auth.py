@@ -25,7 +25,7 @@ import structlog
 
 __all__ = ["ACS_ISSUER", "AcsAuthenticator"]
 
-logger = structlog.get_logger("streamsvc.acs_auth")
+logger = structlog.get_logger("streamsvc.providers.acs_auth")
 
 ACS_ISSUER: Final = "https://acscallautomation.communication.azure.com"
 DEFAULT_JWKS_URL: Final = ACS_ISSUER + "/calling/keys"
