@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="the audience of --acs-token's JWT: the server's acs_audience")
     play.add_argument("--acs-kid", default="streamsvc-replay", metavar="KID",
                       help="the key id in --acs-token's JWT header (default streamsvc-replay)")
+    play.add_argument("--acs-events", metavar="URL",
+                      help="deliver an ACS fixture's IncomingCall event to this URL first, as "
+                      "Event Grid does (e.g. http://127.0.0.1:8080/acs/events?secret=...), so "
+                      "that its context reaches the stream")
     play.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     play.add_argument("--check", action="store_true",
                       help="compare each session's outcome with its fixture's expect and exit "
@@ -342,6 +346,7 @@ def _replay(args: argparse.Namespace) -> int:
         fixtures, args.url, speed=args.speed, concurrency=args.concurrency,
         auth_token=args.auth_token, public_url=args.public_url,
         check=args.check, server_log=args.log, headers=headers,
+        acs_events_url=args.acs_events,
     ))
     summary = report.summary()
     if args.json:

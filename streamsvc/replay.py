@@ -19,6 +19,7 @@ import hashlib
 import json
 import statistics
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,11 +166,12 @@ def signature_headers(url: str, auth_token: str | None,
 
 async def replay_session(
     fixture: Fixture, url: str, *, speed: float = 1.0, copy: int = 0,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, acs_events_url: str | None = None,
 ) -> SessionResult:
     """Play one copy of ``fixture`` at ``url`` and return what happened. Never raises for
     a failing server: the result says ``ok=False`` with the error. ``headers`` are added to
-    the handshake (see :func:`signature_headers`)."""
+    the handshake (see :func:`signature_headers`). With ``acs_events_url``, an ACS
+    fixture's ``incoming_call`` event is delivered there first, as Event Grid would."""
     replacements = _copy_ids(fixture, copy)
     stream_sid, call_sid = fixture.stream_sid(), fixture.call_sid()
     for old, new in replacements:
@@ -178,6 +180,13 @@ async def replay_session(
     result = SessionResult(fixture.name, stream_sid, call_sid,
                            expect_for_copy(fixture.expect, replacements))
     upgrade = {**_replaced(fixture.headers, replacements), **(headers or {})}
+    incoming_call = fixture.header.get("incoming_call")
+    if acs_events_url and isinstance(incoming_call, dict):
+        try:
+            await asyncio.to_thread(_deliver, acs_events_url, [incoming_call])
+        except (OSError, ValueError) as exc:
+            result.error = f"cannot deliver the fixture's IncomingCall event: {exc}"
+            return result
     try:
         async with connect(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
@@ -219,6 +228,15 @@ def _starts_a_session(fixture: Fixture, headers: dict[str, str]) -> bool:
         except RemoteProtocolError:
             continue
     return False
+
+
+def _deliver(url: str, events: list[object]) -> None:
+    """POST Event Grid events (a JSON array) to ``url``; raises OSError on a refusal."""
+    request = urllib.request.Request(url, data=json.dumps(events).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "aeg-event-type": "Notification"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
 
 
 def _replaced(headers: dict[str, str], replacements: list[tuple[str, str]]) -> dict[str, str]:
@@ -350,7 +368,7 @@ async def replay(
     fixtures: Sequence[Fixture], url: str, *, speed: float = 1.0, concurrency: int = 1,
     auth_token: str | None = None, public_url: str | None = None,
     check: bool = False, server_log: Path | None = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, acs_events_url: str | None = None,
 ) -> ReplayReport:
     """Play every fixture ``concurrency`` times at once at ``url``; a fixture's own ``path``
     is not used: ``url`` names the route. With ``auth_token`` the handshakes are signed.
@@ -359,7 +377,8 @@ async def replay(
     started = time.monotonic()
     headers = {**(headers or {}), **signature_headers(url, auth_token, public_url)}
     sessions = list(await asyncio.gather(*(
-        replay_session(fixture, url, speed=speed, copy=copy, headers=headers)
+        replay_session(fixture, url, speed=speed, copy=copy, headers=headers,
+                       acs_events_url=acs_events_url)
         for fixture in fixtures
         for copy in range(concurrency)
     )))

@@ -84,12 +84,29 @@ def synthesize_acs(plan: AcsPlan) -> list[FixtureFrame]:
 
 
 def acs_header(plan: AcsPlan, *, path: str = "/acs", description: str = "",
+               custom_context: Mapping[str, Mapping[str, str]] | None = None,
                **expect: Any) -> dict[str, Any]:
-    """The fixture header: provider, path, the upgrade headers ACS sends, the outcome."""
-    return {"description": description, "provider": "acs", "path": path,
-            "headers": {CALL_CONNECTION_HEADER: plan.call_connection_id,
-                        CORRELATION_HEADER: plan.correlation_id},
-            "expect": acs_expected_outcome(plan, **expect)}
+    """The fixture header: provider, path, the upgrade headers ACS sends, the outcome; with
+    ``custom_context`` (``{"sipHeaders": {...}, "voipHeaders": {...}}``) also the
+    ``incoming_call`` event Event Grid delivers before the stream (``replay
+    --acs-events``)."""
+    header: dict[str, Any] = {
+        "description": description, "provider": "acs", "path": path,
+        "headers": {CALL_CONNECTION_HEADER: plan.call_connection_id,
+                    CORRELATION_HEADER: plan.correlation_id},
+        "expect": acs_expected_outcome(plan, **expect)}
+    if custom_context is not None:
+        header["incoming_call"] = {
+            "id": plan.correlation_id, "eventType": "Microsoft.Communication.IncomingCall",
+            "subject": "/phonenumber/15550100", "eventTime": _stamp(0), "dataVersion": "1.0",
+            "data": {"to": {"kind": "phoneNumber", "rawId": "4:+15550100"},
+                     "from": {"kind": "phoneNumber", "rawId": next(iter(plan.participants))},
+                     "serverCallId": "server-" + plan.correlation_id,
+                     "incomingCallContext": "synthesized." + plan.correlation_id,
+                     "correlationId": plan.correlation_id,
+                     "customContext": {key: dict(value)
+                                       for key, value in custom_context.items()}}}
+    return header
 
 
 def acs_expected_outcome(plan: AcsPlan, **extra: Any) -> dict[str, Any]:

@@ -42,6 +42,22 @@ async def server(transport: str) -> AsyncIterator[StreamServer]:
     await server.stop()
 
 
+async def test_a_fixtures_incoming_call_carries_its_context_into_the_stream(
+        server: StreamServer, logs: LogEvents) -> None:
+    fixture = load_fixture(FIXTURES / "acs_mixed.jsonl")
+    url = f"ws://127.0.0.1:{server.port}/acs"
+    without = await replay([fixture], url, speed=0)
+    await until(lambda: events(logs, "stream.stopped"))
+    assert {} == events(logs, "stream.started")[0]["custom_parameters"]
+    with_event = await replay([fixture], url, speed=0,
+                              acs_events_url=f"http://127.0.0.1:{server.port}/acs/events")
+    await until(lambda: len(events(logs, "stream.stopped")) == 2)
+    assert (0, 0) == (without.failed, with_event.failed)
+    assert fixture.expect["custom_parameters"] == events(
+        logs, "stream.started")[1]["custom_parameters"]
+    assert ["CustomerId", "Intent"] == list(fixture.expect["custom_parameters"])[:2]
+
+
 def test_four_acs_sessions_are_bundled() -> None:
     assert ["acs_dtmf_gap.jsonl", "acs_mixed.jsonl", "acs_silent.jsonl",
             "acs_unmixed.jsonl"] == ACS_FIXTURES
@@ -53,7 +69,8 @@ async def test_each_acs_fixture_replays_to_its_expected_outcome(
     fixture = load_fixture(FIXTURES / name)
     path = "/acs-unmixed" if "unmixed" in name else "/acs"
     report = await replay([fixture], f"ws://127.0.0.1:{server.port}{path}", speed=0,
-                          concurrency=2)
+                          concurrency=2,
+                          acs_events_url=f"http://127.0.0.1:{server.port}/acs/events")
     assert (2, 0) == (len(report.sessions), report.failed)
     await until(lambda: len(events(logs, "stream.stopped")) == 2)
     for session in report.sessions:
