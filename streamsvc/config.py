@@ -18,6 +18,7 @@ A bad value fails at start-up with :class:`~streamsvc.exceptions.ConfigError` na
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import tomllib
@@ -87,7 +88,7 @@ class Settings:
     workers: int = 1
     reuse_port: bool = False
     event_loop: str = "auto"
-    transport: str = "websockets"
+    transport: str = "auto"
     # Security
     public_url: str | None = None
     auth_token: str | None = field(default=None, repr=False)
@@ -128,6 +129,14 @@ class Settings:
     def auth_tokens(self) -> tuple[str, ...]:
         """The tokens a signature may be made with (the previous one during rotation)."""
         return tuple(t for t in (self.auth_token, self.auth_token_previous) if t)
+
+    @property
+    def effective_transport(self) -> str:
+        """The transport the server runs on: ``transport``, with ``auto`` resolved to
+        picows when it is installed (a regular dependency) and websockets otherwise."""
+        if self.transport != "auto":
+            return self.transport
+        return "picows" if importlib.util.find_spec("picows") is not None else "websockets"
 
     @property
     def public_prefix(self) -> str:
@@ -185,9 +194,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "auto (uvloop when installed), asyncio or uvloop",
             choices=("auto", "asyncio", "uvloop")),
     Setting("transport", ("STREAMSVC_TRANSPORT",), str,
-            "websockets, or picows (faster; pip install 'streamsvc[fast]'; the voice "
-            "webhook then answers GET, and status callbacks come by GET)",
-            choices=("websockets", "picows")),
+            "auto (picows when installed, as it is by default: about half the CPU per frame; "
+            "else websockets), picows or websockets; both serve streams, webhooks, probes "
+            "and metrics alike", choices=("auto", "picows", "websockets")),
     # Security
     Setting("public_url", ("STREAMSVC_PUBLIC_URL",), str,
             "public origin Twilio reaches, e.g. wss://voice.example.com or, behind a proxy "

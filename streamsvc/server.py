@@ -97,15 +97,15 @@ class StreamServer:
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))
-        if s.transport == "picows":
-            from .transports import picows_transport  # optional: 'streamsvc[fast]'
+        if s.effective_transport == "picows":
+            from .transports import picows_transport  # only when it is installed
 
             self._fast_server = await picows_transport.serve(self)
             self.port = self._fast_server.sockets[0].getsockname()[1]
         else:
             self._server = await websockets_transport.serve(self)
             self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("server.listening", **self._where(), transport=s.transport,
+        logger.info("server.listening", **self._where(), transport=s.effective_transport,
                     signed=bool(s.auth_tokens))
         self._warn_about_default_twiml()
 

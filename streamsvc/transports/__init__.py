@@ -1,9 +1,10 @@
 """The transports: thin shells that carry stream connections to the call core.
 
-* :mod:`.websockets_transport` (``transport = "websockets"``, the default): websockets'
-  asyncio server, a task per connection;
-* :mod:`.picows_transport` (``transport = "picows"``): picows' C frame parser calling back
-  per frame, timers instead of tasks.
+* :mod:`.picows_transport` (``transport = "picows"``, what the default ``auto`` picks when
+  picows is installed, as it is by default): picows' C frame parser calling back per
+  frame, timers instead of tasks;
+* :mod:`.websockets_transport` (``transport = "websockets"``): websockets' asyncio
+  server, a task per connection.
 
 Both read each connection's first request with the server's HTTP front, admit handshakes
 through :meth:`~streamsvc.server.StreamServer.admit`, and run every stream through
