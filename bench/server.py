@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.servers", variant, "--port", str(port), "--loop", loop,
          "--transport", transport],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, text=True, preexec_fn=pin(SERVER_CPU))
     try:
         assert server.stdout is not None
         json.loads(server.stdout.readline())  # ready
@@ -72,7 +73,8 @@ def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
         command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--calls", str(calls),
                    "--seconds", str(seconds)]
         command += ["--both-tracks"] * both_tracks + ["--idle"] * idle
-        generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                                     preexec_fn=pin(LOAD_CPU))
         assert generator.stdout is not None
         json.loads(generator.stdout.readline())  # all calls connected and started
         cpu_before = cpu_seconds(server.pid)
@@ -97,6 +99,19 @@ def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
     }
 
 
+# The server gets one core and the load generator the other, so that neither's work shows
+# up in the other's figures (on a machine with fewer cores, both share what there is).
+SERVER_CPU, LOAD_CPU = 0, 1
+
+
+def pin(cpu: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child process to ``cpu``, when this machine has it."""
+    available = os.sched_getaffinity(0)
+    if cpu not in available or len(available) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 def warm_up(url: str) -> int:
     """Put a server in the state production is in before it is measured: a few calls have
     connected and ended. Until a connection has once closed, asyncio's selector transport
@@ -105,7 +120,7 @@ def warm_up(url: str) -> int:
     Returns the frames it sent (the server counts them too)."""
     done = subprocess.run([sys.executable, "-m", "bench.loadgen", "--url", url, "--calls",
                            "4", "--seconds", "0.5"], capture_output=True, text=True,
-                          check=True, timeout=60)
+                          check=True, timeout=60, preexec_fn=pin(LOAD_CPU))
     return int(json.loads(done.stdout.splitlines()[-1])["frames_sent"])
 
 
