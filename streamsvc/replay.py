@@ -54,6 +54,7 @@ class SessionResult:
     stream_sid: str | None
     call_sid: str | None = None
     expect: dict[str, Any] = field(default_factory=dict)  # the header's, with this copy's ids
+    provider: str = "twilio"
     ok: bool = False
     error: str | None = None
     frames_sent: int = 0
@@ -178,7 +179,7 @@ async def replay_session(
         stream_sid = new if stream_sid == old else stream_sid
         call_sid = new if call_sid == old else call_sid
     result = SessionResult(fixture.name, stream_sid, call_sid,
-                           expect_for_copy(fixture.expect, replacements))
+                           expect_for_copy(fixture.expect, replacements), fixture.provider)
     upgrade = {**_replaced(fixture.headers, replacements), **(headers or {})}
     incoming_call = fixture.header.get("incoming_call")
     if acs_events_url and isinstance(incoming_call, dict):
@@ -398,5 +399,8 @@ async def _check(sessions: list[SessionResult], server_log: Path | None) -> None
         elif not session.ok:
             session.differences.append(f"the session failed: {session.error}")
         elif server_log is not None:
-            session.differences += differences(session.expect,
-                                               outcomes.get(session.stream_sid or ""))
+            found = differences(session.expect, outcomes.get(session.stream_sid or ""))
+            if found and session.provider != "twilio" and "stream.started" in found[0]:
+                found[0] += f" (a {session.provider} session: is --url a route with " \
+                            f"provider = \"{session.provider}\"?)"
+            session.differences += found

@@ -163,3 +163,11 @@ def test_a_refused_signature_says_what_is_missing(tmp_path: Path) -> None:
         assert 0 == right.returncode, right.stdout
     finally:
         signed.stop()
+
+
+def test_check_says_when_a_providers_session_went_to_another_providers_route(
+        server: Server) -> None:
+    done = streamsvc("replay", "fixtures/acs_mixed.jsonl", "--url", server.url("/stream"),
+                     "--speed", "0", "--check", "--log", str(server.log))
+    assert 1 == done.returncode
+    assert 'is --url a route with provider = "acs"?' in done.stdout
