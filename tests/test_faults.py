@@ -198,9 +198,7 @@ def test_any_worker_answers_metrics_for_all_workers(tmp_path: Path) -> None:
 def test_workers_share_the_port_and_their_metrics(
     processes: list[subprocess.Popen[str]],
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = serve(processes, "--workers", "2", "--port", str(port))
     try:
         server.wait_for_log("server.listening")  # the second worker
@@ -269,6 +267,13 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
     for process in started:
         process.kill()
         process.communicate()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (workers share a fixed port, not 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def serve(processes: list[subprocess.Popen[str]], *args: str) -> Server:
@@ -400,9 +405,7 @@ def test_a_drain_with_a_peer_that_never_answers_the_close_fits_its_timeout(
 def test_a_killed_worker_is_replaced_and_its_figures_leave_the_sums(
     processes: list[subprocess.Popen[str]],
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = serve(processes, "--workers", "2", "--port", str(port))
     server.wait_for_log("server.listening")  # the second worker
     time.sleep(2 * METRICS_SHARE_INTERVAL_S + 0.5)

@@ -82,7 +82,6 @@ class _DtmfData(msgspec.Struct, frozen=True, tag="DtmfData", tag_field="kind",
 
 
 _decoder: Final = msgspec.json.Decoder(_AudioMetadata | _AudioData | _DtmfData)
-_any_decoder: Final = msgspec.json.Decoder()
 
 
 def parse_timestamp_ms(text: str) -> int:
@@ -164,15 +163,7 @@ class AcsCodec:
                             error: msgspec.ValidationError) -> common.Event:
         """A well-formed message of a kind this version does not know is ignored and
         counted; a known kind with a bad field is a bad frame."""
-        try:
-            message = _any_decoder.decode(frame)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"not JSON: {exc}") from None
-        if not isinstance(message, dict):
-            raise RemoteProtocolError(f"not a JSON object: {type(message).__name__}")
-        kind = message.get("kind")
-        if not isinstance(kind, str):
-            raise RemoteProtocolError("missing or non-string `kind`")
+        _, kind = common.tagged_object(frame, "kind")
         if kind in ("AudioMetadata", "AudioData", "DtmfData"):
             raise RemoteProtocolError(f"invalid {kind}: {error}")
         return common.UnknownEvent(kind)

@@ -237,6 +237,22 @@ _any_decoder: Final = msgspec.json.Decoder()
 _media_decoder: Final = msgspec.json.Decoder(Media | _NoEvent, strict=False)
 
 
+def tagged_object(frame: bytes | str, tag: str) -> tuple[dict[str, object], str]:
+    """``frame`` as a JSON object and the string under its ``tag`` key (Twilio's ``event``,
+    ACS's ``kind``). Raises :class:`RemoteProtocolError` when it is not JSON, not an object,
+    or has no string ``tag``."""
+    try:
+        message = _any_decoder.decode(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise RemoteProtocolError(f"not a JSON object: {type(message).__name__}")
+    name = message.get(tag)
+    if not isinstance(name, str):
+        raise RemoteProtocolError(f"missing or non-string `{tag}`")
+    return message, name
+
+
 def parse(frame: bytes | str) -> Event:
     """Parse one inbound text frame (raw bytes or str) into a typed event.
 
@@ -244,15 +260,7 @@ def parse(frame: bytes | str) -> Event:
     string ``event``, or when a known event misses a field or has one of the wrong type; the
     reason names the offending path (``$.media.timestamp``).
     """
-    try:
-        message = _any_decoder.decode(frame)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise RemoteProtocolError(f"not JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise RemoteProtocolError(f"not a JSON object: {type(message).__name__}")
-    name = message.get("event")
-    if not isinstance(name, str):
-        raise RemoteProtocolError("missing or non-string `event`")
+    message, name = tagged_object(frame, "event")
     event_type = _EVENT_TYPES.get(name)
     if event_type is None:
         return UnknownEvent(name)
