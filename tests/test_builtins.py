@@ -384,10 +384,8 @@ def hostile_session(tmp_path: Path, media: list[tuple[int, bytes]]) -> Fixture:
                                                           "stream_sid": plan.stream_sid}})
 
 
-async def test_a_timestamp_hours_ahead_writes_at_most_max_gap_of_silence(
-        tmp_path: Path, logs: LogEvents, transport: str) -> None:
-    fixture = hostile_session(tmp_path, [(4 * 3600 * 1000, b"\x00" * 160),
-                                         (4 * 3600 * 1000 + 20, b"\x00" * 160)])
+async def record(fixture: Fixture, tmp_path: Path, logs: LogEvents, transport: str) -> None:
+    """Replay ``fixture`` at a route with the recorder and wait for its summary."""
     server = await serve(transport, (Route("/stream", (recorder(tmp_path),)),))
     try:
         assert (await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream",
@@ -395,6 +393,13 @@ async def test_a_timestamp_hours_ahead_writes_at_most_max_gap_of_silence(
         await until(lambda: events(logs, "stream.stopped"))
     finally:
         await server.stop()
+
+
+async def test_a_timestamp_hours_ahead_writes_at_most_max_gap_of_silence(
+        tmp_path: Path, logs: LogEvents, transport: str) -> None:
+    fixture = hostile_session(tmp_path, [(4 * 3600 * 1000, b"\x00" * 160),
+                                         (4 * 3600 * 1000 + 20, b"\x00" * 160)])
+    await record(fixture, tmp_path, logs, transport)
     wav = tmp_path / fixture.expect["call_sid"] / f"{fixture.expect['stream_sid']}.wav"
     _, _, audio = read_wav(wav)
     assert (10 * 160 + 60 * 8000 + 2 * 160) == len(audio)  # audio, 60 s of gap, two frames
@@ -405,13 +410,7 @@ async def test_a_timestamp_hours_ahead_writes_at_most_max_gap_of_silence(
 async def test_an_oversized_payload_is_counted_and_the_recording_still_ends_whole(
         tmp_path: Path, logs: LogEvents, transport: str) -> None:
     fixture = hostile_session(tmp_path, [(300, b"\x00" * 12_000)])
-    server = await serve(transport, (Route("/stream", (recorder(tmp_path),)),))
-    try:
-        assert (await replay_session(fixture, f"ws://127.0.0.1:{server.port}/stream",
-                                     speed=0)).ok
-        await until(lambda: events(logs, "stream.stopped"))
-    finally:
-        await server.stop()
+    await record(fixture, tmp_path, logs, transport)
     folder = tmp_path / fixture.expect["call_sid"]
     assert [] == list(folder.glob("*.partial"))
     _, _, audio = read_wav(folder / f"{fixture.expect['stream_sid']}.wav")
