@@ -52,7 +52,9 @@ def media_messages(draw: st.DrawFn) -> tuple[bytes, wire.Media]:
                                "streamSid": stream_sid}
     if sequence_number is not None:
         message["sequenceNumber"] = as_wire_number(draw, sequence_number)
-    message.update(draw(st.dictionaries(texts.filter(lambda k: k not in message), json_values,
+    # Extra keys are unknown ones: never a key of Media's own, even one left out above.
+    known = {"event", "media", "streamSid", "sequenceNumber"}
+    message.update(draw(st.dictionaries(texts.filter(lambda k: k not in known), json_values,
                                         max_size=2)))
     text = json.dumps(
         shuffled(draw, message),
