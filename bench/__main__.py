@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import parse, server
+from . import parse, server, stages
 
 SUITES = {
     "parse": parse.main,
+    "stages": stages.main,
     "server": server.cpu_suite,
     "capacity": server.capacity_suite,
     "memory": server.memory_suite,

@@ -165,6 +165,11 @@ def _held_bytes(method: str, args: tuple[Any, ...]) -> int:
     return 0
 
 
+def _overrides_media(handler: AnyHandler) -> bool:
+    method = type(handler).on_media
+    return method is not Handler.on_media and method is not AsyncHandler.on_media
+
+
 def _overrides_raw_frame(handler: AnyHandler) -> bool:
     method = type(handler).on_raw_frame
     return method is not Handler.on_raw_frame and method is not AsyncHandler.on_raw_frame
@@ -179,7 +184,8 @@ class HandlerChain:
         self._specs = specs
         self._observe = observe or _ignore_latency
         self._slots: list[_Slot] = []
-        self._inline_media: list[_Slot] = []
+        self._inline_media: list[_Slot] = []  # plain handlers taking media
+        self._queued_media: list[_Slot] = []  # async handlers taking media
         self._raw: tuple[_Slot, ...] = ()
         self._stopped = False
         self._media_count = 0
@@ -202,9 +208,16 @@ class HandlerChain:
             self._slots.append(slot)
             if session.bidirectional and isinstance(slot.handler, PlaybackObserver):
                 session.observe_playback(slot.handler)
-        self._inline_media = [s for s in self._slots if s.runner is None and not s.failed]
+        media = [s for s in self._slots if _overrides_media(s.handler) and not s.failed]
+        self._inline_media = [s for s in media if s.runner is None]
+        self._queued_media = [s for s in media if s.runner is not None]
         self._raw = tuple(s for s in self._slots if _overrides_raw_frame(s.handler))
         self._call("on_start", (session,), droppable=False)
+
+    @property
+    def takes_media(self) -> bool:
+        """Whether any handler of this call takes :meth:`on_media` (set by :meth:`start`)."""
+        return bool(self._inline_media or self._queued_media)
 
     @property
     def wants_raw_frames(self) -> bool:
@@ -227,11 +240,9 @@ class HandlerChain:
                         slot.handler.on_media(frame)
                     except Exception:
                         slot.fail("on_media")
-        if len(self._inline_media) != len(self._slots):
-            for slot in self._slots:
-                runner = slot.runner
-                if runner is None:
-                    continue
+        for slot in self._queued_media:
+            runner = slot.runner
+            if runner is not None:
                 if (runner.media_inline and runner.started and not runner.items
                         and not slot.failed):
                     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -73,6 +73,8 @@ class CallCore:
         self._quiet_since = self.connected_at
         # The budget report of the webhook that started this call's stream, if it was ours.
         self.context_budget: dict[str, object] | None = None
+        self._raw_wanted = False  # set at start: whether a handler takes raw frames
+        self._on_media: Callable[[wire.Media], None] = _ignore  # set at start
 
     def outbound_full(self) -> bool:
         """True when the peer has stopped reading: frames to send are refused."""
@@ -114,16 +116,26 @@ class CallCore:
         return (time.monotonic() - self.connected_at) * 1000
 
     def receive(self, frame: bytes) -> None:
+        """Take one inbound message (the transport's callback calls this per message)."""
         session = self.session
-        if session.state is State.AWAITING_START:
-            if len(self.early_frames) < EARLY_FRAMES_KEPT:
-                self.early_frames.append(RawFrame(self._now_ms(), frame))
-        elif self.chain.wants_raw_frames:
-            self.chain.on_raw_frame(RawFrame(self._now_ms(), frame))
-        session.receive_message(frame)
+        if session.state is State.STREAMING and not self._raw_wanted:
+            # The hot path: one media frame from parse to handlers, no event list.
+            media = session.receive_media(frame)
+            if media is not None:
+                self._on_media(media)
+                if session.bidirectional:
+                    self._flush_quietly()
+                return
+        else:
+            if session.state is State.AWAITING_START:
+                if len(self.early_frames) < EARLY_FRAMES_KEPT:
+                    self.early_frames.append(RawFrame(self._now_ms(), frame))
+            elif self._raw_wanted:
+                self.chain.on_raw_frame(RawFrame(self._now_ms(), frame))
+            session.receive_message(frame)
         for event in session.events_received():
             if type(event) is wire.Media:
-                self.chain.on_media(event)
+                self._on_media(event)
             elif isinstance(event, BadFrame):
                 self._log_bad_frame(event)
             elif isinstance(event, wire.Start):
@@ -174,7 +186,11 @@ class CallCore:
         if session.bidirectional:
             self.start_writer()
         self.chain.start(session)
-        if self.chain.wants_raw_frames:
+        self._raw_wanted = self.chain.wants_raw_frames
+        # No handler takes media (a route that only streams, or records raw frames): the
+        # frame's accounting in the session is all its path does.
+        self._on_media = self.chain.on_media if self.chain.takes_media else _ignore
+        if self._raw_wanted:
             for raw in self.early_frames:
                 self.chain.on_raw_frame(raw)
         self.early_frames = []
@@ -249,3 +265,7 @@ class CallCore:
 
     def start_writer(self) -> None:
         """Called when a bidirectional stream starts (before any handler can send)."""
+
+
+def _ignore(media: wire.Media) -> None:
+    pass

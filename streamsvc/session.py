@@ -256,6 +256,33 @@ class Session:
         :class:`BadFrame` event. Call :meth:`events_received` next."""
         try:
             event = self._parse(frame)
+        except RemoteProtocolError as exc:
+            self._bad_frame(exc.reason, frame)
+            return
+        self._take(event, frame)
+
+    def receive_media(self, frame: bytes | str) -> wire.Media | None:
+        """The hot path: as :meth:`receive_message`, but a valid media frame of this stream
+        is accounted and returned instead of queued as an event. Anything else (another
+        event, a bad frame) is queued as :meth:`receive_message` queues it and ``None`` is
+        returned: call :meth:`events_received` then."""
+        try:
+            event = self._parse(frame)
+        except RemoteProtocolError as exc:
+            self._bad_frame(exc.reason, frame)
+            return None
+        if (type(event) is wire.Media and self.state is State.STREAMING
+                and event.stream_sid == self.stream_sid):
+            body = event.media  # the nested struct: plain slots, cheaper than properties
+            stats = self.track_stats.get(body.track)
+            if stats is not None:
+                stats.add_frame(body.timestamp, len(body.payload))
+                return event
+        self._take(event, frame)
+        return None
+
+    def _take(self, event: wire.Event, frame: bytes | str) -> None:
+        try:
             if type(event) is wire.Media:
                 self._on_media(event)
             else:

@@ -43,7 +43,7 @@ import orjson
 import structlog
 
 from streamsvc import wire
-from streamsvc.audio import TWILIO_SAMPLE_RATE
+from streamsvc.audio import TWILIO_SAMPLE_RATE, mulaw_to_pcm16
 from streamsvc.builtins.files import (
     DEFAULT_FILE_MODE,
     create_file,
@@ -94,8 +94,12 @@ class RecorderHandler(AsyncHandler):
         self.playback_end = 0  # where the audio queued so far ends
         self.playback_dropped_samples = 0
         self.channel_of: dict[str, int] = {}
-        self.window = np.zeros((0, 1), dtype="<i2")
-        self.window_start = 0  # sample index of window[0]
+        self.mulaw = True  # the stream's audio is mu-law (set again by on_start)
+        self.bytes_per_sample = 1
+        # The window: one PCM16 plane per channel (a slice assignment per frame, no array
+        # objects), interleaved only when a chunk goes to the disk.
+        self.planes: list[bytearray] = []
+        self.window_start = 0  # sample index of the planes' first sample
         self.end_sample = 0  # one past the last sample any frame covered
         self.first_timestamp_ms: int | None = None
         self.late_frames = 0  # frames too late for the window, or past max_duration_s
@@ -117,7 +121,8 @@ class RecorderHandler(AsyncHandler):
     async def on_start(self, session: LiveSession) -> None:
         self.session = session
         self._timeline(session.sample_rate)
-        self.bytes_per_sample = 1 if session.codec.native_encoding == "mulaw" else 2
+        self.mulaw = session.codec.native_encoding == "mulaw"
+        self.bytes_per_sample = 1 if self.mulaw else 2
         # Twilio's two tracks, or an ACS stream's (mixed: inbound; unmixed: the first
         # participants, in the order they speak, up to the channels a WAV file can take).
         tracks = sorted(session.tracks[:MAX_CHANNELS],
@@ -131,7 +136,7 @@ class RecorderHandler(AsyncHandler):
         if session.bidirectional and "outbound" not in self.channel_of:
             self.playback_channel = channels  # right: what the service plays
             channels += 1
-        self.window = np.zeros((self.window_samples, channels), dtype="<i2")
+        self.planes = [bytearray(2 * self.window_samples) for _ in range(channels)]
         folder = self.root / safe_path_component(session.call_sid)
         self.path = folder / f"{safe_path_component(session.stream_sid)}.wav"
         partial = self.path.with_suffix(".wav.partial")
@@ -144,26 +149,38 @@ class RecorderHandler(AsyncHandler):
         if self.failure is not None:
             failure, self.failure = self.failure, None
             raise failure  # once: the chain disables this recorder and counts the error
-        channel = 0 if self.mix_down else self.channel_of.get(frame.track)
+        body = frame.media  # the parsed fields: cheaper than the properties
+        channel = 0 if self.mix_down else self.channel_of.get(body.track)
         if channel is None or self.wav is None:
             return
-        samples = len(frame.payload) // self.bytes_per_sample
+        samples = len(body.payload) // self.bytes_per_sample
         if samples > self.window_samples // 2:  # a 20 ms frame is 160 to 480 samples
             self.oversized_frames += 1
             return
-        position = self._position(frame.timestamp_ms)
+        first = self.first_timestamp_ms
+        if first is None:
+            position = self._position(body.timestamp)
+        else:  # the usual case of _position, inline
+            position = (body.timestamp - first) * self.samples_per_ms - self.skipped_samples
+            if position - self.end_sample > self.max_gap_samples:
+                position = self._position(body.timestamp)
         end = position + samples
         if position < self.window_start or end > self.max_samples:
             self.late_frames += 1
             return
-        self._make_room(end)
-        offset = position - self.window_start
-        audio = np.frombuffer(self.session.pcm16(frame), dtype="<i2")
-        target = self.window[offset : offset + len(audio), channel]
-        if self.mix_down and target.any():  # another participant spoke in these samples
-            audio = np.clip(target.astype("<i4") + audio, -32768, 32767).astype("<i2")
-        target[:] = audio
-        self.end_sample = max(self.end_sample, end)
+        if end > self.window_start + self.window_samples:
+            self._make_room(end)
+        start = 2 * (position - self.window_start)
+        audio = mulaw_to_pcm16(body.payload) if self.mulaw else body.payload
+        plane = self.planes[channel]
+        if self.mix_down and plane.count(0, start, start + len(audio)) != len(audio):
+            # Another participant spoke in these samples: add, clipped.
+            mixed = np.frombuffer(plane, dtype="<i2", count=samples, offset=start)
+            audio = np.clip(mixed.astype("<i4") + np.frombuffer(audio, dtype="<i2"),
+                            -32768, 32767).astype("<i2").tobytes()
+        plane[start : start + len(audio)] = audio
+        if end > self.end_sample:
+            self.end_sample = end
         if self.playback_channel is not None:
             self._play_until(self.end_sample)
 
@@ -221,9 +238,10 @@ class RecorderHandler(AsyncHandler):
         while self.playback and self.playback[0][0] < end:
             start, samples = self.playback.popleft()
             count = min(len(samples), end - start)
-            offset = start - self.window_start
+            offset = 2 * (start - self.window_start)
             if offset >= 0:
-                self.window[offset : offset + count, self.playback_channel] = samples[:count]
+                plane = self.planes[self.playback_channel]
+                plane[offset : offset + 2 * count] = samples[:count].tobytes()
             if count < len(samples):
                 self.playback.appendleft((start + count, samples[count:]))
             self.playback_queued -= count
@@ -232,7 +250,7 @@ class RecorderHandler(AsyncHandler):
         if self.path is None:
             return None
         report: dict[str, Any] = {
-            "file": str(self.path), "channels": int(self.window.shape[1]),
+            "file": str(self.path), "channels": len(self.planes),
             "late_frames": self.late_frames, "oversized_frames": self.oversized_frames,
             "gaps_capped": self.gaps_capped}
         if self.playback_channel is not None:
@@ -246,10 +264,10 @@ class RecorderHandler(AsyncHandler):
             raise self.failure
         if self.wav is None or self.path is None:
             return
-        tail = self.window[: max(0, self.end_sample - self.window_start)]
+        tail = self._interleave(max(0, self.end_sample - self.window_start))
         wav, self.wav = self.wav, None
-        await self._disk(wav.finish, tail.tobytes(), self.path)
-        recording = {"file": self.path.name, "channels": int(self.window.shape[1]),
+        await self._disk(wav.finish, tail, self.path)
+        recording = {"file": self.path.name, "channels": len(self.planes),
                      "sample_rate": self.sample_rate, "samples": self.end_sample,
                      "first_timestamp_ms": self.first_timestamp_ms,
                      "skipped_ms": self.skipped_samples // self.samples_per_ms,
@@ -270,13 +288,22 @@ class RecorderHandler(AsyncHandler):
         overflow = max(overflow, self.window_samples // 2)
         if overflow >= self.window_samples:  # a gap longer than the window: all of it goes
             silence = overflow - self.window_samples
-            self._write_later(self.window.tobytes(), silence)
-            self.window[:] = 0
+            self._write_later(self._interleave(self.window_samples), silence)
+            for plane in self.planes:
+                plane[:] = bytes(len(plane))
         else:
-            self._write_later(self.window[:overflow].tobytes(), 0)
-            self.window[:-overflow] = self.window[overflow:]
-            self.window[-overflow:] = 0
+            self._write_later(self._interleave(overflow), 0)
+            for plane in self.planes:
+                del plane[: 2 * overflow]  # O(1): a bytearray drops its head in place
+                plane.extend(bytes(2 * overflow))
         self.window_start += overflow
+
+    def _interleave(self, samples: int) -> bytes:
+        """The window's first ``samples`` samples of every channel, as WAV frames."""
+        if len(self.planes) == 1:
+            return bytes(self.planes[0][: 2 * samples])
+        columns = [np.frombuffer(plane, dtype="<i2", count=samples) for plane in self.planes]
+        return np.column_stack(columns).tobytes()
 
     def _write_later(self, audio: bytes, silent_samples: int) -> None:
         self.writes.append((audio, silent_samples))
