@@ -130,31 +130,40 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
 
 def cpu_suite(*, quick: bool = False) -> None:
     calls, seconds, repeats = (150, 3.0, 1) if quick else (300, 6.0, 3)
+    fast = installed("picows") and installed("uvloop")
     variants = [("naive", "naive", "asyncio", "websockets"),
                 ("bare websockets", "bare", "asyncio", "websockets"),
-                ("streamsvc", "service", "asyncio", "websockets"),
-                ("streamsvc + recorder", "service-recorder", "asyncio", "websockets")]
+                ("streamsvc, websockets", "service", "asyncio", "websockets"),
+                ("streamsvc + recorder, websockets", "service-recorder", "asyncio",
+                 "websockets")]
     if installed("uvloop"):
-        variants[3:3] = [("streamsvc, uvloop", "service", "uvloop", "websockets")]
-        variants.append(("streamsvc + recorder, uvloop", "service-recorder", "uvloop",
-                         "websockets"))
-    if installed("picows"):
-        loop = "uvloop" if installed("uvloop") else "asyncio"
-        variants += [(f"streamsvc, picows, {loop}", "service", loop, "picows"),
-                     (f"streamsvc + recorder, picows, {loop}", "service-recorder", loop,
-                      "picows")]
-    print(f"\nserver CPU per frame: {calls} real-time calls x {seconds:g} s, "
-          f"median of {repeats}")
-    print(f"{'server':38} {'us/frame':>9} {'x naive':>8} {'lost':>6}")
+        variants[1:1] = [("naive, uvloop", "naive", "uvloop", "websockets")]
+        variants.insert(4, ("streamsvc, websockets, uvloop", "service", "uvloop",
+                            "websockets"))
+    if installed("fastapi") and installed("uvicorn"):
+        variants[1:1] = [("fastapi + uvicorn, uvloop", "fastapi", "uvloop", "websockets"),
+                         ("fastapi + uvicorn, asyncio", "fastapi", "asyncio", "websockets")]
+    if fast:
+        variants += [("picows listener, no parse (floor)", "floor", "uvloop", "auto"),
+                     ("streamsvc default (picows, uvloop)", "service", "uvloop", "auto"),
+                     ("streamsvc default + recorder", "service-recorder", "uvloop", "auto")]
+    print(f"\nserver CPU per frame: {calls} real-time calls x {seconds:g} s, median of "
+          f"{repeats} (min-max); ratios against the naive server and FastAPI on uvloop")
+    print(f"{'server':36} {'us/frame':>9} {'spread':>11} {'x naive':>8} {'x fastapi':>10} "
+          f"{'lost':>5}")
     results = {}
     for name, variant, loop, transport in variants:
         runs = [run_load(variant, calls, seconds, loop=loop, transport=transport)
                 for _ in range(repeats)]
         lost = max(r["frames_sent"] - r["frames_received"] for r in runs)
-        results[name] = (median_of(runs, "cpu_us_per_frame"), lost)
+        values = [r["cpu_us_per_frame"] for r in runs]
+        results[name] = (statistics.median(values), min(values), max(values), lost)
     naive = results["naive"][0]
-    for name, (micros, lost) in results.items():
-        print(f"{name:38} {micros:9.1f} {micros / naive:8.2f} {lost:6d}")
+    fastapi = results.get("fastapi + uvicorn, uvloop", (0.0,))[0]
+    for name, (micros, low, high, lost) in results.items():
+        versus_fastapi = f"{micros / fastapi:10.2f}" if fastapi else f"{'-':>10}"
+        print(f"{name:36} {micros:9.1f} {low:5.1f}-{high:<5.1f} {micros / naive:8.2f} "
+              f"{versus_fastapi} {lost:5d}", flush=True)
 
 
 def passes(run: dict[str, Any]) -> bool:
@@ -170,7 +179,7 @@ def capacity_suite(*, quick: bool = False) -> None:
 def capacity(transport: str, *, quick: bool) -> None:
     seconds = 4.0 if quick else 8.0
     loop = "uvloop" if installed("uvloop") else "asyncio"
-    steps = [250, 500, 750, 1000, 1250, 1500, 1750, 2000]
+    steps = list(range(250, 3001, 250))
     print(f"\ncalls per server process ({transport}, {loop}): p99 receive-to-handler latency "
           f"< {LATENCY_LIMIT_MS:g} ms and no frame lost, {seconds:g} s per step")
     print(f"{'tracks':8} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6} "

@@ -8,7 +8,13 @@
 * ``bare``: the websockets receive loop and nothing else (the floor for any websockets
   server);
 * ``naive``: websockets on stock asyncio, ``json.loads`` and ``base64.b64decode`` on every
-  frame, as Twilio's samples do.
+  frame, as Twilio's samples do;
+* ``floor``: a picows listener that counts frames and parses nothing: what any server on
+  the default transport pays per frame (kernel, event loop, WebSocket framing) before doing
+  anything with it;
+* ``fastapi``: the same work in a FastAPI WebSocket route served by uvicorn, as Twilio's
+  current Python sample is written (``websocket.iter_text()``, ``json.loads``,
+  ``base64.b64decode``); uvicorn's own WebSocket implementation choice (``ws="auto"``).
 
 ``--loop uvloop`` runs the variant on uvloop (when installed); ``--transport picows`` runs
 the service variants on the optional picows transport. On SIGTERM the process
@@ -21,6 +27,7 @@ import argparse
 import array
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import sys
@@ -77,7 +84,7 @@ async def run_service(port: int, handlers: tuple[HandlerSpec, ...], stop: asynci
     return {"frames": server.metrics.frames["inbound"] + server.metrics.frames["outbound"]}
 
 
-async def run_bare(port: int, stop: asyncio.Event, naive: bool) -> dict:
+async def run_bare(port: int, stop: asyncio.Event, naive: bool) -> dict[str, Any]:
     frames = 0
 
     async def handler(connection: ServerConnection) -> None:
@@ -98,22 +105,68 @@ async def run_bare(port: int, stop: asyncio.Event, naive: bool) -> dict:
     return {"frames": frames}
 
 
+async def run_floor(port: int, stop: asyncio.Event) -> dict[str, Any]:
+    from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
+
+    frames = 0
+
+    class Listener(WSListener):  # type: ignore[misc]
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            nonlocal frames
+            if frame.msg_type is WSMsgType.TEXT:
+                # Counts media frames (as the others do) by the load generator's prefix.
+                frames += frame.get_payload_as_memoryview()[:16] == b'{"event":"media"'
+
+            elif frame.msg_type is WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+
+    server = await ws_create_server(lambda _: Listener(), "127.0.0.1", port,
+                                    max_frame_size=65536)
+    print(json.dumps({"ready": True}), flush=True)
+    await stop.wait()
+    server.close()
+    return {"frames": frames}
+
+
+async def run_fastapi(port: int, stop: asyncio.Event) -> dict[str, Any]:
+    import uvicorn
+
+    from . import fastapi_app
+
+    class Server(uvicorn.Server):
+        def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
+            return contextlib.nullcontext()  # SIGTERM is this process's "print and exit"
+
+    server = Server(uvicorn.Config(fastapi_app.app, host="127.0.0.1", port=port, log_level="error",
+                                   lifespan="off"))
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
+        await asyncio.sleep(0.05)
+    print(json.dumps({"ready": True}), flush=True)
+    await stop.wait()
+    server.should_exit = True
+    await serving
+    return {"frames": fastapi_app.frames}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=["service", "service-latency", "service-recorder",
-                                            "bare", "naive"])
+                                            "bare", "naive", "fastapi", "floor"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--transport", choices=["websockets", "picows"], default="websockets",
+    parser.add_argument("--transport", choices=["auto", "websockets", "picows"],
+                        default="websockets",
                         help="for the service variants")
     args = parser.parse_args()
     configure_logging(level="error")  # keep stdout for the result line
 
-    async def main_task() -> dict:
+    async def main_task() -> dict[str, Any]:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        coroutine: Coroutine[Any, Any, dict]
+        coroutine: Coroutine[Any, Any, dict[str, Any]]
         if args.variant == "service":
             coroutine = run_service(args.port, (), stop, args.transport)
         elif args.variant == "service-latency":
@@ -123,6 +176,10 @@ def main() -> None:
             directory = tempfile.mkdtemp(prefix="streamsvc-bench-")
             recorder = resolve_handler("recorder", {"dir": directory}, key="bench")
             coroutine = run_service(args.port, (recorder,), stop, args.transport)
+        elif args.variant == "floor":
+            coroutine = run_floor(args.port, stop)
+        elif args.variant == "fastapi":
+            coroutine = run_fastapi(args.port, stop)
         else:
             coroutine = run_bare(args.port, stop, naive=args.variant == "naive")
         return await coroutine

@@ -50,6 +50,24 @@ class CallCore:
     shell calls :meth:`receive` per message, sends what :meth:`take_outbound` yields (after
     :meth:`wake`), and awaits :meth:`finish` once when the connection ends."""
 
+    __slots__ = (
+        "__weakref__",
+        "_idle_seen",
+        "_on_media",
+        "_quiet_since",
+        "_raw_wanted",
+        "chain",
+        "connected_at",
+        "context_budget",
+        "early_frames",
+        "frames_received",
+        "idle_closed",
+        "outbound_dropped",
+        "route",
+        "server",
+        "session",
+    )
+
     def __init__(self, server: StreamServer, route: Route,
                  headers: Mapping[str, str]) -> None:
         self.server = server

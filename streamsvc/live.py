@@ -67,6 +67,16 @@ class LiveSession(Session):
     """A :class:`Session` wired to its connection. ``wake`` is called after frames are
     queued so the shell can hand them to the writer; other arguments are the Session's."""
 
+    __slots__ = (
+        "_clears_sent",
+        "_mark_timers",
+        "_observers",
+        "_pending_marks",
+        "_playback_ends",
+        "_resamplers",
+        "_wake",
+    )
+
     def __init__(self, *, wake: Callable[[], None], **session_options: Any) -> None:
         super().__init__(**session_options)
         self._wake = wake

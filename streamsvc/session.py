@@ -216,6 +216,36 @@ class Session:
     session, its counters and its events are the same.
     """
 
+    # Slots keep a call's hot state in one allocation (cache misses are most of the
+    # per-frame cost under load); ``__dict__`` keeps sessions open to extra attributes.
+    __slots__ = (
+        "__dict__",
+        "_events",
+        "_outgoing",
+        "_parse",
+        "account_sid",
+        "bad_frames",
+        "bidirectional",
+        "call_sid",
+        "codec",
+        "custom_parameters",
+        "custom_parameters_bytes",
+        "dtmf_digits",
+        "dtmf_dropped",
+        "ignored_events",
+        "marks_received",
+        "marks_sent",
+        "media_format",
+        "parameter_budget_bytes",
+        "path",
+        "protocol_version",
+        "state",
+        "stream_sid",
+        "summary",
+        "track_stats",
+        "tracks",
+    )
+
     def __init__(
         self,
         *,

@@ -334,3 +334,27 @@ def test_any_order_of_messages_keeps_the_session_consistent(frames: list[str]) -
     summary = session.close("closed")
     assert bad == summary.bad_frames
     assert sum(summary.bytes.values()) == 160 * sum(summary.frames.values())
+
+
+@given(st.lists(st.sampled_from([
+    start(), start("MZ-other"), media(99), media(119), media(139), media(99, track="outbound"),
+    media(139, sid="MZ-other"), other("dtmf", {"track": "inbound_track", "digit": "5"}),
+    other("mark", {"name": "m"}), other("stop", {}), "garbage", '{"event":"future"}',
+]), max_size=30))
+@settings(max_examples=300)
+def test_the_media_fast_path_gives_what_the_event_path_gives(frames: list[str]) -> None:
+    """``receive_media`` (the servers' hot path) returns a media frame exactly when
+    ``receive_message`` would queue it as the only event, queues everything else the same
+    way, and leaves the session with the same counters."""
+    fast, general = Session(), Session()
+    for frame in frames:
+        general.receive_message(frame)
+        expected = general.events_received()
+        returned = fast.receive_media(frame)
+        queued = fast.events_received()
+        if returned is not None:
+            assert [] == queued
+            assert [returned] == expected
+        else:
+            assert expected == queued
+    assert general.close("closed") == fast.close("closed")

@@ -216,6 +216,16 @@ class _Listener(WSListener):
 class _PicowsCall(CallCore):
     """The shell around :class:`~streamsvc.server.CallCore` for one picows connection."""
 
+    __slots__ = (
+        "closing_reason",
+        "finished",
+        "fragment_bytes",
+        "fragments",
+        "timed_out_before_start",
+        "timers",
+        "transport",
+    )
+
     def __init__(self, server: StreamServer, route: Route, headers: dict[str, str],
                  transport: WSTransport) -> None:
         super().__init__(server, route, headers)

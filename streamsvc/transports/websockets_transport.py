@@ -141,6 +141,8 @@ def _limit_read_size(connection: ServerConnection) -> None:
 class _Call(CallCore):
     """One websockets connection: receive loop, outbound writer task, timers."""
 
+    __slots__ = ("connection", "outgoing", "writer")
+
     def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
         headers = connection.request.headers if connection.request else {}
         super().__init__(server, route, {name.lower(): value for name, value in headers.items()})
