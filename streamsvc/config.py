@@ -117,6 +117,15 @@ class Settings:
     acs_events_path: str = "/acs/events"
     acs_callback_path: str = "/acs/callbacks"
     acs_route: str | None = None
+    # Fleet (Redis): unset, everything stays in this process
+    redis_url: str | None = field(default=None, repr=False)
+    instance_id: str | None = None
+    context_ttl_s: float = 3600.0
+    events_stream: str = "streamsvc:events"
+    events_maxlen: int = 100_000
+    audio_batch_ms: int = 200
+    redis_timeout_ms: int = 50
+    bus_buffer: int = 10_000
     # Logging
     log_format: str = "json"
     log_level: str = "info"
@@ -262,6 +271,26 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("acs_route", ("STREAMSVC_ACS_ROUTE",), str,
             "the ACS route (path) IncomingCall answers stream to (default: the first ACS "
             "route)"),
+    # Fleet
+    Setting("redis_url", ("STREAMSVC_REDIS_URL",), str,
+            "redis://host:port/db shared by a fleet of instances: call context, live "
+            "registry, events (streamsvc:events), talk-back; unset: one process",
+            secret=True),
+    Setting("instance_id", ("STREAMSVC_INSTANCE_ID",), str,
+            "this instance's name in the fleet (default: host-pid)"),
+    Setting("context_ttl_s", ("STREAMSVC_CONTEXT_TTL_S",), float,
+            "how long a webhook's call context waits in Redis for its stream", minimum=1),
+    Setting("events_stream", ("STREAMSVC_EVENTS_STREAM",), str,
+            "the Redis stream call events go to"),
+    Setting("events_maxlen", ("STREAMSVC_EVENTS_MAXLEN",), int,
+            "entries the events stream keeps (approximate trim)", minimum=1),
+    Setting("audio_batch_ms", ("STREAMSVC_AUDIO_BATCH_MS",), int,
+            "audio per entry on routes with publish_audio", minimum=20, maximum=10_000),
+    Setting("redis_timeout_ms", ("STREAMSVC_REDIS_TIMEOUT_MS",), int,
+            "how long a call waits for Redis (its context at start) before going on "
+            "without", minimum=1, maximum=1000),
+    Setting("bus_buffer", ("STREAMSVC_BUS_BUFFER",), int,
+            "writes held while Redis is away; more are dropped and counted", minimum=1),
     # Logging
     Setting("log_format", ("STREAMSVC_LOG_FORMAT",), str,
             "json (one object per line) or console", choices=("json", "console")),
@@ -366,6 +395,12 @@ def _check_security(settings: Settings) -> None:
         raise ConfigError("public_url", "is needed to check signatures when an auth token "
                           "is set (Twilio signs the URL it was given, not the Host header)")
     _check_paths(settings)
+    if settings.redis_url is not None and urlsplit(settings.redis_url).scheme not in (
+            "redis", "rediss", "unix"):
+        raise ConfigError("redis_url", "must be redis://host:port/db, rediss:// (TLS) or "
+                          "unix:///path/to/redis.sock")
+    if not settings.events_stream:
+        raise ConfigError("events_stream", "must name a Redis stream")
     if settings.acs_route is not None and (settings.acs_answer_route is None
                                            or settings.acs_answer_route.provider != "acs"):
         raise ConfigError("acs_route", f"{settings.acs_route!r} is not a provider = \"acs\" "

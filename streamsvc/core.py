@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from . import wire
+from .bus import FleetNode, Lookup
 from .chain import HandlerChain
 from .config import Route
 from .exceptions import LocalProtocolError
 from .handlers import RawFrame
 from .live import LiveSession
 from .providers import codec_for
-from .session import BadFrame, State, StopReason
+from .session import FRAME_MS, BadFrame, State, StopReason
 
 if TYPE_CHECKING:
     from .server import StreamServer
@@ -32,6 +33,9 @@ __all__ = ["CLOSE_GRACE_S", "CallCore"]
 
 logger = structlog.get_logger("streamsvc.server")
 
+# Events held for the handlers while a fleet looks up the call's context (bounded by
+# redis_timeout_ms: 1 s at most, 100 frames of two tracks).
+MAX_HELD_EVENTS: Final = 1000
 # Bad frames logged individually per call; the rest are only counted.
 BAD_FRAMES_LOGGED: Final = 5
 # Frames before `start` kept for handlers that record raw frames (connected, start, a few
@@ -52,16 +56,20 @@ class CallCore:
 
     __slots__ = (
         "__weakref__",
+        "_audio",
+        "_held",
         "_idle_seen",
         "_on_media",
         "_quiet_since",
         "_raw_wanted",
+        "_starting",
         "chain",
         "connected_at",
         "context_budget",
         "early_frames",
         "frames_received",
         "idle_closed",
+        "moved",
         "outbound_dropped",
         "route",
         "server",
@@ -93,6 +101,11 @@ class CallCore:
         self.context_budget: dict[str, object] | None = None
         self._raw_wanted = False  # set at start: whether a handler takes raw frames
         self._on_media: Callable[[wire.Media], None] = _ignore  # set at start
+        # In a fleet: what waits for the context lookup, the lookup, published audio.
+        self._held: list[wire.Event] | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._audio: AudioBatcher | None = None
+        self.moved = False  # closed by a drain for another instance to resume
 
     def outbound_full(self) -> bool:
         """True when the peer has stopped reading: frames to send are refused."""
@@ -157,38 +170,94 @@ class CallCore:
             elif isinstance(event, BadFrame):
                 self._log_bad_frame(event)
             elif isinstance(event, wire.Start):
-                self._started()
+                self._begin()
             else:
                 if isinstance(event, wire.Mark):
                     session.mark_echoed(event.name)
-                self.chain.dispatch(event)
+                    self._publish("call.mark", name=event.name[:200])
+                elif isinstance(event, wire.Dtmf):
+                    self._publish("call.dtmf", digit=event.digit, track=event.track)
+                if self._held is None:
+                    self.chain.dispatch(event)
+                elif len(self._held) < MAX_HELD_EVENTS:
+                    self._held.append(event)
         if session.bidirectional:
             self._flush_quietly()
 
-    def _started(self) -> None:
+    def _begin(self) -> None:
+        """``start`` came: bind the call's ids into this connection's log lines, then start
+        the handlers, at once or (in a fleet) once the call's context is looked up."""
         session = self.session
         structlog.contextvars.bind_contextvars(
             call_sid=session.call_sid, stream_sid=session.stream_sid
         )
+        fleet = self.server.fleet
+        if fleet is None:
+            self._started(Lookup())
+            return
+        # Until the lookup is done (within redis_timeout_ms) what handlers would get waits.
+        self._held = []
+        self._on_media = self._hold_media
+        self._starting = asyncio.get_running_loop().create_task(self._look_up(fleet))
+
+    async def _look_up(self, fleet: FleetNode) -> None:
+        session = self.session
+        lookup = await fleet.look_up(session.codec.correlation_id or session.call_sid,
+                                     session.call_sid)
+        self._started(lookup)
+        held, self._held = self._held or [], None
+        for event in held:
+            if type(event) is wire.Media:
+                self._on_media(event)
+            else:
+                self.chain.dispatch(event)
+        if session.bidirectional:
+            self._flush_quietly()
+
+    def _hold_media(self, media: wire.Media) -> None:
+        if self._held is not None and len(self._held) < MAX_HELD_EVENTS:
+            self._held.append(media)
+
+    def _publish(self, event: str, **fields: object) -> None:
+        """Put one call event on the fleet's bus (nothing without a fleet)."""
+        fleet = self.server.fleet
+        if fleet is not None:
+            session = self.session
+            fleet.publish(event, {"call_sid": session.call_sid,
+                                  "stream_sid": session.stream_sid, "path": session.path,
+                                  **fields})
+
+    def _started(self, lookup: Lookup) -> None:
+        session = self.session
+        session.context = lookup.context
+        session.resumed_from = lookup.resumed_from
+        if (lookup.parameters and not session.custom_parameters
+                and session.codec.provider == "acs"):
+            # ACS carries no parameters on the wire: the IncomingCall's (which may have
+            # reached another instance) are the stream's.
+            session.set_custom_parameters(lookup.parameters)
         media_format = session.media_format
-        logger.info(
-            "stream.started",
-            call_sid=session.call_sid,
-            stream_sid=session.stream_sid,
-            account_sid=session.account_sid,
-            tracks=list(session.tracks),
-            media_format={
+        started = {
+            "call_sid": session.call_sid,
+            "stream_sid": session.stream_sid,
+            "account_sid": session.account_sid,
+            "tracks": list(session.tracks),
+            "media_format": {
                 "encoding": media_format.encoding,
                 "sample_rate": media_format.sample_rate,
                 "channels": media_format.channels,
             } if media_format else None,
-            custom_parameters=dict(session.custom_parameters),
-            path=session.path,
-            bidirectional=session.bidirectional,
-            protocol_version=session.protocol_version,
-            provider=session.codec.provider,
-            correlation_id=session.codec.correlation_id,
-        )
+            "custom_parameters": dict(session.custom_parameters),
+            "path": session.path,
+            "bidirectional": session.bidirectional,
+            "protocol_version": session.protocol_version,
+            "provider": session.codec.provider,
+            "correlation_id": session.codec.correlation_id,
+            "context": lookup.context,
+            "resumed_from": lookup.resumed_from,
+        }
+        logger.info("stream.started", **started)
+        self._publish("stream.started", **started)
         if session.parameters_over_budget:
             logger.warning(
                 "stream.parameters_over_budget",
@@ -200,7 +269,12 @@ class CallCore:
             logger.warning("stream.duplicate_stream_sid")
         self.server.streams[session.stream_sid] = session
         self.server.metrics.calls_started += 1
-        self.context_budget = self.server.webhooks.pop_context_report(session.call_sid)
+        self.context_budget = (self.server.webhooks.pop_context_report(session.call_sid)
+                               or lookup.budget)
+        fleet = self.server.fleet
+        if fleet is not None:
+            fleet.register(session, time.time())
+            self.server.fleet_calls[session.stream_sid] = self
         if session.bidirectional:
             self.start_writer()
         self.chain.start(session)
@@ -208,6 +282,9 @@ class CallCore:
         # No handler takes media (a route that only streams, or records raw frames): the
         # frame's accounting in the session is all its path does.
         self._on_media = self.chain.on_media if self.chain.takes_media else _ignore
+        if self.route.publish_audio and fleet is not None:
+            self._audio = AudioBatcher(fleet, session, self.server.settings.audio_batch_ms)
+            self._on_media = self._audio.wrap(self._on_media)
         if self._raw_wanted:
             for raw in self.early_frames:
                 self.chain.on_raw_frame(raw)
@@ -248,19 +325,29 @@ class CallCore:
                 self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, sent=True))
 
     async def finish(self, reason: StopReason) -> None:
+        if self._starting is not None and not self._starting.done():
+            await self._starting  # bounded by redis_timeout_ms
         if reason == "closed" and self.session.codec.stops_on_close:
             reason = "stop"  # the provider has no stop message: its close is the stop
+        if self.moved:
+            reason = "moved"
         stream_sid = self.session.stream_sid
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
             del self.server.streams[stream_sid]
+        fleet = self.server.fleet
+        if fleet is not None and stream_sid is not None:
+            if self.server.fleet_calls.get(stream_sid) is self:
+                del self.server.fleet_calls[stream_sid]
+            fleet.unregister(stream_sid)
+            if self._audio is not None:
+                self._audio.flush()
         self.session.abandon_marks()  # no echo can come any more
         await asyncio.sleep(0)  # their callbacks run before the handlers report
         closed = dataclasses.replace(self.session.close(reason),
                                      context_budget=self.context_budget)
         summary = await self.chain.finish(self.session, closed, self._handler_grace_s())
         self.server.metrics.call_ended(summary, self.chain.errors(), self.chain.drops())
-        logger.info(
-            "stream.stopped",
+        stopped = dict(
             call_sid=self.session.call_sid,
             stream_sid=self.session.stream_sid,
             **summary.log_fields(),
@@ -270,6 +357,8 @@ class CallCore:
             custom_parameters_bytes=self.session.custom_parameters_bytes,
             wall_ms=round((time.monotonic() - self.connected_at) * 1000),
         )
+        logger.info("stream.stopped", **stopped)
+        self._publish("stream.stopped", **stopped)
 
     def _handler_grace_s(self) -> float:
         """How long handlers may take to finish: their stop timeout, cut to what is left
@@ -283,6 +372,56 @@ class CallCore:
 
     def start_writer(self) -> None:
         """Called when a bidirectional stream starts (before any handler can send)."""
+
+    def hand_over(self) -> None:
+        """Close the stream (1001) for another instance to resume the call (a drain in a
+        fleet, on a bidirectional route)."""
+        raise NotImplementedError
+
+
+class AudioBatcher:
+    """Publishes a stream's audio (routes with ``publish_audio``) as PCM16 batches of
+    ``batch_ms`` per track to ``streamsvc:audio:<stream_sid>``."""
+
+    __slots__ = ("batch_ms", "fleet", "pending", "session")
+
+    def __init__(self, fleet: FleetNode, session: LiveSession, batch_ms: int) -> None:
+        self.fleet = fleet
+        self.session = session
+        self.batch_ms = batch_ms
+        self.pending: dict[str, tuple[int, int, list[bytes]]] = {}  # track: first, last, audio
+
+    def wrap(self, on_media: Callable[[wire.Media], None]) -> Callable[[wire.Media], None]:
+        def both(media: wire.Media) -> None:
+            on_media(media)
+            self.add(media)
+        return both
+
+    def add(self, media: wire.Media) -> None:
+        body = media.media
+        track, timestamp = body.track, body.timestamp
+        entry = self.pending.get(track)
+        if entry is None:
+            self.pending[track] = (timestamp, timestamp, [self.session.pcm16(media)])
+            return
+        first, _, pieces = entry
+        pieces.append(self.session.pcm16(media))
+        if timestamp + FRAME_MS - first >= self.batch_ms or timestamp < first:
+            del self.pending[track]
+            self._send(track, first, pieces)
+        else:
+            self.pending[track] = (first, timestamp, pieces)
+
+    def flush(self) -> None:
+        for track, (first, _, pieces) in self.pending.items():
+            self._send(track, first, pieces)
+        self.pending.clear()
+
+    def _send(self, track: str, first: int, pieces: list[bytes]) -> None:
+        session = self.session
+        assert session.stream_sid is not None
+        self.fleet.publish_audio(session.stream_sid, track, first, session.sample_rate,
+                                 b"".join(pieces))
 
 
 def _ignore(media: wire.Media) -> None:

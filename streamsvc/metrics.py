@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -28,6 +28,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .logs import dropped_lines
+
+if TYPE_CHECKING:
+    from .bus import FleetNode
 from .session import CallSummary, Session
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Metrics", "WorkerShare"]
@@ -76,6 +79,7 @@ class Metrics(Collector):
         self.http_rejected: collections.Counter[str] = collections.Counter()
         self.outbound_dropped = 0  # frames for peers that stopped reading
         self.unread_closes = 0  # connections closed: the peer did not read what it caused
+        self.bus: FleetNode | None = None  # a fleet's link to Redis (redis_url)
         self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
         # Voice webhook answers by outcome: served, over_budget, or a rejection reason.
         self.webhooks: collections.Counter[str] = collections.Counter()
@@ -169,6 +173,8 @@ class Metrics(Collector):
         yield _labelled("streamsvc_webhooks",
                         "Voice webhook and status callback requests, by outcome.", "outcome",
                         self.webhooks)
+        if self.bus is not None:
+            yield from _bus_families(self.bus)
         latency = HistogramMetricFamily(
             "streamsvc_handler_latency_seconds",
             "Time a handler spent on one event (media sampled 1 in 8).", labels=["handler"])
@@ -180,6 +186,24 @@ class Metrics(Collector):
                 buckets.append((_bound(bound), cumulative))
             latency.add_metric([handler], buckets, histogram.total)
         yield latency
+
+
+def _bus_families(bus: FleetNode) -> Iterator[Metric]:
+    yield _counter("streamsvc_bus_published", "Call events written to the events stream.",
+                   bus.published)
+    yield _counter("streamsvc_bus_audio_published",
+                   "Audio batches written (routes with publish_audio).", bus.audio_published)
+    yield _labelled("streamsvc_bus_dropped",
+                    "Writes to Redis dropped (buffer full while Redis was away, refused, or "
+                    "left at stop), by kind.", "kind", bus.dropped)
+    yield _gauge("streamsvc_bus_buffered", "Writes waiting for Redis.", bus.buffered)
+    yield _counter("streamsvc_bus_errors", "Failed attempts to write to Redis.", bus.errors)
+    yield _gauge("streamsvc_bus_up", "1 while Redis takes this instance's writes.",
+                 0 if bus.outage_since is not None else 1)
+    yield _labelled("streamsvc_bus_lookups", "Reads a call waited for, by outcome.",
+                    "outcome", bus.lookups)
+    yield _labelled("streamsvc_bus_commands", "Talk-back commands from other processes, "
+                    "by op and outcome.", "command", bus.commands)
 
 
 def _bound(value: float) -> str:

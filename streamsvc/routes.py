@@ -40,6 +40,7 @@ class Route:
     after_twiml: str = ""  # verbs after <Start>, e.g. '<Pause length="3600"/>'
     provider: str = "twilio"  # whose wire protocol the streams speak (streamsvc.providers)
     unmixed: bool = False  # ACS: each participant its own track
+    publish_audio: bool = False  # fleet: the audio goes to streamsvc:audio:<stream_sid>
 
 
 # The embedded default: <Start><Stream> calls on /stream, <Connect><Stream> on /connect.
@@ -82,7 +83,7 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
     check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml", "provider",
-                      "unmixed"}, key + ".")
+                      "unmixed", "publish_audio"}, key + ".")
     provider = raw.get("provider", "twilio")
     if provider not in PROVIDERS:
         raise ConfigError(key + ".provider",
@@ -90,6 +91,9 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     unmixed = raw.get("unmixed", False)
     if not isinstance(unmixed, bool):
         raise ConfigError(key + ".unmixed", f"must be true or false, got {unmixed!r}")
+    publish_audio = raw.get("publish_audio", False)
+    if not isinstance(publish_audio, bool):
+        raise ConfigError(key + ".publish_audio", f"must be true or false, got {publish_audio!r}")
     path = raw.get("path")
     if not isinstance(path, str) or not path.startswith("/") or "?" in path:
         raise ConfigError(key + ".path", f"must be a URL path like '/stream', got {path!r}")
@@ -113,7 +117,8 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
                             track=track, after=after)
     except (ValueError, TypeError) as exc:
         raise ConfigError(key + ".twiml", str(exc)) from None
-    return Route(path, specs, bidirectional, context, track, after, provider, unmixed)
+    return Route(path, specs, bidirectional, context, track, after, provider, unmixed,
+                 publish_audio)
 
 
 def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:

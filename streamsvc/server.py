@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http
-from typing import Final, Protocol
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 from websockets.asyncio.server import Server
 
+from .bus import FleetNode
 from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Settings
 from .context.store import MemoryContextStore
 from .context.twiml import KEEP_CALL_UP_TWIML
@@ -27,6 +29,9 @@ from .web.acs_events import AcsEvents
 from .web.front import HttpFront
 from .web.webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
 from .web.webhooks import HttpRequest, HttpResponse, Webhooks
+
+if TYPE_CHECKING:
+    from .core import CallCore
 
 __all__ = ["HEALTH_PATH", "METRICS_PATH", "READY_PATH", "StreamServer"]
 
@@ -77,6 +82,9 @@ class StreamServer:
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
         self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
         self.contexts = MemoryContextStore()  # calls' context, webhook -> stream (ACS)
+        # A fleet sharing Redis (redis_url): set by start().
+        self.fleet: FleetNode | None = None
+        self.fleet_calls: dict[str, CallCore] = {}  # by stream_sid, while a fleet is set
         self.acs_events = AcsEvents(settings, self.contexts)
         self.metrics.acs_events = self.acs_events.outcomes
         self.metrics.acs_callbacks = self.acs_events.callbacks
@@ -91,6 +99,10 @@ class StreamServer:
 
     async def start(self) -> None:
         s = self.settings
+        if s.redis_url is not None:
+            self.fleet = FleetNode(s, self.streams)
+            await self.fleet.start()
+            self.webhooks.fleet = self.acs_events.fleet = self.metrics.bus = self.fleet
         if s.acs_audience and any(route.provider == "acs" for route in s.routes):
             self.acs_auth = AcsAuthenticator(s.acs_audience, s.acs_jwks_url)
             await self.acs_auth.start()
@@ -130,6 +142,8 @@ class StreamServer:
         is kept for closing what is left and finishing its handlers."""
         self.draining = True
         logger.info("server.draining", active_calls=self.active_calls, timeout_s=timeout_s)
+        if self.fleet is not None:
+            await self._hand_over()
         reserve = min(timeout_s / 2, SHUTDOWN_RESERVE_S)
         waits = [asyncio.ensure_future(self._idle.wait())]
         if abort is not None:
@@ -139,6 +153,25 @@ class StreamServer:
         for waiting in pending:
             waiting.cancel()
         await self.stop(within_s=reserve)
+
+    async def _hand_over(self) -> None:
+        """In a fleet, bidirectional calls move instead of waiting for the drain to cut
+        them: each is marked resumable in Redis, then its stream is closed (1001); Twilio
+        requests the <Connect action> URL, and whichever healthy instance gets it answers
+        a fresh <Connect><Stream> for the same call."""
+        assert self.fleet is not None
+        moving = [call for call in self.fleet_calls.values()
+                  if call.session.bidirectional and call.session.call_sid]
+        if not moving:
+            return
+        for call in moving:
+            assert call.session.call_sid is not None
+            assert call.session.stream_sid is not None
+            self.fleet.mark_resumable(call.session.call_sid, call.session.stream_sid)
+        await self.fleet.flush(within_s=1.0)  # the marks are in Redis before Twilio asks
+        logger.info("server.handing_over", calls=len(moving))
+        for call in moving:
+            call.hand_over()
 
     async def stop(self, *, within_s: float | None = None) -> None:
         """Close every stream (1001, reason ``shutdown``) and wait for their handlers; with
@@ -157,6 +190,8 @@ class StreamServer:
                     logger.warning("server.stop_timeout", within_s=within_s,
                                    active_calls=self.active_calls)
         finally:
+            if self.fleet is not None:
+                await self.fleet.stop()
             if self.acs_auth is not None:
                 self.acs_auth.stop()
             if self._publisher is not None:
@@ -245,7 +280,7 @@ class StreamServer:
         """A reader for the first request of a new connection (every transport uses one)."""
         return HttpFront(self.answer_http, self.refuse_http, max_body_bytes=MAX_HTTP_BODY_BYTES)
 
-    def answer_http(self, request: HttpRequest) -> HttpResponse:
+    def answer_http(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """Answer a request that is not a WebSocket handshake: probes and metrics (logged
         at debug level), the webhooks, else 426 on a stream route and 404 elsewhere."""
         local = self.settings.local_path(request.path)

@@ -55,7 +55,7 @@ MAX_DTMF_DIGITS: Final = 256
 # How much of a bad frame is kept for the log line.
 BAD_FRAME_EXCERPT_CHARS: Final = 120
 
-StopReason: TypeAlias = Literal["stop", "closed", "aborted", "error", "shutdown"]
+StopReason: TypeAlias = Literal["stop", "closed", "aborted", "error", "shutdown", "moved"]
 
 
 class State(enum.Enum):
@@ -228,6 +228,7 @@ class Session:
         "bidirectional",
         "call_sid",
         "codec",
+        "context",
         "custom_parameters",
         "custom_parameters_bytes",
         "dtmf_digits",
@@ -239,6 +240,7 @@ class Session:
         "parameter_budget_bytes",
         "path",
         "protocol_version",
+        "resumed_from",
         "state",
         "stream_sid",
         "summary",
@@ -268,6 +270,10 @@ class Session:
         self.media_format: wire.MediaFormat | None = None
         self.custom_parameters: Mapping[str, str] = _EMPTY_PARAMETERS
         self.custom_parameters_bytes = 0
+        # In a fleet: the context the voice webhook stored for this call (whole, before any
+        # budget cut), and the stream a drained instance closed for this one to resume.
+        self.context: dict[str, str] | None = None
+        self.resumed_from: str | None = None
         self.track_stats: dict[str, TrackStats] = {}
         self.bad_frames = 0
         self.ignored_events = 0
@@ -390,9 +396,13 @@ class Session:
             self._events.append(BadFrame(
                 f"start lists {len(unknown)} unknown track names (ignored)",
                 ", ".join(unknown)[:BAD_FRAME_EXCERPT_CHARS], self.bad_frames))
-        parameters = dict(start.custom_parameters)
-        self.custom_parameters = MappingProxyType(parameters)
-        self.custom_parameters_bytes = parameters_size(parameters)
+        self.set_custom_parameters(start.custom_parameters)
+
+    def set_custom_parameters(self, parameters: Mapping[str, str]) -> None:
+        """The stream's context (from ``start``; for ACS, from the IncomingCall)."""
+        kept = dict(parameters)
+        self.custom_parameters = MappingProxyType(kept)
+        self.custom_parameters_bytes = parameters_size(kept)
 
     def _bad_frame(self, reason: str, frame: bytes | str) -> None:
         self.bad_frames += 1

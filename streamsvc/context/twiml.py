@@ -223,7 +223,8 @@ def xml_safe(text: str) -> str:
 
 def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: bool,
                         track: str = "inbound_track", status_callback: str | None = None,
-                        status_callback_method: str = "POST", after: str = "") -> str:
+                        status_callback_method: str = "POST", after: str = "",
+                        action: str | None = None) -> str:
     """TwiML that starts a stream to ``url`` carrying ``parameters``: ``<Connect><Stream>``
     (bidirectional; Twilio streams only the inbound track there) or ``<Start><Stream>``
     followed by ``after`` (TwiML verbs, e.g. ``<Dial>+15550100</Dial>``; without any,
@@ -255,7 +256,9 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
     stream = f"<Stream {attributes}>{children}</Stream>"
     if not connect and not after.strip():
         after = KEEP_CALL_UP_TWIML
-    verb = f"<Connect>{stream}</Connect>" if connect else f"<Start>{stream}</Start>{after}"
+    connect_attributes = f" action={quoteattr(action)}" if action else ""
+    verb = (f"<Connect{connect_attributes}>{stream}</Connect>" if connect
+            else f"<Start>{stream}</Start>{after}")
     document = f'<?xml version="1.0" encoding="UTF-8"?><Response>{verb}</Response>'
     try:
         ElementTree.fromstring(document.encode())

@@ -40,7 +40,7 @@ from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.session import State, StopReason
 from streamsvc.signature import SIGNATURE_HEADER
-from streamsvc.web.front import Upgrade
+from streamsvc.web.front import Upgrade, write_answer
 from streamsvc.web.webhooks import HttpResponse
 
 if TYPE_CHECKING:
@@ -127,8 +127,7 @@ class _FrontProtocol(asyncio.Protocol):
             protocol.connection_made(transport)
             _feed(protocol, decision.data)
             return
-        transport.write(decision.response.serialize())
-        transport.close()
+        write_answer(transport, decision.response)
 
     def eof_received(self) -> bool:
         return False  # the peer is done sending before its request was whole: close
@@ -316,6 +315,10 @@ class _PicowsCall(CallCore):
         # reads would hold it (and a shutdown) forever: drop it after a grace period.
         self.timers.append(asyncio.get_running_loop().call_later(
             CLOSE_GRACE_S, self.transport.disconnect, False))
+
+    def hand_over(self) -> None:
+        self.moved = True
+        self._close(WSCloseCode.GOING_AWAY, "moving to another instance", "shutdown")
 
     def close_for_shutdown(self) -> None:
         self._close(WSCloseCode.GOING_AWAY, "server shutting down", "shutdown")

@@ -24,7 +24,7 @@ from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.session import State
 from streamsvc.signature import SIGNATURE_HEADER
-from streamsvc.web.front import HttpFront, Upgrade
+from streamsvc.web.front import HttpFront, Upgrade, write_answer
 
 if TYPE_CHECKING:
     from streamsvc.config import Route
@@ -125,8 +125,7 @@ def _http_aware_connection(server: StreamServer) -> type[ServerConnection]:
             if isinstance(decision, Upgrade):
                 super().data_received(decision.data)
                 return
-            self.transport.write(decision.response.serialize())
-            self.transport.close()
+            write_answer(self.transport, decision.response)
 
     return HttpAwareConnection
 
@@ -141,7 +140,7 @@ def _limit_read_size(connection: ServerConnection) -> None:
 class _Call(CallCore):
     """One websockets connection: receive loop, outbound writer task, timers."""
 
-    __slots__ = ("connection", "outgoing", "writer")
+    __slots__ = ("closer", "connection", "outgoing", "writer")
 
     def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
         headers = connection.request.headers if connection.request else {}
@@ -149,12 +148,18 @@ class _Call(CallCore):
         self.connection = connection
         self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
+        self.closer: asyncio.Task[None] | None = None  # hand_over's close
 
     def outbound_full(self) -> bool:
         return self.outgoing.qsize() >= MAX_OUTBOUND_FRAMES
 
     def send_now(self, frame: bytes) -> None:
         self.outgoing.put_nowait(frame)
+
+    def hand_over(self) -> None:
+        self.moved = True
+        self.closer = asyncio.get_running_loop().create_task(
+            self.connection.close(CLOSE_GOING_AWAY, "moving to another instance"))
 
     def start_writer(self) -> None:
         self.writer = asyncio.get_running_loop().create_task(self._write())

@@ -36,10 +36,11 @@ import orjson
 import structlog
 
 from streamsvc.context.store import ContextStore
-from streamsvc.context.twiml import SIP_HEADER_PREFIX, select_parameters
+from streamsvc.context.twiml import SIP_HEADER_PREFIX, candidates, select_parameters
 from streamsvc.web.webhooks import HttpRequest, HttpResponse
 
 if TYPE_CHECKING:
+    from streamsvc.bus import FleetNode
     from streamsvc.config import Route, Settings
 
 __all__ = ["AcsEvents"]
@@ -68,6 +69,7 @@ class AcsEvents:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.callbacks: collections.Counter[str] = collections.Counter()
         self.answers: set[asyncio.Future[None]] = set()
+        self.fleet: FleetNode | None = None  # set by the server when redis_url is
 
     @property
     def paths(self) -> tuple[str, str]:
@@ -125,11 +127,15 @@ class AcsEvents:
         incoming = data.get("incomingCallContext")
         if route is None or not isinstance(correlation_id, str) or not isinstance(incoming, str):
             return self._refuse(http.HTTPStatus.BAD_REQUEST, "not_an_incoming_call", request)
-        selection = select_parameters(_context_fields(data), {}, route.context)
+        fields = _context_fields(data)
+        selection = select_parameters(fields, {}, route.context)
         self.store.put(correlation_id, selection.parameters)
+        if self.fleet is not None:  # for the media socket, on whichever instance it lands
+            self.fleet.put_context(correlation_id, dict(candidates(fields, {}, route.context)),
+                                   selection.report(), selection.parameters)
         self.outcomes["incoming_call"] += 1
-        logger.info("acs.incoming_call", correlation_id=correlation_id,
-                    parameters=list(selection.parameters), path=route.path)
+        self._emit(logger.info, "acs.incoming_call", correlation_id=correlation_id,
+                   parameters=list(selection.parameters), path=route.path)
         if selection.over_budget:
             logger.warning("acs.parameters_over_budget", correlation_id=correlation_id,
                            **selection.report())
@@ -190,10 +196,16 @@ class AcsEvents:
         self.callbacks[name if name else "other"] += 1
         failed = name in FAILED_CALLBACKS
         result = _object(data.get("resultInformation")) or None
-        (logger.warning if failed else logger.info)(
-            "acs.callback", callback=name, call_sid=data.get("callConnectionId"),
-            correlation_id=data.get("correlationId"), server_call_id=data.get("serverCallId"),
-            result=result)
+        self._emit(logger.warning if failed else logger.info,
+                   "acs.callback", callback=name, call_sid=data.get("callConnectionId"),
+                   correlation_id=data.get("correlationId"),
+                   server_call_id=data.get("serverCallId"), result=result)
+
+    def _emit(self, log: Any, event: str, **fields: Any) -> None:
+        """Log one line, and in a fleet put it on the events stream too."""
+        log(event, **fields)
+        if self.fleet is not None:
+            self.fleet.publish(event, {"call_sid": None, "stream_sid": None} | fields)
 
 
 def _context_fields(data: Mapping[str, Any]) -> dict[str, str]:

@@ -15,14 +15,18 @@ the streams, and the WebSocket transport only ever sees upgrade requests.
 
 from __future__ import annotations
 
+import asyncio
 import http
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 import h11
+import structlog
 
 from streamsvc.web.webhooks import HttpRequest, HttpResponse
+
+logger = structlog.get_logger("streamsvc.web.front")
 
 __all__ = ["Answer", "HttpFront", "Upgrade"]
 
@@ -41,10 +45,37 @@ class Upgrade:
 class Answer:
     """A plain HTTP request, answered: write ``response``, then close."""
 
-    response: HttpResponse
+    response: HttpResponse | Awaitable[HttpResponse]  # awaitable: answered when ready
 
 
-Responder = Callable[[HttpRequest], HttpResponse]
+Responder = Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]
+# Answers that wait for something (a fleet's Redis, bounded in time), until written.
+_LATER: set[asyncio.Task[None]] = set()
+
+
+def write_answer(transport: asyncio.Transport,
+                 response: HttpResponse | Awaitable[HttpResponse]) -> None:
+    """Write ``response`` on ``transport`` and close it; an awaitable one once it is
+    ready (a failure there answers 500, logged)."""
+    if isinstance(response, HttpResponse):
+        transport.write(response.serialize())
+        transport.close()
+        return
+    task = asyncio.ensure_future(_write_later(transport, response))
+    _LATER.add(task)
+    task.add_done_callback(_LATER.discard)
+
+
+async def _write_later(transport: asyncio.Transport,
+                       pending: Awaitable[HttpResponse]) -> None:
+    try:
+        response = await pending
+    except Exception:  # a bug of ours: answer 500, keep serving
+        logger.exception("http.answer_failed")
+        response = HttpResponse(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n")
+    if not transport.is_closing():
+        transport.write(response.serialize())
+    transport.close()
 # What the responder is told when a request is refused before it was read whole:
 # (status, reason, the request as far as it is known).
 Refuser = Callable[[http.HTTPStatus, str, HttpRequest], HttpResponse]

@@ -16,19 +16,21 @@ public URL (``https://`` for ``wss://``) with its query, plus the sorted POST fi
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import http
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 
-from streamsvc.context.twiml import render_stream_twiml, select_parameters
+from streamsvc.context.twiml import candidates, render_stream_twiml, select_parameters
 from streamsvc.signature import SIGNATURE_HEADER, signature_problem
 
 if TYPE_CHECKING:
+    from streamsvc.bus import FleetNode
     from streamsvc.config import Route, Settings
     from streamsvc.session import Session
 
@@ -39,6 +41,10 @@ logger = structlog.get_logger("streamsvc.web.webhooks")
 MAX_BODY_BYTES: Final = 64 * 1024  # Twilio's webhook bodies are a few kB
 # Context reports kept until their stream starts (a webhook whose stream never comes).
 MAX_PENDING_REPORTS: Final = 10_000
+# In a fleet, <Connect> carries an action URL: the webhook URL with this query parameter.
+ACTION_PARAMETER: Final = "streamsvc_action"
+# Status callbacks whose log line waits for the registry at once (each bounded in time).
+MAX_PENDING_STATUS: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class Webhooks:
             collections.OrderedDict())
         self.status_callbacks: collections.Counter[str] = collections.Counter()
         self.outcomes: collections.Counter[str] = collections.Counter()  # for the metrics
+        self.fleet: FleetNode | None = None  # set by the server when redis_url is
+        self._pending: set[asyncio.Task[None]] = set()
 
     def handles(self, path: str) -> bool:
         return self._route(path) is not None or path == self.settings.status_callback_path
@@ -95,7 +103,7 @@ class Webhooks:
             return self.settings.route_for(path[len(prefix):])
         return None
 
-    def respond(self, request: HttpRequest) -> HttpResponse:
+    def respond(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """Answer one request; never raises for bad input."""
         if request.method not in ("GET", "POST"):
             return self.refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
@@ -111,7 +119,10 @@ class Webhooks:
             return self._status(fields)
         route = self._route(request.path)
         assert route is not None  # handles() said so
-        return self._twiml(route, fields, dict(query_fields))
+        query = dict(query_fields)
+        if query.get(ACTION_PARAMETER) == "connect" and self.fleet is not None:
+            return self._connect_action(route, fields, self.fleet)
+        return self._twiml(route, fields, query)
 
     def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
         """The budget report of the webhook that started this call's stream, once."""
@@ -139,6 +150,11 @@ class Webhooks:
             return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
         selection = select_parameters(fields, query, route.context)
         call_sid = fields.get("CallSid")
+        if self.fleet is not None and call_sid:
+            # The whole context, before the budget cut, for the stream on any instance.
+            # Written before the TwiML goes out: Twilio connects the stream only after.
+            self.fleet.put_context(call_sid, dict(candidates(fields, query, route.context)),
+                                   selection.report(), selection.parameters)
         self.outcomes["twiml_served"] += 1
         if selection.over_budget:
             self.outcomes["twiml_over_budget"] += 1
@@ -148,13 +164,46 @@ class Webhooks:
             self.context_reports[call_sid] = selection.report()
             while len(self.context_reports) > MAX_PENDING_REPORTS:
                 self.context_reports.popitem(last=False)
-        document = render_stream_twiml(
-            origin + route.path, selection.parameters, connect=route.bidirectional,
-            track=route.stream_track, after=route.after_twiml,
-            status_callback=http_origin + self.settings.status_callback_path,
-        )
+        document = self._render(route, selection.parameters)
         logger.info("twiml.served", call_sid=call_sid, path=route.path,
                     parameters=list(selection.parameters))
+        return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
+
+    def _render(self, route: Route, parameters: Mapping[str, str]) -> str:
+        origin = self.settings.public_base("ws")
+        http_origin = self.settings.public_base("http")
+        assert origin is not None
+        assert http_origin is not None
+        action = None
+        if self.fleet is not None and route.bidirectional:
+            # Where Twilio goes when the <Connect> ends: a drained instance's call resumes
+            # there (on any instance), any other call gets the route's follow-on TwiML.
+            action = (f"{http_origin}{self.settings.webhook_path}{route.path}"
+                      f"?{ACTION_PARAMETER}=connect")
+        return render_stream_twiml(
+            origin + route.path, parameters, connect=route.bidirectional,
+            track=route.stream_track, after=route.after_twiml,
+            status_callback=http_origin + self.settings.status_callback_path,
+            action=action,
+        )
+
+    async def _connect_action(self, route: Route, fields: dict[str, str],
+                              fleet: FleetNode) -> HttpResponse:
+        """Twilio's request when a <Connect> ends: a fresh <Connect><Stream> with the same
+        parameters when a draining instance handed the call over, else what follows."""
+        call_sid = fields.get("CallSid")
+        resume = await fleet.resume_of(call_sid) if call_sid else None
+        if resume is None:
+            self.outcomes["connect_action_ended"] += 1
+            logger.info("twiml.connect_ended", call_sid=call_sid, path=route.path)
+            after = route.after_twiml
+            return HttpResponse(http.HTTPStatus.OK, (
+                f'<?xml version="1.0" encoding="UTF-8"?><Response>{after}</Response>'
+            ).encode(), "application/xml")
+        self.outcomes["connect_resumed"] += 1
+        document = self._render(route, resume.parameters)
+        logger.info("twiml.resumed", call_sid=call_sid, path=route.path,
+                    resumed_from=resume.resumed_from, parameters=list(resume.parameters))
         return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
 
     def _status(self, fields: dict[str, str]) -> HttpResponse:
@@ -163,16 +212,41 @@ class Webhooks:
         self.status_callbacks[event if known else "other"] += 1
         stream_sid = fields.get("StreamSid")
         session = self.streams.get(stream_sid) if stream_sid else None
-        log = logger.warning if event == "stream-error" else logger.info
         # The same call_sid/stream_sid (and path, while the stream is live) as the stream's
         # own lines, so a handshake Twilio could not complete shows up beside its call.
-        log("stream.status", stream_event=event, stream_sid=stream_sid,
-            call_sid=fields.get("CallSid"), stream_name=fields.get("StreamName"),
-            stream_error=fields.get("StreamError"),
+        line: dict[str, object] = {
+            "stream_event": event, "stream_sid": stream_sid,
+            "call_sid": fields.get("CallSid"), "stream_name": fields.get("StreamName"),
+            "stream_error": fields.get("StreamError"),
             # "timestamp" is the log line's own: Twilio's is kept beside it.
-            twilio_timestamp=fields.get("Timestamp"),
-            live=session is not None, path=session.path if session is not None else None)
+            "twilio_timestamp": fields.get("Timestamp"),
+            "live": session is not None,
+            "path": session.path if session is not None else None}
+        fleet = self.fleet
+        if (session is None and stream_sid and fleet is not None
+                and len(self._pending) < MAX_PENDING_STATUS):
+            # Live on another instance? The answer goes out now; the line once the
+            # registry has answered (within redis_timeout_ms).
+            task = asyncio.get_running_loop().create_task(
+                self._log_status_from_registry(line, stream_sid, fleet))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            self._log_status(line)
         return HttpResponse(http.HTTPStatus.NO_CONTENT)
+
+    async def _log_status_from_registry(self, line: dict[str, object], stream_sid: str,
+                                        fleet: FleetNode) -> None:
+        entry = await fleet.live_stream(stream_sid)
+        if entry is not None:
+            line.update(live=True, path=entry.get("path"), instance=entry.get("instance"))
+        self._log_status(line)
+
+    def _log_status(self, line: dict[str, object]) -> None:
+        log = logger.warning if line["stream_event"] == "stream-error" else logger.info
+        log("stream.status", **line)
+        if self.fleet is not None:
+            self.fleet.publish("stream.status", line)
 
     def refuse(self, status: http.HTTPStatus, reason: str, request: HttpRequest) -> HttpResponse:
         """Answer ``status``, logged as ``webhook.rejected`` and counted by ``reason``."""

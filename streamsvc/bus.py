@@ -1,0 +1,460 @@
+"""One instance's part in a fleet sharing Redis (``redis_url``): the context store, the live
+registry, the event bus, published audio, and talk-back commands from other processes.
+
+Redis is never a reason to lose a call. Writes (events, audio, the registry, contexts) go
+through one bounded buffer (``bus_buffer`` entries) drained by one task in pipelines; while
+Redis is down or slow the buffer holds them and the task retries with backoff, and what
+does not fit is dropped and counted (``streamsvc_bus_dropped_total``), logged once per
+outage (``bus.unavailable``, then ``bus.recovered`` with the count). Reads a call waits
+for (its context at ``start``, a status callback's registry lookup) give up after
+``redis_timeout_ms`` and the call goes on with what the wire carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import redis.asyncio as redis
+import structlog
+from redis.exceptions import RedisError
+
+from .exceptions import LocalProtocolError
+from .fleet import (
+    audio_key,
+    commands_channel,
+    context_key,
+    default_consumer_name,
+    registry_key,
+    resume_key,
+    resumed_key,
+)
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .live import LiveSession
+
+__all__ = ["FleetNode", "Lookup"]
+
+logger = structlog.get_logger("streamsvc.bus")
+
+# The live registry: each entry lives this long unless its instance refreshes it, which it
+# does every REGISTRY_REFRESH_S; a dead instance's streams leave the registry within it.
+REGISTRY_TTL_S: Final = 30
+REGISTRY_REFRESH_S: Final = 10.0
+# Entries written to Redis per pipeline.
+PIPELINE_OPS: Final = 500
+# Retry backoff while Redis is away.
+RETRY_FIRST_S: Final = 0.1
+RETRY_MAX_S: Final = 2.0
+# How long a draining instance gives the buffer to reach Redis before it stops.
+FLUSH_AT_STOP_S: Final = 2.0
+# A published audio stream keeps about this many entries (~10 minutes of one track at
+# 200 ms batches) and expires context_ttl_s after its last batch.
+AUDIO_MAXLEN: Final = 3000
+# How long after a drain the call may come back (Twilio requests <Connect action> at once).
+RESUME_TTL_S: Final = 120
+# Talk-back replies in flight at once (a flood of commands cannot pile up tasks).
+MAX_REPLIES_IN_FLIGHT: Final = 1000
+MAX_COMMAND_BYTES: Final = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the fleet knows of a call at its stream's start."""
+
+    context: dict[str, str] | None = None  # the webhook's whole context, or None
+    parameters: dict[str, str] | None = None  # the <Parameter>s the webhook sent
+    budget: dict[str, Any] | None = None  # the webhook's context_budget report
+    resumed_from: str | None = None  # the stream a drained instance closed for this call
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A call a draining instance handed over: the stream it closed and the
+    ``<Parameter>``s the call's stream had."""
+
+    resumed_from: str
+    parameters: dict[str, str]
+
+
+_Op = tuple[Any, ...]
+
+
+class FleetNode:
+    """This instance's link to the fleet; :meth:`start` once, :meth:`stop` once."""
+
+    def __init__(self, settings: Settings, streams: Mapping[str, LiveSession]) -> None:
+        assert settings.redis_url is not None
+        self.settings = settings
+        self.streams = streams
+        self.instance = settings.instance_id or default_consumer_name()
+        # Commands and writes: fail fast (a dead Redis must not hold a call).
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0,
+                                          socket_connect_timeout=0.5)
+        # The command subscription blocks on its socket between messages: no read timeout.
+        self.subscriber = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.5,
+                                               health_check_interval=10)
+        self.timeout_s = settings.redis_timeout_ms / 1000
+        self.buffer: collections.deque[_Op] = collections.deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._replies: set[asyncio.Task[Any]] = set()
+        # Metrics (streamsvc_bus_*).
+        self.published = 0  # events written
+        self.audio_published = 0  # audio batches written
+        self.dropped: collections.Counter[str] = collections.Counter()  # by kind
+        self.errors = 0  # failed attempts to reach Redis
+        self.lookups: collections.Counter[str] = collections.Counter()  # by outcome
+        self.commands: collections.Counter[str] = collections.Counter()  # op:outcome
+        self.outage_since: float | None = None
+        self._dropped_in_outage = 0
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._drain(), name="bus:drain"),
+                       loop.create_task(self._refresh_registry(), name="bus:registry"),
+                       loop.create_task(self._listen(), name="bus:commands")]
+        logger.info("bus.started", instance=self.instance,
+                    events_stream=self.settings.events_stream)
+
+    async def stop(self) -> None:
+        """Give what is buffered a moment to reach Redis, then close."""
+        deadline = asyncio.get_running_loop().time() + FLUSH_AT_STOP_S
+        while self.buffer and self.outage_since is None and (
+                asyncio.get_running_loop().time() < deadline):
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await task
+        if self.buffer:
+            self._drop_buffer("stopped")
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self.subscriber.aclose()
+
+    async def flush(self, *, within_s: float) -> bool:
+        """Wait (at most ``within_s``) until what is buffered is in Redis."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while self.buffer and asyncio.get_running_loop().time() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.005)
+        return not self.buffer
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    # -- writes (buffered) ----------------------------------------------------------------
+
+    def _put(self, op: _Op, kind: str) -> None:
+        if len(self.buffer) >= self.settings.bus_buffer:
+            self.dropped[kind] += 1
+            self._dropped_in_outage += 1
+            return
+        self.buffer.append(op)
+        self._wake.set()
+
+    def publish(self, event: str, data: Mapping[str, Any]) -> None:
+        """Add one entry to the events stream: ``event`` and ``data`` (JSON)."""
+        fields = {"event": event, "data": orjson.dumps(data, default=str)}
+        self._put(("xadd", self.settings.events_stream, fields, self.settings.events_maxlen,
+                   None), "event")
+
+    def publish_audio(self, stream_sid: str, track: str, timestamp_ms: int, sample_rate: int,
+                      audio: bytes) -> None:
+        fields = {"track": track, "timestamp": timestamp_ms, "encoding": "pcm16",
+                  "sample_rate": sample_rate, "audio": audio}
+        self._put(("xadd", audio_key(stream_sid), fields, AUDIO_MAXLEN,
+                   int(self.settings.context_ttl_s)), "audio")
+
+    def put_context(self, call_id: str, context: Mapping[str, str],
+                    budget: Mapping[str, Any] | None,
+                    parameters: Mapping[str, str] | None = None) -> None:
+        """Keep the call's whole context (the webhook's budget report, and the
+        ``<Parameter>``s it sent) for the stream, on whichever instance it lands."""
+        value = orjson.dumps({"context": dict(context), "budget": budget,
+                              "parameters": dict(parameters or {})})
+        self._put(("set", context_key(call_id), value, int(self.settings.context_ttl_s)),
+                  "context")
+
+    def register(self, session: LiveSession, started_at: float) -> None:
+        assert session.stream_sid is not None
+        self._put(("set", registry_key(session.stream_sid),
+                   self._registry_entry(session, started_at), REGISTRY_TTL_S), "registry")
+
+    def unregister(self, stream_sid: str) -> None:
+        self._put(("del", registry_key(stream_sid)), "registry")
+
+    def mark_resumable(self, call_sid: str, stream_sid: str) -> None:
+        """A drain closes this call's <Connect> stream: the next instance it reaches
+        through the <Connect action> resumes it."""
+        self._put(("set", resume_key(call_sid), stream_sid.encode(), RESUME_TTL_S), "registry")
+
+    def _registry_entry(self, session: LiveSession, started_at: float) -> bytes:
+        return orjson.dumps({"instance": self.instance, "call_sid": session.call_sid,
+                             "stream_sid": session.stream_sid, "path": session.path,
+                             "bidirectional": session.bidirectional,
+                             "started_at": started_at})
+
+    def _drop_buffer(self, why: str) -> None:
+        for op in self.buffer:
+            self.dropped["event" if op[0] == "xadd" and op[1] == self.settings.events_stream
+                         else "other"] += 1
+        logger.warning("bus.dropped_at_stop", entries=len(self.buffer), reason=why)
+        self.buffer.clear()
+
+    async def _drain(self) -> None:
+        backoff = RETRY_FIRST_S
+        while True:
+            if not self.buffer:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self.buffer[i] for i in range(min(PIPELINE_OPS, len(self.buffer)))]
+            try:
+                results = await asyncio.wait_for(self._write(batch), 5.0)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.errors += 1
+                if self.outage_since is None:
+                    self.outage_since = time.time()
+                    self._dropped_in_outage = 0
+                    logger.warning("bus.unavailable", error=str(exc) or type(exc).__name__,
+                                   buffered=len(self.buffer),
+                                   buffer_limit=self.settings.bus_buffer)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+                continue
+            backoff = RETRY_FIRST_S
+            for op, result in zip(batch, results, strict=True):
+                self.buffer.popleft()
+                if isinstance(result, Exception):  # the command itself was refused
+                    self.dropped["refused"] += 1
+                    logger.warning("bus.write_refused", key=op[1], error=str(result))
+                elif op[0] == "xadd":
+                    if op[1] == self.settings.events_stream:
+                        self.published += 1
+                    else:
+                        self.audio_published += 1
+            if self.outage_since is not None:
+                logger.info("bus.recovered", outage_s=round(time.time() - self.outage_since, 3),
+                            dropped=self._dropped_in_outage, buffered=len(self.buffer))
+                self.outage_since = None
+
+    async def _write(self, batch: list[_Op]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for op in batch:
+                kind = op[0]
+                if kind == "xadd":
+                    _, key, fields, maxlen, expire_s = op
+                    pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+                    if expire_s is not None:
+                        pipe.expire(key, expire_s)
+                elif kind == "set":
+                    pipe.set(op[1], op[2], ex=op[3])
+                else:
+                    pipe.delete(op[1])
+            results = await pipe.execute(raise_on_error=False)
+        # One result per op: an xadd with an expire is two commands.
+        merged, index = [], 0
+        for op in batch:
+            merged.append(results[index])
+            index += 2 if op[0] == "xadd" and op[4] is not None else 1
+        for result in results:
+            if isinstance(result, (ConnectionError, OSError, TimeoutError)):
+                raise result
+            if isinstance(result, RedisError) and not isinstance(
+                    result, redis.ResponseError):
+                raise result
+        return merged
+
+    async def _refresh_registry(self) -> None:
+        """Keep this instance's live streams in the registry (their entries expire when it
+        dies)."""
+        started: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(REGISTRY_REFRESH_S)
+            sessions = list(self.streams.values())
+            if not sessions or self.outage_since is not None:
+                continue
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for session in sessions:
+                        assert session.stream_sid is not None
+                        at = started.setdefault(session.stream_sid, time.time())
+                        pipe.set(registry_key(session.stream_sid),
+                                 self._registry_entry(session, at), ex=REGISTRY_TTL_S)
+                    await asyncio.wait_for(pipe.execute(), self.timeout_s * 10)
+            live = {session.stream_sid for session in sessions}
+            for sid in [sid for sid in started if sid not in live]:
+                del started[sid]
+
+    # -- reads (bounded in time) ----------------------------------------------------------
+
+    async def look_up(self, call_id: str | None, call_sid: str | None) -> Lookup:
+        """The webhook's context for this call, and whether a drained instance handed it
+        over; gives up after ``redis_timeout_ms`` (counted as ``timeout``)."""
+        if not call_id:
+            return Lookup()
+        try:
+            stored, resumed = await asyncio.wait_for(
+                self._get_and_take(context_key(call_id), resumed_key(call_sid or call_id)),
+                self.timeout_s)
+        except TimeoutError:
+            self.lookups["timeout"] += 1
+            return Lookup()
+        except (RedisError, OSError) as exc:
+            self.lookups["error"] += 1
+            logger.debug("bus.lookup_failed", error=str(exc))
+            return Lookup()
+        resumed_from = resumed.decode() if isinstance(resumed, bytes) else None
+        if stored is None:
+            self.lookups["missing"] += 1
+            return Lookup(resumed_from=resumed_from)
+        self.lookups["found"] += 1
+        try:
+            value = orjson.loads(stored)
+            context = {str(k): str(v) for k, v in value["context"].items()}
+            parameters = {str(k): str(v) for k, v in (value.get("parameters") or {}).items()}
+            budget = value.get("budget")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            self.lookups["undecodable"] += 1
+            return Lookup(resumed_from=resumed_from)
+        return Lookup(context, parameters, budget if isinstance(budget, dict) else None,
+                      resumed_from)
+
+    async def _get_and_take(self, key: str, once_key: str) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.getdel(once_key)
+            return list(await pipe.execute())
+
+    async def resume_of(self, call_sid: str) -> Resume | None:
+        """The hand-over a drained instance left for this call, taken once (a later
+        <Connect> of the same call that ends on its own is not resumed); the stream that
+        comes next learns it resumes. None when there is none or Redis does not answer
+        within ``redis_timeout_ms`` (the call then goes on with the follow-on TwiML)."""
+        try:
+            stored, handed = await asyncio.wait_for(
+                self._get_and_take(context_key(call_sid), resume_key(call_sid)),
+                self.timeout_s * 4)
+            if handed is None:
+                return None
+            resumed_from = handed.decode()
+            await asyncio.wait_for(self.redis.set(resumed_key(call_sid), handed,
+                                                  ex=RESUME_TTL_S), self.timeout_s * 4)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.lookups["resume_unavailable"] += 1
+            logger.warning("bus.resume_unavailable", call_sid=call_sid,
+                           error=str(exc) or type(exc).__name__)
+            return None
+        parameters: dict[str, str] = {}
+        if stored is not None:
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+                kept = orjson.loads(stored).get("parameters") or {}
+                parameters = {str(k): str(v) for k, v in kept.items()}
+        return Resume(resumed_from, parameters)
+
+    async def live_stream(self, stream_sid: str) -> dict[str, Any] | None:
+        """The registry's entry for a stream live on any instance (None when not live, or
+        when Redis does not answer within ``redis_timeout_ms``)."""
+        try:
+            raw = await asyncio.wait_for(self.redis.get(registry_key(stream_sid)),
+                                         self.timeout_s)
+        except (TimeoutError, RedisError, OSError):
+            self.lookups["registry_unavailable"] += 1
+            return None
+        if raw is None:
+            return None
+        try:
+            entry = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        return entry if isinstance(entry, dict) else None
+
+    # -- talk-back ----------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        backoff = RETRY_FIRST_S
+        channel = commands_channel(self.instance)
+        while True:
+            pubsub = self.subscriber.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                backoff = RETRY_FIRST_S
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._command(message["data"])
+            except (RedisError, OSError) as exc:
+                logger.debug("bus.commands_disconnected", error=str(exc))
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX_S)
+
+    def _command(self, raw: bytes) -> None:
+        try:
+            if len(raw) > MAX_COMMAND_BYTES:
+                raise ValueError("command too large")
+            command = orjson.loads(raw)
+            op, stream_sid, reply_to = command["op"], command["stream_sid"], command["reply_to"]
+            if not isinstance(reply_to, str) or not reply_to.startswith("streamsvc:replies:"):
+                raise ValueError("reply_to is not a reply channel")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            self.commands["bad:refused"] += 1
+            logger.warning("bus.bad_command", reason=str(exc))
+            return
+        command_id = command.get("id")
+        session = self.streams.get(stream_sid)
+        if session is None:
+            self._reply(reply_to, command_id, op, error=f"stream {stream_sid!r} is not live "
+                        f"on {self.instance}")
+            return
+        try:
+            if op == "send_audio":
+                audio = base64.b64decode(command["audio"])
+                rate = command.get("sample_rate")
+                session.send_audio(audio, sample_rate=int(rate) if rate else None)
+                self._reply(reply_to, command_id, op)
+            elif op == "clear":
+                session.clear()
+                self._reply(reply_to, command_id, op)
+            elif op == "mark":
+                future = session.mark(str(command["name"]))
+                future.add_done_callback(
+                    lambda done: self._reply(reply_to, command_id, op, result=done.result())
+                    if not done.cancelled() else self._reply(reply_to, command_id, op,
+                                                             error="the stream ended"))
+            else:
+                self._reply(reply_to, command_id, op, error=f"unknown op {op!r}")
+        except (LocalProtocolError, ValueError, KeyError, TypeError) as exc:
+            self._reply(reply_to, command_id, op, error=str(exc))
+
+    def _reply(self, reply_to: str, command_id: object, op: str, *, result: str | None = None,
+               error: str | None = None) -> None:
+        self.commands[f"{op}:{'refused' if error else 'applied'}"] += 1
+        if len(self._replies) >= MAX_REPLIES_IN_FLIGHT:
+            return
+        body = orjson.dumps({"id": command_id, "ok": error is None, "result": result,
+                             "error": error})
+        task = asyncio.get_running_loop().create_task(self._send_reply(reply_to, body))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _send_reply(self, reply_to: str, body: bytes) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.redis.publish(reply_to, body), 1.0)
