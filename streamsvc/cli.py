@@ -18,17 +18,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
 import structlog
+from redis.exceptions import RedisError
 
 from . import __version__
 from .cli_fixture import split_pair, synth
 from .config import SETTINGS, Settings, load_settings
 from .context.twiml import KEEP_CALL_UP_TWIML, parse_pairs, render_stream_twiml
 from .exceptions import ConfigError
-from .fixtures import FixtureError, load_fixture
+from .fixtures import Fixture, FixtureError, load_fixture
+from .fleet import DEFAULT_CLAIM_IDLE_MS, EVENTS_STREAM, Consumer, Entry
 from .logs import configure_logging, flush_logging
-from .replay import acs_token, replay
+from .replay import ReplayReport, SessionResult, acs_token, replay
+from .replay_call import replay_call
 from .server import StreamServer
 from .session import DEFAULT_PARAMETER_BUDGET_BYTES, parameters_size
 
@@ -84,7 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         "failed.",
     )
     play.add_argument("fixtures", nargs="+", metavar="FIXTURE")
-    play.add_argument("--url", required=True, help="ws://host:port/path of the stream route")
+    play.add_argument("--url", help="ws://host:port/path of the stream route (with "
+                      "--webhook: where to connect instead of the TwiML's stream URL)")
+    play.add_argument("--webhook", metavar="URL",
+                      help="play each fixture as a whole call: POST the voice webhook at URL "
+                      "as Twilio does, stream to the <Stream> its TwiML names with its "
+                      "<Parameter>s, and follow <Connect action> when the service moves the "
+                      "call (a drain in a fleet); each stream is one session of the summary")
     play.add_argument("--speed", type=float, default=1.0,
                       help="1 = real time (default), 2 = twice as fast, 0 = as fast as possible")
     play.add_argument("--concurrency", type=int, default=1, metavar="N",
@@ -139,6 +149,30 @@ def _parser() -> argparse.ArgumentParser:
     twiml.add_argument("--after", default="", metavar="TWIML",
                        help="verbs after <Start>, e.g. '<Dial>+15550100</Dial>' (default: "
                        f"{KEEP_CALL_UP_TWIML}, which keeps the call up)")
+
+    events = commands.add_parser(
+        "events", help="print a fleet's call events (Redis) as JSON lines",
+        description="Read the fleet's events stream as a member of consumer group --group "
+        "(created on first use, from new entries on unless --from-start) and print each "
+        "entry as one JSON line {id, event, data}; each is acknowledged once printed. "
+        "Entries a dead consumer of the group left pending for --claim-idle-ms are claimed "
+        "and printed too: at least once.")
+    events.add_argument("--group", required=True, help="the consumer group")
+    events.add_argument("--consumer", help="this consumer's name in the group (default: "
+                        "host-pid; reuse a name to take over its pending entries at once)")
+    events.add_argument("--redis-url", default=os.environ.get("STREAMSVC_REDIS_URL"),
+                        help="default: $STREAMSVC_REDIS_URL")
+    events.add_argument("--stream", default=os.environ.get("STREAMSVC_EVENTS_STREAM",
+                                                           EVENTS_STREAM),
+                        help=f"the events stream (default: $STREAMSVC_EVENTS_STREAM or "
+                        f"{EVENTS_STREAM})")
+    events.add_argument("--claim-idle-ms", type=int, default=DEFAULT_CLAIM_IDLE_MS,
+                        metavar="MS", help="claim entries pending this long with another "
+                        f"consumer (default: {DEFAULT_CLAIM_IDLE_MS})")
+    events.add_argument("--from-start", action="store_true",
+                        help="a new group starts at the oldest entry kept, not at new ones")
+    events.add_argument("--count", type=int, metavar="N",
+                        help="exit after N entries (default: run until interrupted)")
 
     fixture = commands.add_parser("fixture", help="make fixture sessions")
     fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True,
@@ -203,12 +237,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"streamsvc fixture synth: {exc}", file=sys.stderr)
             return 2
+    if args.command == "events":
+        return _events(parser, args)
     if args.command == "twiml":
         try:
             return _twiml(args)
         except ValueError as exc:
             parser.error(str(exc))
     return _replay(args)
+
+
+def _events(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.redis_url:
+        parser.error("events needs --redis-url or STREAMSVC_REDIS_URL")
+    configure_logging(level="warning", log_format="json", stream=sys.stderr.buffer)
+
+    def show(entry: Entry) -> None:
+        sys.stdout.buffer.write(entry.to_json() + b"\n")
+        sys.stdout.flush()
+
+    async def run() -> None:
+        async with Consumer(args.redis_url, args.group, args.consumer, stream=args.stream,
+                            claim_idle_ms=args.claim_idle_ms,
+                            start="0" if args.from_start else "$") as consumer:
+            await consumer.run(show, limit=args.count)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
+    except (RedisError, OSError) as exc:
+        print(f"streamsvc events: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
@@ -342,12 +403,15 @@ def _replay(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"streamsvc replay: {exc}", file=sys.stderr)
         return 2
-    report = asyncio.run(replay(
-        fixtures, args.url, speed=args.speed, concurrency=args.concurrency,
-        auth_token=args.auth_token, public_url=args.public_url,
-        check=args.check, server_log=args.log, headers=headers,
-        acs_events_url=args.acs_events,
-    ))
+    if args.webhook:
+        report = asyncio.run(_replay_calls(fixtures, args))
+    else:
+        report = asyncio.run(replay(
+            fixtures, args.url, speed=args.speed, concurrency=args.concurrency,
+            auth_token=args.auth_token, public_url=args.public_url,
+            check=args.check, server_log=args.log, headers=headers,
+            acs_events_url=args.acs_events,
+        ))
     summary = report.summary()
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
@@ -359,11 +423,36 @@ def _replay(args: argparse.Namespace) -> int:
     return 1 if report.failed or report.mismatched else 0
 
 
+async def _replay_calls(fixtures: list[Fixture], args: argparse.Namespace) -> ReplayReport:
+    started = time.monotonic()
+    sessions = []
+    for fixture in fixtures:
+        for _ in range(args.concurrency):
+            try:
+                legs = await replay_call(fixture, args.webhook, speed=args.speed,
+                                         auth_token=args.auth_token,
+                                         public_url=args.public_url, stream_url=args.url)
+            except (OSError, ValueError, ElementTree.ParseError) as exc:
+                failed = SessionResult(fixture.name, None)
+                failed.error = f"voice webhook: {exc}"
+                sessions.append(failed)
+                continue
+            sessions += [leg.result for leg in legs]
+    return ReplayReport(sessions, time.monotonic() - started)
+
+
 def _replay_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the replay command's arguments, in one line, or None."""
     if args.speed < 0 or args.concurrency < 1:
         return "--speed must be >= 0 and --concurrency >= 1"
-    url = urlsplit(args.url)
+    if args.webhook is not None:
+        if urlsplit(args.webhook).scheme not in ("http", "https"):
+            return f"--webhook must be http(s)://HOST[:PORT]/PATH, got {args.webhook!r}"
+        if args.check:
+            return "--check compares one session with its fixture: not with --webhook"
+    elif args.url is None:
+        return "give --url (the stream route) or --webhook (the voice webhook)"
+    url = urlsplit(args.url or "ws://default.invalid/")
     if url.scheme not in ("ws", "wss") or not url.hostname:
         return f"--url must be ws://HOST[:PORT]/PATH or wss://..., got {args.url!r}"
     if args.log is not None and not args.check:

@@ -39,7 +39,7 @@ _LEVELS: Final = {
 # Lines waiting for the writer thread: about 5 MB of typical lines. Beyond, lines drop.
 MAX_QUEUED_LINES: Final = 10_000
 # Libraries whose INFO lines are per-connection chatter: their warnings still show.
-_QUIET_LOGGERS: Final = ("websockets", "asyncio", "picows", "streamsvc.picows")
+_QUIET_LOGGERS: Final = ("websockets", "asyncio", "picows", "streamsvc.picows", "redis")
 
 
 class LogSink:
