@@ -13,6 +13,7 @@ SUITES = {
     "server": server.cpu_suite,
     "capacity": server.capacity_suite,
     "memory": server.memory_suite,
+    "bus": server.bus_suite,
 }
 
 

@@ -57,12 +57,12 @@ def installed(module: str) -> bool:
 
 def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
              transport: str = "websockets", both_tracks: bool = False,
-             idle: bool = False) -> dict[str, Any]:
+             idle: bool = False, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """One server process, one load generator process; what the server spent and saw."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.servers", variant, "--port", str(port), "--loop", loop,
-         "--transport", transport],
+         "--transport", transport, *extra],
         stdout=subprocess.PIPE, text=True, preexec_fn=pin(SERVER_CPU))
     try:
         assert server.stdout is not None
@@ -164,6 +164,48 @@ def cpu_suite(*, quick: bool = False) -> None:
         versus_fastapi = f"{micros / fastapi:10.2f}" if fastapi else f"{'-':>10}"
         print(f"{name:36} {micros:9.1f} {low:5.1f}-{high:<5.1f} {micros / naive:8.2f} "
               f"{versus_fastapi} {lost:5d}", flush=True)
+
+
+def bus_suite(*, quick: bool = False) -> None:
+    """The fleet's cost per frame: the default service with no Redis, as a fleet member
+    publishing its call events, and publishing its audio too (a redis-server on loopback,
+    started here, on the load generator's core)."""
+    import shutil
+    import tempfile
+
+    program = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin")
+    if program is None:
+        print("\nbus: redis-server is not installed (apt-get install redis-server): skipped")
+        return
+    calls, seconds, repeats = (150, 3.0, 1) if quick else (300, 6.0, 3)
+    redis_port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        redis = subprocess.Popen([program, "--port", str(redis_port), "--bind", "127.0.0.1",
+                                  "--save", "", "--appendonly", "no", "--dir", directory],
+                                 stdout=subprocess.DEVNULL, preexec_fn=pin(LOAD_CPU))
+        try:
+            time.sleep(0.5)
+            url = f"redis://127.0.0.1:{redis_port}/0"
+            variants = [("no bus", ()), ("events", ("--redis-url", url)),
+                        ("events + audio", ("--redis-url", url, "--publish-audio"))]
+            print(f"\nbus: server CPU per frame, default transport, {calls} real-time calls x "
+                  f"{seconds:g} s, median of {repeats} (min-max), rounds interleaved")
+            print(f"{'server':20} {'us/frame':>9} {'spread':>11} {'x no bus':>9} {'lost':>5}")
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
+            for _ in range(repeats):
+                for name, extra in variants:
+                    runs[name].append(run_load("service", calls, seconds, loop="uvloop",
+                                               transport="auto", extra=extra))
+        finally:
+            redis.kill()
+            redis.wait()
+    base = statistics.median(r["cpu_us_per_frame"] for r in runs["no bus"])
+    for name, _ in variants:
+        values = [r["cpu_us_per_frame"] for r in runs[name]]
+        lost = max(r["frames_sent"] - r["frames_received"] for r in runs[name])
+        median = statistics.median(values)
+        print(f"{name:20} {median:9.1f} {min(values):5.1f}-{max(values):<5.1f} "
+              f"{median / base:9.2f} {lost:5d}", flush=True)
 
 
 def passes(run: dict[str, Any]) -> bool:

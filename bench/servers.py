@@ -72,10 +72,11 @@ def percentiles(samples: array.array[int]) -> dict[str, float]:
 
 
 async def run_service(port: int, handlers: tuple[HandlerSpec, ...], stop: asyncio.Event,
-                      transport: str) -> dict:
+                      transport: str, redis_url: str | None = None,
+                      publish_audio: bool = False) -> dict[str, Any]:
     settings = Settings(port=port, ping_interval_s=0, max_connections=100_000,
-                        routes=(Route("/stream", handlers),), idle_timeout_s=60,
-                        transport=transport)
+                        routes=(Route("/stream", handlers, publish_audio=publish_audio),),
+                        idle_timeout_s=60, transport=transport, redis_url=redis_url)
     server = StreamServer(settings)
     await server.start()
     print(json.dumps({"ready": True}), flush=True)
@@ -160,6 +161,9 @@ def main() -> None:
     parser.add_argument("--transport", choices=["auto", "websockets", "picows"],
                         default="websockets",
                         help="for the service variants")
+    parser.add_argument("--redis-url", help="service variants: run as a fleet member")
+    parser.add_argument("--publish-audio", action="store_true",
+                        help="with --redis-url: the route publishes its audio")
     args = parser.parse_args()
     configure_logging(level="error")  # keep stdout for the result line
 
@@ -168,7 +172,8 @@ def main() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         coroutine: Coroutine[Any, Any, dict[str, Any]]
         if args.variant == "service":
-            coroutine = run_service(args.port, (), stop, args.transport)
+            coroutine = run_service(args.port, (), stop, args.transport, args.redis_url,
+                                    args.publish_audio)
         elif args.variant == "service-latency":
             coroutine = run_service(args.port, (HandlerSpec("latency", LatencyHandler),), stop,
                                     args.transport)

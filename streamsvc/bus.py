@@ -175,11 +175,13 @@ class FleetNode:
                    None), "event")
 
     def publish_audio(self, stream_sid: str, track: str, timestamp_ms: int, sample_rate: int,
-                      audio: bytes) -> None:
+                      audio: bytes, *, expire: bool = True) -> None:
+        """One batch of audio; ``expire`` (re)sets the key's expiry (``context_ttl_s``):
+        the batcher asks for it now and then, not per batch."""
         fields = {"track": track, "timestamp": timestamp_ms, "encoding": "pcm16",
                   "sample_rate": sample_rate, "audio": audio}
         self._put(("xadd", audio_key(stream_sid), fields, AUDIO_MAXLEN,
-                   int(self.settings.context_ttl_s)), "audio")
+                   int(self.settings.context_ttl_s) if expire else None), "audio")
 
     def put_context(self, call_id: str, context: Mapping[str, str],
                     budget: Mapping[str, Any] | None,

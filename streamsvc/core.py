@@ -36,6 +36,8 @@ logger = structlog.get_logger("streamsvc.server")
 # Events held for the handlers while a fleet looks up the call's context (bounded by
 # redis_timeout_ms: 1 s at most, 100 frames of two tracks).
 MAX_HELD_EVENTS: Final = 1000
+# Published audio batches between two refreshes of the audio key's expiry.
+AUDIO_EXPIRY_EVERY: Final = 300
 # Bad frames logged individually per call; the rest are only counted.
 BAD_FRAMES_LOGGED: Final = 5
 # Frames before `start` kept for handlers that record raw frames (connected, start, a few
@@ -383,13 +385,14 @@ class AudioBatcher:
     """Publishes a stream's audio (routes with ``publish_audio``) as PCM16 batches of
     ``batch_ms`` per track to ``streamsvc:audio:<stream_sid>``."""
 
-    __slots__ = ("batch_ms", "fleet", "pending", "session")
+    __slots__ = ("batch_ms", "batches", "fleet", "pending", "session")
 
     def __init__(self, fleet: FleetNode, session: LiveSession, batch_ms: int) -> None:
         self.fleet = fleet
         self.session = session
         self.batch_ms = batch_ms
         self.pending: dict[str, tuple[int, int, list[bytes]]] = {}  # track: first, last, audio
+        self.batches = 0
 
     def wrap(self, on_media: Callable[[wire.Media], None]) -> Callable[[wire.Media], None]:
         def both(media: wire.Media) -> None:
@@ -414,14 +417,18 @@ class AudioBatcher:
 
     def flush(self) -> None:
         for track, (first, _, pieces) in self.pending.items():
-            self._send(track, first, pieces)
+            self._send(track, first, pieces, expire=True)
         self.pending.clear()
 
-    def _send(self, track: str, first: int, pieces: list[bytes]) -> None:
+    def _send(self, track: str, first: int, pieces: list[bytes], *,
+              expire: bool = False) -> None:
         session = self.session
         assert session.stream_sid is not None
+        # The key's expiry is set with the first batch, then about once a minute.
+        expire = expire or self.batches % AUDIO_EXPIRY_EVERY == 0
+        self.batches += 1
         self.fleet.publish_audio(session.stream_sid, track, first, session.sample_rate,
-                                 b"".join(pieces))
+                                 b"".join(pieces), expire=expire)
 
 
 def _ignore(media: wire.Media) -> None:
