@@ -151,7 +151,7 @@ class CallCore:
     def receive(self, frame: bytes) -> None:
         """Take one inbound message (the transport's callback calls this per message)."""
         session = self.session
-        if session.state is State.STREAMING and not self._raw_wanted:
+        if session.state is State.STREAMING and not self._raw_wanted and self._held is None:
             # The hot path: one media frame from parse to handlers, no event list.
             media = session.receive_media(frame)
             if media is not None:
@@ -162,6 +162,9 @@ class CallCore:
         else:
             if session.state is State.AWAITING_START:
                 if len(self.early_frames) < EARLY_FRAMES_KEPT:
+                    self.early_frames.append(RawFrame(self._now_ms(), frame))
+            elif self._held is not None:  # a fleet looks up the context: frames wait
+                if len(self.early_frames) < EARLY_FRAMES_KEPT + MAX_HELD_EVENTS:
                     self.early_frames.append(RawFrame(self._now_ms(), frame))
             elif self._raw_wanted:
                 self.chain.on_raw_frame(RawFrame(self._now_ms(), frame))
