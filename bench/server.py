@@ -236,6 +236,13 @@ def capacity(transport: str, *, quick: bool) -> None:
                   f"{latency.get('p99', 0):8.2f} {run['frames_sent'] - run['frames_received']:6d} "
                   f"{100 * run['cpu_s'] / seconds:6.0f} {run['sender_lateness_ms']['p99']:14.2f}",
                   flush=True)
+            if run["sender_lateness_ms"]["p99"] >= LATENCY_LIMIT_MS:
+                # The load generator could not send in real time: this step's load was
+                # below its nominal rate, so it says nothing about the server.
+                print(f"{'both' if both else 'inbound':8} the load generator fell behind "
+                      f"(its own p99 lateness >= {LATENCY_LIMIT_MS:g} ms): the limit of "
+                      "this measurement, not of the server")
+                break
             if not passes(run):
                 break
             best = calls
