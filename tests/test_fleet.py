@@ -39,6 +39,11 @@ publish_audio = true
 path = "/connect"
 handlers = ["log"]
 bidirectional = true
+
+[[routes]]
+path = "/acs"
+handlers = ["log"]
+provider = "acs"
 """
 NOTES = "n" * 1500  # far over the 800-byte budget of the <Parameter>s
 
@@ -147,6 +152,21 @@ def test_a_webhook_on_one_instance_gives_the_whole_context_to_the_stream_on_anot
     assert (b"inbound", b"pcm16", b"8000") == (first["track"], first["encoding"],
                                                 first["sample_rate"])
     assert 10 * 160 * 2 == len(first["audio"])  # 200 ms
+
+
+def test_an_acs_incoming_call_on_one_instance_gives_its_context_to_the_media_on_another(
+        pair: tuple[Service, Service]) -> None:
+    a, b = pair
+    fixture = load_fixture(FIXTURES / "acs_mixed.jsonl")
+    report = asyncio.run(replay([fixture], f"ws://127.0.0.1:{b.port}/acs", speed=0,
+                                acs_events_url=f"http://127.0.0.1:{a.port}/acs/events"))
+    assert 0 == report.failed, report.sessions[0].error
+    a.wait_for("acs.incoming_call")
+    started = b.wait_for("stream.started", lambda e: e["provider"] == "acs")
+    expected = fixture.expect["custom_parameters"]
+    assert expected == started["custom_parameters"]  # from A's IncomingCall, via Redis
+    assert expected.items() <= started["context"].items()
+    assert fixture.expect["call_sid"] == started["call_sid"]
 
 
 def test_a_worker_anywhere_marks_a_stream_and_learns_it_was_played(
