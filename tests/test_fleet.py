@@ -13,15 +13,19 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
 
+from streamsvc.config import Route, Settings
 from streamsvc.fixtures import load_fixture
 from streamsvc.fleet import Consumer, Entry, Fleet, FleetError, audio_key
+from streamsvc.handlers import Handler, HandlerSpec, RawFrame
 from streamsvc.replay import replay
 from streamsvc.replay_call import CallLeg, replay_call
+from streamsvc.server import StreamServer
+from streamsvc.session import CallSummary, Session
 from streamsvc.signature import SIGNATURE_HEADER, sign
 
 from .fleet_support import Nginx, RedisServer, Service, free_port, metric
@@ -396,3 +400,39 @@ def test_a_drained_connect_call_moves_to_the_other_instance(redis_server: RedisS
     finished = other.wait_for("stream.stopped")
     assert 204 == moved["frames"]["inbound"] + finished["frames"]["inbound"]
     assert 1 == len(owner.events("server.handing_over"))
+
+
+class _RawCounter(Handler):
+    received: ClassVar[list[int]] = []
+
+    def on_start(self, session: Session) -> None:
+        self.count = 0
+
+    def on_raw_frame(self, frame: RawFrame) -> None:
+        self.count += not frame.sent
+
+    def on_stop(self, session: Session, summary: CallSummary) -> None:
+        _RawCounter.received.append(self.count)
+
+
+async def test_frames_that_arrive_while_the_context_is_looked_up_reach_every_handler(
+        redis_server: RedisServer, transport: str) -> None:
+    """Handlers start once the fleet's lookup is done; what came meanwhile waits for them
+    (media for media handlers, the raw frames for raw-frame handlers), none is lost."""
+    _RawCounter.received = []
+    specs = (HandlerSpec("raw", _RawCounter),)
+    server = StreamServer(Settings(port=0, routes=(Route("/stream", specs),),
+                                   redis_url=redis_server.url, transport=transport))
+    await server.start()
+    try:
+        fixture = load_fixture(FIXTURES / "inbound_params.jsonl")
+        report = await replay([fixture], f"ws://127.0.0.1:{server.port}/stream", speed=0,
+                              concurrency=5)
+        assert 0 == report.failed
+        for _ in range(500):
+            if len(_RawCounter.received) == 5:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await server.stop()
+    assert [len(fixture.frames)] * 5 == _RawCounter.received
