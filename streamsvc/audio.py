@@ -23,9 +23,12 @@ with warnings.catch_warnings():
 __all__ = [
     "TWILIO_SAMPLE_RATE",
     "Resampler",
+    "alaw_to_pcm16",
+    "byteswap16",
     "dbfs",
     "mulaw_to_pcm16",
     "pcm16_rms_peak",
+    "pcm16_to_alaw",
     "pcm16_to_mulaw",
 ]
 
@@ -43,6 +46,22 @@ def mulaw_to_pcm16(mulaw: bytes) -> bytes:
 def pcm16_to_mulaw(pcm: bytes) -> bytes:
     """Encode little-endian PCM16 to G.711 mu-law (one byte per sample)."""
     return audioop.lin2ulaw(pcm, SAMPLE_WIDTH)
+
+
+def alaw_to_pcm16(alaw: bytes) -> bytes:
+    """Decode G.711 A-law bytes to little-endian PCM16 (one sample per byte)."""
+    return audioop.alaw2lin(alaw, SAMPLE_WIDTH)
+
+
+def pcm16_to_alaw(pcm: bytes) -> bytes:
+    """Encode little-endian PCM16 to G.711 A-law (one byte per sample)."""
+    return audioop.lin2alaw(pcm[: len(pcm) // 2 * 2], SAMPLE_WIDTH)
+
+
+def byteswap16(pcm: bytes) -> bytes:
+    """16-bit samples in the other byte order (L16's big-endian <-> little-endian); an odd
+    trailing byte is dropped."""
+    return audioop.byteswap(pcm[: len(pcm) // 2 * 2], SAMPLE_WIDTH)
 
 
 def pcm16_rms_peak(pcm: bytes) -> tuple[int, int]:

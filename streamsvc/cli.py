@@ -183,15 +183,18 @@ def _parser() -> argparse.ArgumentParser:
         "to 8 kHz mu-law in 20 ms frames, first timestamp not 0, numbers as strings, both "
         "tracks interleaved when --outbound is given. The header carries the expected outcome.",
     )
-    synth.add_argument("--provider", choices=["twilio", "acs"], default="twilio",
+    synth.add_argument("--provider", choices=["twilio", "acs", "telnyx"], default="twilio",
                        help="whose frames to write (default twilio); acs: AudioMetadata, "
-                       "AudioData in PCM16, DtmfData, no stop")
+                       "AudioData in PCM16, DtmfData, no stop; telnyx: snake_case frames "
+                       "with stream_id and the call control id (--call-sid, --stream-sid)")
     synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
     synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
                        help="acs: another participant's audio; makes the stream unmixed "
                        "(each participant a track; --inbound is 8:acs:caller)")
     synth.add_argument("--sample-rate", type=int, choices=[16000, 24000], default=16000,
                        help="acs: the stream's rate (default 16000)")
+    synth.add_argument("--client-state", metavar="TEXT",
+                       help="telnyx: the client_state the start carries (sent base64)")
     synth.add_argument("--correlation-id", metavar="ID",
                        help="acs: the x-ms-call-correlation-id upgrade header "
                        "(default: random)")

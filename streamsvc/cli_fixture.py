@@ -14,6 +14,7 @@ from typing import Any
 from .fixtures import FixtureFrame, dump_fixture
 from .synth import SessionPlan, expected_outcome, read_wav, synthesize
 from .synth_acs import AcsPlan, acs_header, synthesize_acs
+from .synth_telnyx import synthesize_telnyx, telnyx_expected
 
 __all__ = ["split_pair", "synth"]
 
@@ -24,6 +25,7 @@ def synth(args: argparse.Namespace) -> int:
     parameters = None if args.no_custom_parameters else dict(
         split_pair(item, "=", "--param") for item in args.param
     )
+    telnyx = args.provider == "telnyx"
     plan = SessionPlan(
         inbound=_read_wav(args.inbound, "--inbound"),
         outbound=_read_wav(args.outbound, "--outbound") if args.outbound else None,
@@ -32,13 +34,21 @@ def synth(args: argparse.Namespace) -> int:
         marks=_timed(args.mark, "--mark"),
         drop=frozenset(_indexes(args.drop, "--drop")),
         swap=frozenset(_indexes(args.swap, "--swap")),
-        stream_sid=args.stream_sid or "MZ" + secrets.token_hex(16),
-        call_sid=args.call_sid or "CA" + secrets.token_hex(16),
+        stream_sid=args.stream_sid or (str(uuid.uuid4()) if telnyx
+                                       else "MZ" + secrets.token_hex(16)),
+        call_sid=args.call_sid or ("v3:" + secrets.token_urlsafe(24) if telnyx
+                                   else "CA" + secrets.token_hex(16)),
         account_sid=args.account_sid or "AC" + secrets.token_hex(16),
     )
-    header = {"description": args.description, "path": args.path,
-              "expect": expected_outcome(plan)}
-    frames = synthesize(plan)
+    if telnyx:
+        path = args.path if args.path != "/stream" else "/telnyx"
+        header = {"description": args.description, "path": path, "provider": "telnyx",
+                  "expect": telnyx_expected(plan, client_state=args.client_state)}
+        frames = synthesize_telnyx(plan, client_state=args.client_state)
+    else:
+        header = {"description": args.description, "path": args.path,
+                  "expect": expected_outcome(plan)}
+        frames = synthesize(plan)
     _write_fixture(args.output, header, frames)
     print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
     return 0

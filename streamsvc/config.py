@@ -98,6 +98,7 @@ class Settings:
     acs_jwks_url: str = "https://acscallautomation.communication.azure.com/calling/keys"
     acs_events_secret: str | None = field(default=None, repr=False)
     acs_connection_string: str | None = field(default=None, repr=False)
+    telnyx_stream_token: str | None = field(default=None, repr=False)
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -231,6 +232,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "the ACS resource's connection string: its endpoint= answers IncomingCall",
             secret=True),
     # Limits
+    Setting("telnyx_stream_token", ("STREAMSVC_TELNYX_STREAM_TOKEN",), str,
+            "the stream_auth_token given to Telnyx's streaming_start: when set, upgrades on "
+            "telnyx routes need it in x-telnyx-streaming-auth-token (403 otherwise)",
+            secret=True),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,

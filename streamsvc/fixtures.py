@@ -86,6 +86,9 @@ class Fixture:
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":
+                if self.provider == "telnyx":  # top-level stream_id
+                    sid = message.get("stream_id")
+                    return sid if isinstance(sid, str) else None
                 start = message.get("start")
                 if isinstance(start, dict) and isinstance(start.get("streamSid"), str):
                     return str(start["streamSid"])
@@ -96,12 +99,13 @@ class Fixture:
         header's upgrade headers carry; None when there is none."""
         if self.provider == "acs":
             return self.headers.get("x-ms-call-connection-id")
+        key = "call_control_id" if self.provider == "telnyx" else "callSid"
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":
                 start = message.get("start")
-                if isinstance(start, dict) and isinstance(start.get("callSid"), str):
-                    return str(start["callSid"])
+                if isinstance(start, dict) and isinstance(start.get(key), str):
+                    return str(start[key])
         return None
 
 

@@ -193,7 +193,7 @@ async def replay_session(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
             additional_headers=upgrade, open_timeout=10,
         ) as connection:
-            peer = _TwilioPeer(connection, result, stream_sid)
+            peer = _TwilioPeer(connection, result, stream_sid, fixture.provider)
             reader = asyncio.create_task(peer.read())
             try:
                 await _send_frames(connection, fixture, speed, replacements, result)
@@ -282,8 +282,9 @@ class _TwilioPeer:
     echoes marks when playback reaches them, flushes on ``clear``."""
 
     def __init__(self, connection: ClientConnection, result: SessionResult,
-                 stream_sid: str | None) -> None:
+                 stream_sid: str | None, provider: str = "twilio") -> None:
         self.connection = connection
+        self.provider = provider
         self.result = result
         self.stream_sid = stream_sid
         self.playback_ends = 0.0  # monotonic time the queued audio finishes playing
@@ -354,8 +355,12 @@ class _TwilioPeer:
 
     def _echo(self, name: str) -> None:
         self.sequence_number += 1
-        echo = json.dumps({"event": "mark", "sequenceNumber": str(self.sequence_number),
-                           "streamSid": self.stream_sid, "mark": {"name": name}})
+        if self.provider == "telnyx":  # snake_case, stream_id
+            echo = json.dumps({"event": "mark", "sequence_number": str(self.sequence_number),
+                               "stream_id": self.stream_sid, "mark": {"name": name}})
+        else:
+            echo = json.dumps({"event": "mark", "sequenceNumber": str(self.sequence_number),
+                               "streamSid": self.stream_sid, "mark": {"name": name}})
         self.outbox.put_nowait(echo)
 
     async def _send(self) -> None:

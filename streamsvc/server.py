@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import http
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Final, Protocol
@@ -231,12 +232,14 @@ class StreamServer:
             await self.stop()
 
     def admit(self, path: str, signature: str | None, *, repeated_signature: bool = False,
-              authorization: str | None = None) -> HttpResponse | None:
+              authorization: str | None = None,
+              telnyx_token: str | None = None) -> HttpResponse | None:
         """The refusal of a stream handshake for ``path`` (without the public prefix)
         carrying ``signature`` (Twilio) or ``authorization`` (ACS's bearer token), logged
         and counted, or None to accept it. Every transport asks this. A handshake with more
         than one signature header is refused."""
-        refusal = self._refusal(path, signature, repeated_signature, authorization)
+        refusal = self._refusal(path, signature, repeated_signature, authorization,
+                                telnyx_token)
         if refusal is not None:
             status, reason = refusal
             self.metrics.handshakes_rejected[reason] += 1
@@ -245,7 +248,8 @@ class StreamServer:
         return None
 
     def _refusal(self, path: str, signature: str | None, repeated_signature: bool,
-                 authorization: str | None) -> tuple[http.HTTPStatus, str] | None:
+                 authorization: str | None,
+                 telnyx_token: str | None = None) -> tuple[http.HTTPStatus, str] | None:
         route = self.settings.route_for(path)
         forbidden = http.HTTPStatus.FORBIDDEN
         if route is None:
@@ -253,6 +257,13 @@ class StreamServer:
         if route.provider == "acs":
             if self.acs_auth and (problem := self.acs_auth.problem(authorization)):
                 return forbidden, problem
+        elif route.provider == "telnyx":
+            expected = self.settings.telnyx_stream_token
+            if expected and not telnyx_token:
+                return forbidden, "missing_token"
+            if expected and not hmac.compare_digest((telnyx_token or "").encode(),
+                                                    expected.encode()):
+                return forbidden, "bad_token"
         elif self.settings.auth_tokens and repeated_signature:
             return forbidden, "bad_signature"
         elif self.settings.auth_tokens and (problem := self._signature_problem(signature, path)):

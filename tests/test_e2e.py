@@ -31,7 +31,8 @@ from .conftest import events, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 # Twilio's sessions (ACS's are replayed at ACS routes in tests/test_acs_fixtures.py).
-BUNDLED = sorted(path for path in FIXTURES.glob("*.jsonl") if not path.name.startswith("acs_"))
+BUNDLED = sorted(path for path in FIXTURES.glob("*.jsonl")
+                 if load_fixture(path).provider == "twilio")
 
 
 class Probe(Handler):

@@ -2,12 +2,12 @@
 common events (:mod:`streamsvc.wire`) and its outbound commands (audio, mark, clear) into
 the provider's frames.
 
-A route names its provider (``provider = "twilio"`` by default, or ``"acs"``); each stream
-connection gets a new codec from :func:`codec_for`, built from the upgrade request's
-headers. What a codec offers (:class:`Codec`): ``parse`` (one frame in, one event out, or
-:class:`~streamsvc.exceptions.RemoteProtocolError`), the ``serialize_*`` verbs, the track
-names it accepts, whether a clean close means the call ended, whether it has marks, and its
-native audio encoding (``mulaw`` or ``pcm16``).
+A route names its provider (``provider = "twilio"`` by default, ``"acs"`` or
+``"telnyx"``); each stream connection gets a new codec from :func:`codec_for`, built from
+the upgrade request's headers. What a codec offers (:class:`Codec`): ``parse`` (one frame
+in, one event out, or :class:`~streamsvc.exceptions.RemoteProtocolError`), the
+``serialize_*`` verbs, the track names it accepts, whether a clean close means the call
+ended, whether it has marks, and its native audio encoding (``mulaw`` or ``pcm16``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Final, Protocol
 
 from . import twilio
 from .acs import AcsCodec
+from .telnyx import TelnyxCodec
 
 __all__ = ["PROVIDERS", "Codec", "TwilioCodec", "codec_for"]
 
@@ -86,7 +87,7 @@ class TwilioCodec:
 
 
 TWILIO: Final = TwilioCodec()
-PROVIDERS: Final = ("twilio", "acs")
+PROVIDERS: Final = ("twilio", "acs", "telnyx")
 
 
 def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
@@ -98,4 +99,6 @@ def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = Fals
         return AcsCodec(headers, unmixed=unmixed, context=context)
     if provider == "twilio":
         return TWILIO
+    if provider == "telnyx":
+        return TelnyxCodec()
     raise ValueError(f"unknown provider {provider!r}")

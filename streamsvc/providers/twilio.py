@@ -77,7 +77,7 @@ class Connected(_Struct, frozen=True, tag="connected", tag_field="event"):
 
 
 class _StartBody(_Struct, frozen=True):
-    account_sid: str
+    account_sid: str | None  # null on providers without accounts in the stream (Telnyx)
     stream_sid: str
     call_sid: str
     tracks: tuple[str, ...]
@@ -98,7 +98,7 @@ class Start(_Struct, frozen=True, tag="start", tag_field="event"):
         return self.start.call_sid
 
     @property
-    def account_sid(self) -> str:
+    def account_sid(self) -> str | None:
         return self.start.account_sid
 
     @property

@@ -38,6 +38,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 from streamsvc.config import Route
 from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
 from streamsvc.session import State, StopReason
 from streamsvc.signature import SIGNATURE_HEADER
 from streamsvc.web.front import Upgrade, write_answer
@@ -156,7 +157,8 @@ def _route(server: StreamServer,
     signatures = request.headers.getall(SIGNATURE_HEADER, [])
     answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
                           repeated_signature=len(signatures) > 1,
-                          authorization=request.headers.get("Authorization"))
+                          authorization=request.headers.get("Authorization"),
+                          telnyx_token=request.headers.get(TELNYX_TOKEN_HEADER))
     if answer is None:
         route = server.settings.route_for(path)
         assert route is not None  # admit() refuses unknown paths

@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
 from streamsvc.session import State
 from streamsvc.signature import SIGNATURE_HEADER
 from streamsvc.web.front import HttpFront, Upgrade, write_answer
@@ -73,7 +74,8 @@ def _process_request(server: StreamServer, connection: ServerConnection,
     signatures = request.headers.get_all(SIGNATURE_HEADER)
     answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
                         repeated_signature=len(signatures) > 1,
-                        authorization=request.headers.get("Authorization"))
+                        authorization=request.headers.get("Authorization"),
+                        telnyx_token=request.headers.get(TELNYX_TOKEN_HEADER))
     if answer is None:
         return None
     response = connection.respond(answer.status, "")
