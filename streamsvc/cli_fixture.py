@@ -48,6 +48,9 @@ def synth(args: argparse.Namespace) -> int:
     else:
         header = {"description": args.description, "path": args.path,
                   "expect": expected_outcome(plan)}
+        if args.provider == "signalwire":  # Twilio's frames, from SignalWire
+            header["provider"] = "signalwire"
+            header["path"] = args.path if args.path != "/stream" else "/signalwire"
         frames = synthesize(plan)
     _write_fixture(args.output, header, frames)
     print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")

@@ -99,6 +99,8 @@ class Settings:
     acs_events_secret: str | None = field(default=None, repr=False)
     acs_connection_string: str | None = field(default=None, repr=False)
     telnyx_stream_token: str | None = field(default=None, repr=False)
+    signalwire_token: str | None = field(default=None, repr=False)
+    signalwire_l16_little_endian: bool = False
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -236,6 +238,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "the stream_auth_token given to Telnyx's streaming_start: when set, upgrades on "
             "telnyx routes need it in x-telnyx-streaming-auth-token (403 otherwise)",
             secret=True),
+    Setting("signalwire_token", ("STREAMSVC_SIGNALWIRE_TOKEN",), str,
+            "the <Stream authBearerToken> given to SignalWire: when set, upgrades on "
+            "signalwire routes need Authorization: Bearer <it> (403 otherwise)", secret=True),
+    Setting("signalwire_l16_little_endian", ("STREAMSVC_SIGNALWIRE_L16_LITTLE_ENDIAN",), bool,
+            "SignalWire L16 streams arrive little-endian (default: network order, "
+            "big-endian, as RFC 2586 has it)"),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,

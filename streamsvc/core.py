@@ -89,7 +89,8 @@ class CallCore:
             bidirectional=route.bidirectional,
             parameter_budget_bytes=settings.parameter_budget_bytes,
             codec=codec_for(route.provider, headers, unmixed=route.unmixed,
-                            context=server.contexts.get),
+                            context=server.contexts.get,
+                            l16_little_endian=settings.signalwire_l16_little_endian),
         )
         self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
         self.connected_at = time.monotonic()

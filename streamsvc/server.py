@@ -257,11 +257,14 @@ class StreamServer:
         if route.provider == "acs":
             if self.acs_auth and (problem := self.acs_auth.problem(authorization)):
                 return forbidden, problem
-        elif route.provider == "telnyx":
-            expected = self.settings.telnyx_stream_token
-            if expected and not telnyx_token:
+        elif route.provider in ("telnyx", "signalwire"):
+            if route.provider == "telnyx":
+                expected, given = self.settings.telnyx_stream_token, telnyx_token
+            else:
+                expected, given = self.settings.signalwire_token, _bearer(authorization)
+            if expected and not given:
                 return forbidden, "missing_token"
-            if expected and not hmac.compare_digest((telnyx_token or "").encode(),
+            if expected and not hmac.compare_digest((given or "").encode(),
                                                     expected.encode()):
                 return forbidden, "bad_token"
         elif self.settings.auth_tokens and repeated_signature:
@@ -376,3 +379,9 @@ async def _publish(share: WorkerShare) -> None:
         await asyncio.sleep(METRICS_SHARE_INTERVAL_S)
 
 
+def _bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None

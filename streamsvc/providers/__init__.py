@@ -2,8 +2,8 @@
 common events (:mod:`streamsvc.wire`) and its outbound commands (audio, mark, clear) into
 the provider's frames.
 
-A route names its provider (``provider = "twilio"`` by default, ``"acs"`` or
-``"telnyx"``); each stream connection gets a new codec from :func:`codec_for`, built from
+A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``
+or ``"signalwire"``); each stream connection gets a new codec from :func:`codec_for`, built from
 the upgrade request's headers. What a codec offers (:class:`Codec`): ``parse`` (one frame
 in, one event out, or :class:`~streamsvc.exceptions.RemoteProtocolError`), the
 ``serialize_*`` verbs, the track names it accepts, whether a clean close means the call
@@ -17,6 +17,7 @@ from typing import Final, Protocol
 
 from . import twilio
 from .acs import AcsCodec
+from .signalwire import SignalWireCodec
 from .telnyx import TelnyxCodec
 
 __all__ = ["PROVIDERS", "Codec", "TwilioCodec", "codec_for"]
@@ -87,11 +88,12 @@ class TwilioCodec:
 
 
 TWILIO: Final = TwilioCodec()
-PROVIDERS: Final = ("twilio", "acs", "telnyx")
+PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire")
 
 
 def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
-              context: Callable[[str], Mapping[str, str] | None] | None = None) -> Codec:
+              context: Callable[[str], Mapping[str, str] | None] | None = None,
+              l16_little_endian: bool = False) -> Codec:
     """A codec for one stream of ``provider``, given its upgrade request's headers
     (lower-case names); ``context`` looks a call's stored context up by the id the
     provider's upgrade carries (ACS: the correlation id)."""
@@ -101,4 +103,6 @@ def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = Fals
         return TWILIO
     if provider == "telnyx":
         return TelnyxCodec()
+    if provider == "signalwire":
+        return SignalWireCodec(l16_little_endian=l16_little_endian)
     raise ValueError(f"unknown provider {provider!r}")
