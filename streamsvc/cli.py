@@ -183,12 +183,14 @@ def _parser() -> argparse.ArgumentParser:
         "to 8 kHz mu-law in 20 ms frames, first timestamp not 0, numbers as strings, both "
         "tracks interleaved when --outbound is given. The header carries the expected outcome.",
     )
-    synth.add_argument("--provider", choices=["twilio", "acs", "telnyx", "signalwire"],
+    synth.add_argument("--provider",
+                       choices=["twilio", "acs", "telnyx", "signalwire", "exotel"],
                        default="twilio",
                        help="whose frames to write (default twilio); acs: AudioMetadata, "
                        "AudioData in PCM16, DtmfData, no stop; telnyx: snake_case frames "
                        "with stream_id and the call control id (--call-sid, --stream-sid); "
-                       "signalwire: Twilio's frames (PCMU), marked as SignalWire's")
+                       "signalwire: Twilio's frames (PCMU), marked as SignalWire's; exotel: "
+                       "raw PCM16 8 kHz in 100 ms messages, snake_case")
     synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
     synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
                        help="acs: another participant's audio; makes the stream unmixed "

@@ -14,6 +14,7 @@ from typing import Any
 from .fixtures import FixtureFrame, dump_fixture
 from .synth import SessionPlan, expected_outcome, read_wav, synthesize
 from .synth_acs import AcsPlan, acs_header, synthesize_acs
+from .synth_exotel import exotel_expected, synthesize_exotel
 from .synth_telnyx import synthesize_telnyx, telnyx_expected
 
 __all__ = ["split_pair", "synth"]
@@ -40,7 +41,12 @@ def synth(args: argparse.Namespace) -> int:
                                    else "CA" + secrets.token_hex(16)),
         account_sid=args.account_sid or "AC" + secrets.token_hex(16),
     )
-    if telnyx:
+    if args.provider == "exotel":
+        path = args.path if args.path != "/stream" else "/exotel"
+        header = {"description": args.description, "path": path, "provider": "exotel",
+                  "expect": exotel_expected(plan)}
+        frames = synthesize_exotel(plan)
+    elif telnyx:
         path = args.path if args.path != "/stream" else "/telnyx"
         header = {"description": args.description, "path": path, "provider": "telnyx",
                   "expect": telnyx_expected(plan, client_state=args.client_state)}

@@ -101,6 +101,7 @@ class Settings:
     telnyx_stream_token: str | None = field(default=None, repr=False)
     signalwire_token: str | None = field(default=None, repr=False)
     signalwire_l16_little_endian: bool = False
+    exotel_basic_auth: str | None = field(default=None, repr=False)
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -244,6 +245,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("signalwire_l16_little_endian", ("STREAMSVC_SIGNALWIRE_L16_LITTLE_ENDIAN",), bool,
             "SignalWire L16 streams arrive little-endian (default: network order, "
             "big-endian, as RFC 2586 has it)"),
+    Setting("exotel_basic_auth", ("STREAMSVC_EXOTEL_BASIC_AUTH",), str,
+            "KEY:TOKEN of the applet's wss://KEY:TOKEN@host/path URL: when set, upgrades "
+            "on exotel routes need Authorization: Basic with it (403 otherwise)",
+            secret=True),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,

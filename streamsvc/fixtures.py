@@ -86,8 +86,9 @@ class Fixture:
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":
-                if self.provider == "telnyx":  # top-level stream_id
-                    sid = message.get("stream_id")
+                if self.provider in ("telnyx", "exotel"):  # top-level, snake_case
+                    sid = message.get("stream_id" if self.provider == "telnyx"
+                                      else "stream_sid")
                     return sid if isinstance(sid, str) else None
                 start = message.get("start")
                 if isinstance(start, dict) and isinstance(start.get("streamSid"), str):
@@ -99,7 +100,7 @@ class Fixture:
         header's upgrade headers carry; None when there is none."""
         if self.provider == "acs":
             return self.headers.get("x-ms-call-connection-id")
-        key = "call_control_id" if self.provider == "telnyx" else "callSid"
+        key = {"telnyx": "call_control_id", "exotel": "call_sid"}.get(self.provider, "callSid")
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":

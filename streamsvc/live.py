@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 from .audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
 from .exceptions import LocalProtocolError
-from .session import FRAME_MS, Session
+from .session import Session
 
 __all__ = ["LiveSession", "MarkResult", "PlaybackObserver"]
 
@@ -99,7 +99,11 @@ class LiveSession(Session):
 
     @property
     def _chunk_bytes(self) -> int:
-        """20 ms of the stream's native audio: what one outbound message carries."""
+        """What one outbound message carries: 20 ms of the stream's native audio, or what
+        the provider asks for (Exotel: 3,200 bytes)."""
+        chunk = getattr(self.codec, "chunk_bytes", None)
+        if chunk:
+            return int(chunk)
         return CHUNK_BYTES if self._mulaw else self.sample_rate * 2 // 50
 
     def send_media(self, payload: bytes) -> None:
@@ -122,7 +126,7 @@ class LiveSession(Session):
         stats = self.track_stats.get("inbound")
         if stats is None or stats.first_timestamp_ms < 0:
             return 0
-        return stats.last_timestamp_ms + FRAME_MS - stats.first_timestamp_ms
+        return stats.last_timestamp_ms + stats.frame_ms - stats.first_timestamp_ms
 
     def send_audio(self, audio: bytes, *, sample_rate: int | None = None,
                    final: bool = False) -> None:

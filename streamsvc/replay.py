@@ -285,6 +285,9 @@ class _TwilioPeer:
                  stream_sid: str | None, provider: str = "twilio") -> None:
         self.connection = connection
         self.provider = provider
+        # Audio played per second: 8 kHz mu-law (Twilio, SignalWire, Telnyx PCMU), or 8 kHz
+        # PCM16 (Exotel's default rate).
+        self.bytes_per_second = (2 if provider == "exotel" else 1) * PLAYBACK_BYTES_PER_SECOND
         self.result = result
         self.stream_sid = stream_sid
         self.playback_ends = 0.0  # monotonic time the queued audio finishes playing
@@ -322,7 +325,7 @@ class _TwilioPeer:
             payload = str(body.get("payload") or body.get("Data") or "")
             size = len(payload) * 3 // 4 - payload.count("=")
             self.result.audio_bytes_received += size
-            self.playback_ends = max(self.playback_ends, now) + size / PLAYBACK_BYTES_PER_SECOND
+            self.playback_ends = max(self.playback_ends, now) + size / self.bytes_per_second
         elif kind == "mark":
             name = str(event.get("mark", {}).get("name", ""))
             self.pending.append((max(self.playback_ends, now), name))
@@ -355,9 +358,10 @@ class _TwilioPeer:
 
     def _echo(self, name: str) -> None:
         self.sequence_number += 1
-        if self.provider == "telnyx":  # snake_case, stream_id
+        if self.provider in ("telnyx", "exotel"):  # snake_case
+            key = "stream_id" if self.provider == "telnyx" else "stream_sid"
             echo = json.dumps({"event": "mark", "sequence_number": str(self.sequence_number),
-                               "stream_id": self.stream_sid, "mark": {"name": name}})
+                               key: self.stream_sid, "mark": {"name": name}})
         else:
             echo = json.dumps({"event": "mark", "sequenceNumber": str(self.sequence_number),
                                "streamSid": self.stream_sid, "mark": {"name": name}})

@@ -7,6 +7,7 @@ and drains them on shutdown. What one stream connection does is :mod:`streamsvc.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import http
@@ -257,9 +258,11 @@ class StreamServer:
         if route.provider == "acs":
             if self.acs_auth and (problem := self.acs_auth.problem(authorization)):
                 return forbidden, problem
-        elif route.provider in ("telnyx", "signalwire"):
+        elif route.provider in ("telnyx", "signalwire", "exotel"):
             if route.provider == "telnyx":
                 expected, given = self.settings.telnyx_stream_token, telnyx_token
+            elif route.provider == "exotel":
+                expected, given = self.settings.exotel_basic_auth, _basic(authorization)
             else:
                 expected, given = self.settings.signalwire_token, _bearer(authorization)
             if expected and not given:
@@ -377,6 +380,19 @@ async def _publish(share: WorkerShare) -> None:
         except OSError as exc:  # the directory went away: the next scrape shows less
             logger.warning("metrics.share_failed", error=str(exc))
         await asyncio.sleep(METRICS_SHARE_INTERVAL_S)
+
+
+def _basic(authorization: str | None) -> str | None:
+    """The ``user:password`` of an ``Authorization: Basic`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8") or None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _bearer(authorization: str | None) -> str | None:

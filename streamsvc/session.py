@@ -79,7 +79,8 @@ SessionEvent: TypeAlias = wire.Event | BadFrame
 
 @dataclass(slots=True)
 class TrackStats:
-    """Counters for one track. ``missing`` counts the 20 ms slots between the track's
+    """Counters for one track. ``missing`` counts the ``frame_ms`` slots (20 ms, or the
+    provider's frame length: Exotel's 100 ms) between the track's
     earliest and latest timestamp that never arrived; a frame that arrives after a later one
     fills its slot and counts as ``out_of_order``, not missing; a second frame for a slot
     counts as ``duplicates``. Memory is bounded whatever the timestamps: holes are a bitmap
@@ -94,6 +95,7 @@ class TrackStats:
     highest_slot: int = 0
     holes: int = 0
     forgotten_holes: int = 0
+    frame_ms: int = FRAME_MS
 
     @property
     def missing(self) -> int:
@@ -105,7 +107,7 @@ class TrackStats:
 
     @property
     def last_timestamp_ms(self) -> int:
-        return self.first_timestamp_ms + self.highest_slot * FRAME_MS
+        return self.first_timestamp_ms + self.highest_slot * self.frame_ms
 
     def add_frame(self, timestamp_ms: int, payload_bytes: int) -> None:
         """Account one frame at ``timestamp_ms`` carrying ``payload_bytes`` of audio."""
@@ -115,7 +117,8 @@ class TrackStats:
             self.first_timestamp_ms = timestamp_ms
             return
         # Round to the nearest slot: timestamps jitter by a millisecond or two.
-        slot = (timestamp_ms - self.first_timestamp_ms + FRAME_MS // 2) // FRAME_MS
+        frame_ms = self.frame_ms
+        slot = (timestamp_ms - self.first_timestamp_ms + frame_ms // 2) // frame_ms
         if slot == self.highest_slot + 1:  # the usual case: the next frame
             self.highest_slot = slot
             if self.holes:
@@ -349,7 +352,9 @@ class Session:
         if (track not in allowed) if allowed is not None else (
                 len(self.track_stats) >= self.codec.max_tracks):
             raise RemoteProtocolError(f"media on unknown track {track!r}")
-        stats = self.track_stats[track] = TrackStats()
+        # A provider whose frames are not 20 ms long says how long they are (Exotel).
+        stats = self.track_stats[track] = TrackStats(
+            frame_ms=getattr(self.codec, "frame_ms", FRAME_MS))
         return stats
 
     def _on_other(self, event: wire.Event) -> None:
@@ -471,7 +476,7 @@ class Session:
 
     def _summarize(self, reason: StopReason) -> CallSummary:
         stats = self.track_stats
-        last_ms = max((s.last_timestamp_ms + FRAME_MS for s in stats.values()), default=0)
+        last_ms = max((s.last_timestamp_ms + s.frame_ms for s in stats.values()), default=0)
         return CallSummary(
             reason=reason,
             frames={track: s.frames for track, s in stats.items()},

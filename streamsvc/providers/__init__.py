@@ -2,12 +2,13 @@
 common events (:mod:`streamsvc.wire`) and its outbound commands (audio, mark, clear) into
 the provider's frames.
 
-A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``
-or ``"signalwire"``); each stream connection gets a new codec from :func:`codec_for`, built from
-the upgrade request's headers. What a codec offers (:class:`Codec`): ``parse`` (one frame
-in, one event out, or :class:`~streamsvc.exceptions.RemoteProtocolError`), the
-``serialize_*`` verbs, the track names it accepts, whether a clean close means the call
-ended, whether it has marks, and its native audio encoding (``mulaw`` or ``pcm16``).
+A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``,
+``"signalwire"`` or ``"exotel"``); each stream connection gets a new codec from
+:func:`codec_for`, built from the upgrade request's headers. What a codec offers
+(:class:`Codec`): ``parse`` (one frame in, one event out, or
+:class:`~streamsvc.exceptions.RemoteProtocolError`), the ``serialize_*`` verbs, the track
+names it accepts, whether a clean close means the call ended, whether it has marks, and
+its native audio encoding (``mulaw`` or ``pcm16``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Final, Protocol
 
 from . import twilio
 from .acs import AcsCodec
+from .exotel import ExotelCodec
 from .signalwire import SignalWireCodec
 from .telnyx import TelnyxCodec
 
@@ -88,7 +90,7 @@ class TwilioCodec:
 
 
 TWILIO: Final = TwilioCodec()
-PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire")
+PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel")
 
 
 def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
@@ -103,6 +105,8 @@ def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = Fals
         return TWILIO
     if provider == "telnyx":
         return TelnyxCodec()
+    if provider == "exotel":
+        return ExotelCodec(headers)
     if provider == "signalwire":
         return SignalWireCodec(l16_little_endian=l16_little_endian)
     raise ValueError(f"unknown provider {provider!r}")

@@ -38,6 +38,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 from streamsvc.config import Route
 from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.providers.exotel import QUERY_HEADER
 from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
 from streamsvc.session import State, StopReason
 from streamsvc.signature import SIGNATURE_HEADER
@@ -163,6 +164,7 @@ def _route(server: StreamServer,
         route = server.settings.route_for(path)
         assert route is not None  # admit() refuses unknown paths
         headers = {name.lower(): value for name, value in request.headers.items()}
+        headers[QUERY_HEADER] = urlsplit(request.path.decode("latin-1")).query
         return _Listener(server, route, headers)
     return WSUpgradeResponseWithListener(_response(answer), None)
 

@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.providers.exotel import QUERY_HEADER
 from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
 from streamsvc.session import State
 from streamsvc.signature import SIGNATURE_HEADER
@@ -145,8 +146,11 @@ class _Call(CallCore):
     __slots__ = ("closer", "connection", "outgoing", "writer")
 
     def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
-        headers = connection.request.headers if connection.request else {}
-        super().__init__(server, route, {name.lower(): value for name, value in headers.items()})
+        request = connection.request
+        headers = {name.lower(): value
+                   for name, value in (request.headers if request else {}).items()}
+        headers[QUERY_HEADER] = urlsplit(request.path).query if request else ""
+        super().__init__(server, route, headers)
         self.connection = connection
         self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None

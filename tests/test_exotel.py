@@ -1,0 +1,118 @@
+"""Exotel through the provider seam: the codec (Sans-I/O), query-string context, 100 ms
+frames counted as such, outbound chunks in multiples of 320 bytes, Basic credentials on the
+upgrade, and the bundled session replayed through both transports."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from streamsvc import wire
+from streamsvc.builtins.log import LogHandler
+from streamsvc.config import Route, Settings
+from streamsvc.fixtures import load_fixture
+from streamsvc.handlers import HandlerSpec, resolve_handler
+from streamsvc.live import LiveSession
+from streamsvc.outcome import differences
+from streamsvc.providers.exotel import QUERY_HEADER, ExotelCodec
+from streamsvc.replay import replay
+from streamsvc.server import StreamServer
+from streamsvc.session import Session
+
+from .conftest import LogEvents, events, until
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+CREDENTIALS = "exokey:exotoken"
+BASIC = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
+
+
+def start(**parameters: str) -> str:
+    return json.dumps({"event": "start", "sequence_number": "1", "stream_sid": "MZ1",
+                       "start": {"stream_sid": "MZ1", "call_sid": "CA1", "account_sid": "A1",
+                                 "custom_parameters": parameters,
+                                 "media_format": {"encoding": "audio/x-raw",
+                                                  "sample_rate": "8000", "bit_rate": "16"}}})
+
+
+def media(chunk: int, samples: int = 800) -> str:
+    return json.dumps({"event": "media", "sequence_number": str(chunk + 1), "stream_sid": "MZ1",
+                       "media": {"chunk": str(chunk), "timestamp": str((chunk - 1) * 100),
+                                 "payload": base64.b64encode(bytes(2 * samples)).decode()}})
+
+
+def test_the_start_and_the_url_query_give_the_context() -> None:
+    session = Session(codec=ExotelCodec({QUERY_HEADER: "lang=hi&tier=gold&sample-rate=8000"}))
+    session.receive_message(start(tier="platinum"))
+    [event] = session.events_received()
+    assert isinstance(event, wire.Start)
+    assert ("CA1", "MZ1", "A1") == (session.call_sid, session.stream_sid, session.account_sid)
+    assert {"lang": "hi", "tier": "platinum"} == dict(session.custom_parameters)
+
+
+def test_100_ms_messages_are_counted_as_frames_and_gaps_in_100_ms_slots() -> None:
+    session = Session(codec=ExotelCodec())
+    session.receive_message(start())
+    for chunk in (1, 2, 4, 3, 6):  # 5 lost, 3 late
+        session.receive_message(media(chunk))
+    summary = session.close("stop")
+    assert ({"inbound": 5}, {"inbound": 1}, {"inbound": 1}, 600) == (
+        summary.frames, summary.missing_frames, summary.out_of_order_frames,
+        summary.duration_ms)
+
+
+def test_audio_sent_back_goes_in_multiples_of_320_bytes() -> None:
+    sent: list[bytes] = []
+    session = LiveSession(wake=lambda: sent.extend(session.data_to_send()),
+                          bidirectional=True, codec=ExotelCodec())
+    session.receive_message(start())
+    session.events_received()
+    session.send_audio(bytes(7000))
+    sizes = [len(base64.b64decode(json.loads(frame)["media"]["payload"])) for frame in sent]
+    assert [3200, 3200, 640] == sizes  # the tail padded with silence
+    assert all(json.loads(frame)["stream_sid"] == "MZ1" for frame in sent)
+
+
+@pytest.fixture
+async def server(transport: str, tmp_path: Path) -> AsyncIterator[StreamServer]:
+    recorder = resolve_handler("recorder", {"dir": str(tmp_path)}, key="handlers")
+    routes = (Route("/exotel", (HandlerSpec("log", LogHandler), recorder), bidirectional=True,
+                    provider="exotel"),)
+    server = StreamServer(Settings(port=0, routes=routes, transport=transport,
+                                   exotel_basic_auth=CREDENTIALS))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_the_bundled_session_replays_to_its_expected_outcome(
+        server: StreamServer, logs: LogEvents, tmp_path: Path) -> None:
+    fixture = load_fixture(FIXTURES / "exotel_voicebot.jsonl")
+    report = await replay([fixture], f"ws://127.0.0.1:{server.port}/exotel?lang=hi",
+                          speed=0, concurrency=2, headers={"Authorization": BASIC})
+    assert (2, 0) == (len(report.sessions), report.failed), report.sessions[0].error
+    await until(lambda: len(events(logs, "stream.stopped")) == 2)
+    for session in report.sessions:
+        outcome = {event: line for event in ("stream.started", "stream.stopped")
+                   for line in events(logs, event) if line["stream_sid"] == session.stream_sid}
+        expect = dict(session.expect)
+        expect["custom_parameters"] = {"lang": "hi", **expect["custom_parameters"]}
+        assert [] == differences(expect, outcome)
+        assert "exotel" == outcome["stream.started"]["provider"]
+    assert 2 == len(list(tmp_path.rglob("*.wav")))
+
+
+@pytest.mark.parametrize(("authorization", "reason"), [
+    (None, "missing_token"), ("Basic " + base64.b64encode(b"exokey:wrong").decode(),
+                              "bad_token")])
+async def test_basic_credentials_are_checked(server: StreamServer, logs: LogEvents,
+                                             authorization: str | None, reason: str) -> None:
+    fixture = load_fixture(FIXTURES / "exotel_voicebot.jsonl")
+    headers = {"Authorization": authorization} if authorization else {}
+    report = await replay([fixture], f"ws://127.0.0.1:{server.port}/exotel", speed=0,
+                          headers=headers)
+    assert "HTTP 403" in (report.sessions[0].error or "")
+    assert reason == events(logs, "handshake.rejected")[0]["reason"]
