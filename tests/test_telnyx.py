@@ -189,3 +189,10 @@ def test_fixture_synth_makes_a_telnyx_session(tmp_path: Path) -> None:
     assert fixture.call_sid().startswith("v3:")  # type: ignore[union-attr]
     opening = json.loads(fixture.frames[1].text)
     assert ("start", fixture.stream_sid()) == (opening["event"], opening["stream_id"])
+
+
+def test_an_event_of_a_kind_it_does_not_know_is_ignored_not_refused() -> None:
+    event = TelnyxCodec().parse(b'{"event":"future_thing","stream_id":"S1"}')
+    assert wire.UnknownEvent("future_thing") == event
+    with pytest.raises(RemoteProtocolError, match="invalid media"):
+        TelnyxCodec().parse(b'{"event":"media","stream_id":"S1"}')

@@ -30,7 +30,6 @@ load balancer).
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Mapping
 from typing import Final
 from urllib.parse import parse_qsl
@@ -39,6 +38,7 @@ import msgspec
 
 from streamsvc.exceptions import RemoteProtocolError
 
+from . import snake
 from . import twilio as common
 
 __all__ = ["QUERY_HEADER", "ExotelCodec"]
@@ -46,7 +46,6 @@ __all__ = ["QUERY_HEADER", "ExotelCodec"]
 # The transports pass the upgrade URL's query string to codecs under this pseudo-header
 # (no real header name starts with a colon).
 QUERY_HEADER: Final = ":query"
-_DIGIT: Final = re.compile(r"[0-9*#A-D]")
 _KINDS: Final = ("connected", "start", "media", "dtmf", "mark", "stop")
 # Outbound audio: Exotel wants multiples of 320 bytes, 3.2 kB to 100 kB a message.
 OUT_MULTIPLE: Final = 320
@@ -91,21 +90,13 @@ class _Media(msgspec.Struct, frozen=True, tag="media", tag_field="event"):
     sequence_number: common.WireInt | None = None
 
 
-class _DigitBody(msgspec.Struct, frozen=True):
-    digit: str
-
-
 class _Dtmf(msgspec.Struct, frozen=True, tag="dtmf", tag_field="event"):
-    dtmf: _DigitBody
+    dtmf: snake.DigitBody
     stream_sid: str | None = None
 
 
-class _NameBody(msgspec.Struct, frozen=True):
-    name: str
-
-
 class _Mark(msgspec.Struct, frozen=True, tag="mark", tag_field="event"):
-    mark: _NameBody
+    mark: snake.NameBody
     stream_sid: str | None = None
 
 
@@ -142,15 +133,9 @@ class ExotelCodec:
 
     def parse(self, frame: bytes | str) -> common.Event:
         """One inbound text frame as a common event; raises RemoteProtocolError."""
-        try:
-            message = _decoder.decode(frame)
-        except msgspec.ValidationError as exc:
-            _, kind = common.tagged_object(frame, "event")
-            if kind in _KINDS:
-                raise RemoteProtocolError(f"invalid {kind}: {exc}") from None
-            return common.UnknownEvent(kind)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"not JSON: {exc}") from None
+        message = snake.decode(_decoder, frame, _KINDS)
+        if isinstance(message, common.UnknownEvent):
+            return message
         if isinstance(message, _Media):
             body = message.media
             if not self._measured:  # before the session counts the track's frames
@@ -161,12 +146,9 @@ class ExotelCodec:
         if isinstance(message, _Start):
             return self._start(message)
         if isinstance(message, _Dtmf):
-            digit = message.dtmf.digit
-            if not _DIGIT.fullmatch(digit):
-                raise RemoteProtocolError(f"invalid dtmf: not a key: {digit[:20]!r}")
-            return common.Dtmf(common._DtmfBody("inbound_track", digit), message.stream_sid)
+            return snake.dtmf(message.dtmf, message.stream_sid)
         if isinstance(message, _Mark):
-            return common.Mark(common._MarkBody(message.mark.name), message.stream_sid)
+            return snake.mark(message.mark, message.stream_sid)
         if isinstance(message, _Stop):
             return common.Stop(message.stream_sid)
         return common.Connected(None, None)

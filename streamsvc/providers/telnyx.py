@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from typing import Final
 
 import msgspec
@@ -42,12 +41,12 @@ import msgspec
 from streamsvc.audio import alaw_to_pcm16, byteswap16, pcm16_to_alaw
 from streamsvc.exceptions import RemoteProtocolError
 
+from . import snake
 from . import twilio as common
 
 __all__ = ["TOKEN_HEADER", "TelnyxCodec"]
 
 TOKEN_HEADER: Final = "x-telnyx-streaming-auth-token"
-_DIGIT: Final = re.compile(r"[0-9*#A-D]")
 # What each encoding becomes for handlers (``native_encoding``).
 _NATIVE: Final = {"PCMU": "mulaw", "PCMA": "pcm16", "L16": "pcm16"}
 _KINDS: Final = ("connected", "start", "media", "dtmf", "mark", "stop", "error")
@@ -89,21 +88,13 @@ class _Media(msgspec.Struct, frozen=True, tag="media", tag_field="event"):
     sequence_number: common.WireInt | None = None
 
 
-class _DigitBody(msgspec.Struct, frozen=True):
-    digit: str
-
-
 class _Dtmf(msgspec.Struct, frozen=True, tag="dtmf", tag_field="event"):
-    dtmf: _DigitBody
+    dtmf: snake.DigitBody
     stream_id: str | None = None
 
 
-class _NameBody(msgspec.Struct, frozen=True):
-    name: str
-
-
 class _Mark(msgspec.Struct, frozen=True, tag="mark", tag_field="event"):
-    mark: _NameBody
+    mark: snake.NameBody
     stream_id: str | None = None
 
 
@@ -156,26 +147,17 @@ class TelnyxCodec:
 
     def parse(self, frame: bytes | str) -> common.Event:
         """One inbound text frame as a common event; raises RemoteProtocolError."""
-        try:
-            message = _decoder.decode(frame)
-        except msgspec.ValidationError as exc:
-            _, kind = common.tagged_object(frame, "event")
-            if kind in _KINDS:
-                raise RemoteProtocolError(f"invalid {kind}: {exc}") from None
-            return common.UnknownEvent(kind)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"not JSON: {exc}") from None
+        message = snake.decode(_decoder, frame, _KINDS)
+        if isinstance(message, common.UnknownEvent):
+            return message
         if isinstance(message, _Media):
             return self._media(message)
         if isinstance(message, _Start):
             return self._start(message)
         if isinstance(message, _Dtmf):
-            digit = message.dtmf.digit
-            if not _DIGIT.fullmatch(digit):
-                raise RemoteProtocolError(f"invalid dtmf: not a key: {digit[:20]!r}")
-            return common.Dtmf(common._DtmfBody("inbound_track", digit), message.stream_id)
+            return snake.dtmf(message.dtmf, message.stream_id)
         if isinstance(message, _Mark):
-            return common.Mark(common._MarkBody(message.mark.name), message.stream_id)
+            return snake.mark(message.mark, message.stream_id)
         if isinstance(message, _Stop):
             return common.Stop(message.stream_id)
         if isinstance(message, _Error):

@@ -1,0 +1,52 @@
+"""What the snake_case JSON providers (Telnyx, Exotel) share: their key-press and mark
+bodies, and how one of their frames is decoded or refused with a reason."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import msgspec
+
+from streamsvc.exceptions import RemoteProtocolError
+
+from . import twilio as common
+
+__all__ = ["DigitBody", "NameBody", "decode", "dtmf", "mark"]
+
+_DIGIT: Final = re.compile(r"[0-9*#A-D]")
+
+
+class DigitBody(msgspec.Struct, frozen=True):
+    digit: str
+
+
+class NameBody(msgspec.Struct, frozen=True):
+    name: str
+
+
+def decode(decoder: msgspec.json.Decoder[Any], frame: bytes | str,
+           kinds: tuple[str, ...]) -> Any:
+    """``frame`` decoded; a known kind (``kinds``) that does not validate is a bad frame
+    (RemoteProtocolError naming it), an unknown kind an :class:`UnknownEvent` (ignored,
+    counted), and anything but JSON a bad frame."""
+    try:
+        return decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        _, kind = common.tagged_object(frame, "event")
+        if kind in kinds:
+            raise RemoteProtocolError(f"invalid {kind}: {exc}") from None
+        return common.UnknownEvent(kind)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"not JSON: {exc}") from None
+
+
+def dtmf(body: DigitBody, stream_id: str | None) -> common.Dtmf:
+    """A key press as the common event; a digit that is no key is a bad frame."""
+    if not _DIGIT.fullmatch(body.digit):
+        raise RemoteProtocolError(f"invalid dtmf: not a key: {body.digit[:20]!r}")
+    return common.Dtmf(common._DtmfBody("inbound_track", body.digit), stream_id)
+
+
+def mark(body: NameBody, stream_id: str | None) -> common.Mark:
+    return common.Mark(common._MarkBody(body.name), stream_id)
