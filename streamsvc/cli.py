@@ -47,9 +47,10 @@ WORKER_RESTARTS = 10
 WORKER_RESTART_MAX_S = 30.0
 
 DESCRIPTION = """\
-A Twilio Media Streams consumer. Point <Start><Stream url="wss://HOST/stream"> or
-<Connect><Stream> at it; each stream becomes a session whose ids and custom parameters are
-bound into every log line, and whose frames reach the route's handlers.
+A media-stream consumer (Twilio, ACS, Telnyx, SignalWire, Exotel). Point Twilio's
+<Start><Stream url="wss://HOST/stream"> or <Connect><Stream> at it (or another provider's
+stream at a route that names it); each stream becomes a session whose ids and custom
+parameters are bound into every log line, and whose frames reach the route's handlers.
 """
 
 
