@@ -47,7 +47,7 @@ WORKER_RESTARTS = 10
 WORKER_RESTART_MAX_S = 30.0
 
 DESCRIPTION = """\
-A media-stream consumer (Twilio, ACS, Telnyx, SignalWire, Exotel). Point Twilio's
+A media-stream consumer (Twilio, ACS, Telnyx, SignalWire, Exotel, Plivo). Point Twilio's
 <Start><Stream url="wss://HOST/stream"> or <Connect><Stream> at it (or another provider's
 stream at a route that names it); each stream becomes a session whose ids and custom
 parameters are bound into every log line, and whose frames reach the route's handlers.
@@ -185,13 +185,14 @@ def _parser() -> argparse.ArgumentParser:
         "tracks interleaved when --outbound is given. The header carries the expected outcome.",
     )
     synth.add_argument("--provider",
-                       choices=["twilio", "acs", "telnyx", "signalwire", "exotel"],
+                       choices=["twilio", "acs", "telnyx", "signalwire", "exotel", "plivo"],
                        default="twilio",
                        help="whose frames to write (default twilio); acs: AudioMetadata, "
                        "AudioData in PCM16, DtmfData, no stop; telnyx: snake_case frames "
                        "with stream_id and the call control id (--call-sid, --stream-sid); "
                        "signalwire: Twilio's frames (PCMU), marked as SignalWire's; exotel: "
-                       "raw PCM16 8 kHz in 100 ms messages, snake_case")
+                       "raw PCM16 8 kHz in 100 ms messages, snake_case; plivo: camelCase, "
+                       "--param as extra_headers, marks as playedStream, no stop")
     synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
     synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
                        help="acs: another participant's audio; makes the stream unmixed "

@@ -15,6 +15,7 @@ from .fixtures import FixtureFrame, dump_fixture
 from .synth import SessionPlan, expected_outcome, read_wav, synthesize
 from .synth_acs import AcsPlan, acs_header, synthesize_acs
 from .synth_exotel import exotel_expected, synthesize_exotel
+from .synth_plivo import plivo_expected, synthesize_plivo
 from .synth_telnyx import synthesize_telnyx, telnyx_expected
 
 __all__ = ["split_pair", "synth"]
@@ -41,7 +42,12 @@ def synth(args: argparse.Namespace) -> int:
                                    else "CA" + secrets.token_hex(16)),
         account_sid=args.account_sid or "AC" + secrets.token_hex(16),
     )
-    if args.provider == "exotel":
+    if args.provider == "plivo":
+        path = args.path if args.path != "/stream" else "/plivo"
+        header = {"description": args.description, "path": path, "provider": "plivo",
+                  "expect": plivo_expected(plan)}
+        frames = synthesize_plivo(plan)
+    elif args.provider == "exotel":
         path = args.path if args.path != "/stream" else "/exotel"
         header = {"description": args.description, "path": path, "provider": "exotel",
                   "expect": exotel_expected(plan)}

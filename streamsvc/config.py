@@ -102,6 +102,7 @@ class Settings:
     signalwire_token: str | None = field(default=None, repr=False)
     signalwire_l16_little_endian: bool = False
     exotel_basic_auth: str | None = field(default=None, repr=False)
+    plivo_auth_token: str | None = field(default=None, repr=False)
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -249,6 +250,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "KEY:TOKEN of the applet's wss://KEY:TOKEN@host/path URL: when set, upgrades "
             "on exotel routes need Authorization: Basic with it (403 otherwise)",
             secret=True),
+    Setting("plivo_auth_token", ("STREAMSVC_PLIVO_AUTH_TOKEN", "PLIVO_AUTH_TOKEN"), str,
+            "the Plivo account's auth token: when set, upgrades on plivo routes need a "
+            "valid X-Plivo-Signature-V3 over public_url (403 otherwise)", secret=True),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,
@@ -409,6 +413,9 @@ def _check_security(settings: Settings) -> None:
             raise ConfigError("public_url", "must be the public origin, optionally with a path "
                               "prefix, like wss://voice.example.com or "
                               f"https://api.example.com/voice; got {settings.public_url!r}")
+    if settings.plivo_auth_token and settings.public_url is None:
+        raise ConfigError("public_url", "is needed to check Plivo's signatures when "
+                          "plivo_auth_token is set: the origin Plivo connects to")
     if settings.auth_tokens and settings.public_url is None:
         raise ConfigError("public_url", "is needed to check signatures when an auth token "
                           "is set (Twilio signs the URL it was given, not the Host header)")

@@ -91,8 +91,9 @@ class Fixture:
                                       else "stream_sid")
                     return sid if isinstance(sid, str) else None
                 start = message.get("start")
-                if isinstance(start, dict) and isinstance(start.get("streamSid"), str):
-                    return str(start["streamSid"])
+                key = "streamId" if self.provider == "plivo" else "streamSid"
+                if isinstance(start, dict) and isinstance(start.get(key), str):
+                    return str(start[key])
         return None
 
     def call_sid(self) -> str | None:
@@ -100,7 +101,8 @@ class Fixture:
         header's upgrade headers carry; None when there is none."""
         if self.provider == "acs":
             return self.headers.get("x-ms-call-connection-id")
-        key = {"telnyx": "call_control_id", "exotel": "call_sid"}.get(self.provider, "callSid")
+        key = {"telnyx": "call_control_id", "exotel": "call_sid",
+               "plivo": "callId"}.get(self.provider, "callSid")
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":

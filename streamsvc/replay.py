@@ -44,6 +44,8 @@ __all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_sessi
 CLIENT_MAX_MESSAGE_BYTES = 1 << 20
 # Outbound audio is 8 kHz mu-law: one byte per sample.
 PLAYBACK_BYTES_PER_SECOND = 8000
+# Plivo's outbound commands, as the common ones.
+_PLIVO_OUT = {"playAudio": "media", "checkpoint": "mark", "clearAudio": "clear"}
 
 
 @dataclass(slots=True)
@@ -320,6 +322,7 @@ class _TwilioPeer:
         now = time.monotonic()
         kind = event.get("event") or {"AudioData": "media", "StopAudio": "clear"}.get(
             str(event.get("Kind")))  # ACS's outbound frames
+        kind = _PLIVO_OUT.get(str(kind), kind)
         if kind == "media":
             body = event.get("media") or event.get("AudioData") or {}
             payload = str(body.get("payload") or body.get("Data") or "")
@@ -327,7 +330,7 @@ class _TwilioPeer:
             self.result.audio_bytes_received += size
             self.playback_ends = max(self.playback_ends, now) + size / self.bytes_per_second
         elif kind == "mark":
-            name = str(event.get("mark", {}).get("name", ""))
+            name = str((event.get("mark") or event).get("name", ""))  # Plivo: top-level
             self.pending.append((max(self.playback_ends, now), name))
             self.wakeup.set()
         elif kind == "clear":
@@ -358,7 +361,10 @@ class _TwilioPeer:
 
     def _echo(self, name: str) -> None:
         self.sequence_number += 1
-        if self.provider in ("telnyx", "exotel"):  # snake_case
+        if self.provider == "plivo":  # a checkpoint reached
+            echo = json.dumps({"event": "playedStream", "streamId": self.stream_sid,
+                               "name": name})
+        elif self.provider in ("telnyx", "exotel"):  # snake_case
             key = "stream_id" if self.provider == "telnyx" else "stream_sid"
             echo = json.dumps({"event": "mark", "sequence_number": str(self.sequence_number),
                                key: self.stream_sid, "mark": {"name": name}})

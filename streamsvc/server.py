@@ -25,6 +25,7 @@ from .live import LiveSession
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, WorkerShare
 from .providers.acs_auth import AcsAuthenticator
+from .providers.plivo import signature_ok as plivo_signature_ok
 from .signature import signature_problem
 from .transports import websockets_transport
 from .web.acs_events import AcsEvents
@@ -234,13 +235,15 @@ class StreamServer:
 
     def admit(self, path: str, signature: str | None, *, repeated_signature: bool = False,
               authorization: str | None = None,
-              telnyx_token: str | None = None) -> HttpResponse | None:
+              telnyx_token: str | None = None,
+              plivo: tuple[str | None, str | None, str] = (None, None, "")
+              ) -> HttpResponse | None:
         """The refusal of a stream handshake for ``path`` (without the public prefix)
         carrying ``signature`` (Twilio) or ``authorization`` (ACS's bearer token), logged
         and counted, or None to accept it. Every transport asks this. A handshake with more
         than one signature header is refused."""
         refusal = self._refusal(path, signature, repeated_signature, authorization,
-                                telnyx_token)
+                                telnyx_token, plivo)
         if refusal is not None:
             status, reason = refusal
             self.metrics.handshakes_rejected[reason] += 1
@@ -250,7 +253,9 @@ class StreamServer:
 
     def _refusal(self, path: str, signature: str | None, repeated_signature: bool,
                  authorization: str | None,
-                 telnyx_token: str | None = None) -> tuple[http.HTTPStatus, str] | None:
+                 telnyx_token: str | None = None,
+                 plivo: tuple[str | None, str | None, str] = (None, None, ""),
+                 ) -> tuple[http.HTTPStatus, str] | None:
         route = self.settings.route_for(path)
         forbidden = http.HTTPStatus.FORBIDDEN
         if route is None:
@@ -258,6 +263,16 @@ class StreamServer:
         if route.provider == "acs":
             if self.acs_auth and (problem := self.acs_auth.problem(authorization)):
                 return forbidden, problem
+        elif route.provider == "plivo":
+            token = self.settings.plivo_auth_token
+            if token:
+                plivo_signature, nonce, query = plivo
+                base = self.settings.public_base("ws")
+                url = f"{base}{path}" + (f"?{query}" if query else "")
+                if not plivo_signature or not nonce:
+                    return forbidden, "missing_signature"
+                if not plivo_signature_ok(token, url, plivo_signature, nonce):
+                    return forbidden, "bad_signature"
         elif route.provider in ("telnyx", "signalwire", "exotel"):
             if route.provider == "telnyx":
                 expected, given = self.settings.telnyx_stream_token, telnyx_token

@@ -3,7 +3,7 @@ common events (:mod:`streamsvc.wire`) and its outbound commands (audio, mark, cl
 the provider's frames.
 
 A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``,
-``"signalwire"`` or ``"exotel"``); each stream connection gets a new codec from
+``"signalwire"``, ``"exotel"`` or ``"plivo"``); each stream connection gets a new codec from
 :func:`codec_for`, built from the upgrade request's headers. What a codec offers
 (:class:`Codec`): ``parse`` (one frame in, one event out, or
 :class:`~streamsvc.exceptions.RemoteProtocolError`), the ``serialize_*`` verbs, the track
@@ -19,6 +19,7 @@ from typing import Final, Protocol
 from . import twilio
 from .acs import AcsCodec
 from .exotel import ExotelCodec
+from .plivo import PlivoCodec
 from .signalwire import SignalWireCodec
 from .telnyx import TelnyxCodec
 
@@ -90,7 +91,7 @@ class TwilioCodec:
 
 
 TWILIO: Final = TwilioCodec()
-PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel")
+PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo")
 
 
 def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
@@ -105,6 +106,8 @@ def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = Fals
         return TWILIO
     if provider == "telnyx":
         return TelnyxCodec()
+    if provider == "plivo":
+        return PlivoCodec()
     if provider == "exotel":
         return ExotelCodec(headers)
     if provider == "signalwire":

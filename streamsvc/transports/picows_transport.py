@@ -39,6 +39,8 @@ from streamsvc.config import Route
 from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.providers.exotel import QUERY_HEADER
+from streamsvc.providers.plivo import NONCE_HEADER as PLIVO_NONCE_HEADER
+from streamsvc.providers.plivo import SIGNATURE_V3_HEADER as PLIVO_SIGNATURE_HEADER
 from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
 from streamsvc.session import State, StopReason
 from streamsvc.signature import SIGNATURE_HEADER
@@ -159,7 +161,10 @@ def _route(server: StreamServer,
     answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
                           repeated_signature=len(signatures) > 1,
                           authorization=request.headers.get("Authorization"),
-                          telnyx_token=request.headers.get(TELNYX_TOKEN_HEADER))
+                          telnyx_token=request.headers.get(TELNYX_TOKEN_HEADER),
+                          plivo=(request.headers.get(PLIVO_SIGNATURE_HEADER),
+                                 request.headers.get(PLIVO_NONCE_HEADER),
+                                 urlsplit(request.path.decode("latin-1")).query))
     if answer is None:
         route = server.settings.route_for(path)
         assert route is not None  # admit() refuses unknown paths
