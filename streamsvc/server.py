@@ -257,13 +257,58 @@ class StreamServer:
                  plivo: tuple[str | None, str | None, str] = (None, None, ""),
                  ) -> tuple[http.HTTPStatus, str] | None:
         route = self.settings.route_for(path)
-        forbidden = http.HTTPStatus.FORBIDDEN
         if route is None:
             return http.HTTPStatus.NOT_FOUND, "no_route"
-        if route.provider == "acs":
+        credentials = (signature, repeated_signature, authorization, telnyx_token, plivo)
+        provider: str | None = route.provider
+        if provider == "auto":
+            provider = self._auto_provider(*credentials)
+        if provider is None:
+            return http.HTTPStatus.FORBIDDEN, "missing_token"
+        refusal = self._credential_refusal(provider, path, *credentials)
+        if refusal is not None:
+            return refusal
+        if self.draining or self._shutting_down:
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
+        if self.active_calls >= self.settings.max_connections:
+            return http.HTTPStatus.SERVICE_UNAVAILABLE, "busy"
+        return None
+
+    def _credentials_configured(self) -> bool:
+        s = self.settings
+        return bool(s.auth_tokens or self.acs_auth or s.telnyx_stream_token
+                    or s.signalwire_token or s.exotel_basic_auth or s.plivo_auth_token)
+
+    def _auto_provider(self, signature: str | None, repeated_signature: bool,
+                       authorization: str | None, telnyx_token: str | None,
+                       plivo: tuple[str | None, str | None, str]) -> str | None:
+        """On a ``provider = "auto"`` route, whose credential the upgrade carries (its
+        provider's check applies); "twilio" (no check) when no provider has one configured,
+        None when one has and the upgrade carries none (refused)."""
+        bearer = _bearer(authorization)
+        if signature or repeated_signature:
+            return "twilio"
+        if telnyx_token:
+            return "telnyx"
+        if plivo[0] or plivo[1]:
+            return "plivo"
+        if _basic(authorization):
+            return "exotel"
+        if bearer:  # ACS signs JWTs (three dot-separated parts); SignalWire a plain token
+            return "acs" if self.acs_auth and bearer.count(".") == 2 else "signalwire"
+        return None if self._credentials_configured() else "twilio"
+
+    def _credential_refusal(self, provider: str, path: str, signature: str | None,
+                            repeated_signature: bool, authorization: str | None,
+                            telnyx_token: str | None,
+                            plivo: tuple[str | None, str | None, str],
+                            ) -> tuple[http.HTTPStatus, str] | None:
+        """Why ``provider``'s credential check refuses this upgrade, or None."""
+        forbidden = http.HTTPStatus.FORBIDDEN
+        if provider == "acs":
             if self.acs_auth and (problem := self.acs_auth.problem(authorization)):
                 return forbidden, problem
-        elif route.provider == "plivo":
+        elif provider == "plivo":
             token = self.settings.plivo_auth_token
             if token:
                 plivo_signature, nonce, query = plivo
@@ -273,10 +318,10 @@ class StreamServer:
                     return forbidden, "missing_signature"
                 if not plivo_signature_ok(token, url, plivo_signature, nonce):
                     return forbidden, "bad_signature"
-        elif route.provider in ("telnyx", "signalwire", "exotel"):
-            if route.provider == "telnyx":
+        elif provider in ("telnyx", "signalwire", "exotel"):
+            if provider == "telnyx":
                 expected, given = self.settings.telnyx_stream_token, telnyx_token
-            elif route.provider == "exotel":
+            elif provider == "exotel":
                 expected, given = self.settings.exotel_basic_auth, _basic(authorization)
             else:
                 expected, given = self.settings.signalwire_token, _bearer(authorization)
@@ -289,10 +334,6 @@ class StreamServer:
             return forbidden, "bad_signature"
         elif self.settings.auth_tokens and (problem := self._signature_problem(signature, path)):
             return forbidden, problem
-        if self.draining or self._shutting_down:
-            return http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
-        if self.active_calls >= self.settings.max_connections:
-            return http.HTTPStatus.SERVICE_UNAVAILABLE, "busy"
         return None
 
     def probe(self, path: str) -> HttpResponse | None:

@@ -18,6 +18,7 @@ from typing import Final, Protocol
 
 from . import twilio
 from .acs import AcsCodec
+from .auto import AutoCodec
 from .exotel import ExotelCodec
 from .plivo import PlivoCodec
 from .signalwire import SignalWireCodec
@@ -91,7 +92,7 @@ class TwilioCodec:
 
 
 TWILIO: Final = TwilioCodec()
-PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo")
+PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "auto")
 
 
 def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
@@ -100,6 +101,10 @@ def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = Fals
     """A codec for one stream of ``provider``, given its upgrade request's headers
     (lower-case names); ``context`` looks a call's stored context up by the id the
     provider's upgrade carries (ACS: the correlation id)."""
+    if provider == "auto":
+        return AutoCodec(headers, lambda name: codec_for(
+            name, headers, unmixed=unmixed, context=context,
+            l16_little_endian=l16_little_endian))
     if provider == "acs":
         return AcsCodec(headers, unmixed=unmixed, context=context)
     if provider == "twilio":

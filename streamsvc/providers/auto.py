@@ -1,0 +1,136 @@
+"""``provider = "auto"``: the provider told from the upgrade and the first message, as
+pipecat's runner does, then that provider's codec for the rest of the stream. Sans-I/O.
+
+From the upgrade's headers first: ``x-ms-call-connection-id`` (ACS),
+``x-telnyx-streaming-auth-token`` (Telnyx), ``x-plivo-signature-v3`` (Plivo),
+``X-Twilio-Signature`` (Twilio), ``Authorization: Basic`` (Exotel), ``Authorization:
+Bearer`` (SignalWire). Else from the first message: ``{"kind":…}`` is ACS's; ``connected``
+with a ``version`` and no ``protocol`` Telnyx's, with neither Exotel's; a ``start`` with
+``start.callId`` Plivo's, with a top-level ``stream_id`` Telnyx's, ``stream_sid`` Exotel's.
+Twilio's protocol without a credential that names the provider (Twilio and SignalWire speak
+it alike) is ambiguous: refused with that reason (a bad frame; the stream never starts),
+not guessed. Name the provider on the route to take such streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import msgspec
+
+from streamsvc.exceptions import RemoteProtocolError
+
+from . import twilio as common
+
+__all__ = ["AutoCodec", "provider_from_headers", "provider_from_message"]
+
+_FRAME_MS: Final = 20
+_any: Final = msgspec.json.Decoder()
+
+
+def provider_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The provider the upgrade's headers (lower-case names) name, or None."""
+    if headers.get("x-ms-call-connection-id"):
+        return "acs"
+    if headers.get("x-telnyx-streaming-auth-token"):
+        return "telnyx"
+    if headers.get("x-plivo-signature-v3"):
+        return "plivo"
+    if headers.get("x-twilio-signature"):
+        return "twilio"
+    scheme = headers.get("authorization", "").partition(" ")[0].lower()
+    return {"basic": "exotel", "bearer": "signalwire"}.get(scheme)
+
+
+def provider_from_message(frame: bytes | str) -> str:
+    """The provider a first message is from; RemoteProtocolError when it cannot be told."""
+    try:
+        message = _any.decode(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise RemoteProtocolError("not a JSON object: cannot tell the provider")
+    if "kind" in message:
+        return "acs"
+    event = message.get("event")
+    start = message.get("start")
+    start = start if isinstance(start, dict) else {}
+    if event == "connected" and "protocol" not in message:
+        return "telnyx" if "version" in message else "exotel"
+    if event == "start" and "callId" in start:
+        return "plivo"
+    if "stream_id" in message:
+        return "telnyx"
+    if "stream_sid" in message:
+        return "exotel"
+    if event in ("connected", "start") or "streamSid" in message:
+        raise RemoteProtocolError(
+            "ambiguous provider: Twilio's protocol (Twilio or SignalWire) and no "
+            "X-Twilio-Signature or bearer token on the upgrade: name the route's provider")
+    raise RemoteProtocolError(f"cannot tell the provider from a {str(event)[:40]!r} message")
+
+
+class AutoCodec:
+    """A stream whose provider is told from its upgrade and first message (see the
+    module docstring); ``make`` builds the chosen provider's codec."""
+
+    def __init__(self, headers: Mapping[str, str], make: Callable[[str], Any]) -> None:
+        self._make = make
+        hint = provider_from_headers(headers)
+        self.chosen: Any = make(hint) if hint else None
+
+    def _codec(self) -> Any:
+        if self.chosen is None:
+            raise RemoteProtocolError("the provider is not known yet")
+        return self.chosen
+
+    @property
+    def provider(self) -> str:
+        return str(self.chosen.provider) if self.chosen else "auto"
+
+    @property
+    def tracks(self) -> frozenset[str] | None:
+        return self.chosen.tracks if self.chosen else frozenset({"inbound", "outbound"})
+
+    @property
+    def max_tracks(self) -> int:
+        return int(self.chosen.max_tracks) if self.chosen else 2
+
+    @property
+    def stops_on_close(self) -> bool:
+        return bool(self.chosen.stops_on_close) if self.chosen else False
+
+    @property
+    def has_marks(self) -> bool:
+        return bool(self.chosen.has_marks) if self.chosen else True
+
+    @property
+    def native_encoding(self) -> str:
+        return str(self.chosen.native_encoding) if self.chosen else "mulaw"
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.chosen.correlation_id if self.chosen else None
+
+    @property
+    def frame_ms(self) -> int:
+        return int(getattr(self.chosen, "frame_ms", _FRAME_MS))
+
+    @property
+    def chunk_bytes(self) -> int | None:
+        return getattr(self.chosen, "chunk_bytes", None)
+
+    def parse(self, frame: bytes | str) -> common.Event:
+        if self.chosen is None:
+            self.chosen = self._make(provider_from_message(frame))
+        return self.chosen.parse(frame)  # type: ignore[no-any-return]
+
+    def serialize_media(self, stream_sid: str, payload: bytes) -> bytes:
+        return self._codec().serialize_media(stream_sid, payload)  # type: ignore[no-any-return]
+
+    def serialize_mark(self, stream_sid: str, name: str) -> bytes | None:
+        return self._codec().serialize_mark(stream_sid, name)  # type: ignore[no-any-return]
+
+    def serialize_clear(self, stream_sid: str) -> bytes:
+        return self._codec().serialize_clear(stream_sid)  # type: ignore[no-any-return]
