@@ -116,3 +116,13 @@ async def test_basic_credentials_are_checked(server: StreamServer, logs: LogEven
                           headers=headers)
     assert "HTTP 403" in (report.sessions[0].error or "")
     assert reason == events(logs, "handshake.rejected")[0]["reason"]
+
+
+def test_numeric_custom_parameters_become_text() -> None:
+    session = Session(codec=ExotelCodec())
+    session.receive_message(start(order="1"))
+    session.events_received()
+    other = Session(codec=ExotelCodec())
+    other.receive_message(start().replace('"custom_parameters": {}',
+                                          '"custom_parameters": {"order": 1}'))
+    assert dict(session.custom_parameters) == dict(other.custom_parameters) == {"order": "1"}

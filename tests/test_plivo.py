@@ -123,3 +123,12 @@ async def test_an_unsigned_or_badly_signed_upgrade_gets_403(
                           headers=headers)
     assert "HTTP 403" in (report.sessions[0].error or "")
     assert reason == events(logs, "handshake.rejected")[0]["reason"]
+
+
+def test_extra_headers_as_an_object_are_taken_too() -> None:
+    session = Session(codec=PlivoCodec())
+    session.receive_message(json.dumps({"event": "start", "start": {
+        "callId": "C1", "streamId": "S1", "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                         "sampleRate": 8000}},
+        "extra_headers": {"userId": 12345}}))
+    assert {"userId": "12345"} == dict(session.custom_parameters)

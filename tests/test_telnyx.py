@@ -196,3 +196,16 @@ def test_an_event_of_a_kind_it_does_not_know_is_ignored_not_refused() -> None:
     assert wire.UnknownEvent("future_thing") == event
     with pytest.raises(RemoteProtocolError, match="invalid media"):
         TelnyxCodec().parse(b'{"event":"media","stream_id":"S1"}')
+
+
+@pytest.mark.parametrize("parameters", [
+    {"customer_id": "c-1", "attempt": 2, "vip": True},
+    [{"name": "customer_id", "value": "c-1"}, {"name": "attempt", "value": 2},
+     {"name": "vip", "value": True}],
+])
+def test_custom_parameters_come_as_an_object_or_a_list_and_become_text(
+        parameters: object) -> None:
+    session = Session(codec=TelnyxCodec())
+    session.receive_message(start(custom_parameters=parameters))
+    assert {"customer_id": "c-1", "attempt": "2", "vip": "true"} == dict(
+        session.custom_parameters)

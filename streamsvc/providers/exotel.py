@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -64,7 +64,7 @@ class _StartBody(msgspec.Struct, frozen=True):
     call_sid: str
     stream_sid: str | None = None
     account_sid: str | None = None
-    custom_parameters: dict[str, str] = {}
+    custom_parameters: dict[str, Any] = {}
     media_format: _Format = _Format()
 
 
@@ -168,7 +168,7 @@ class ExotelCodec:
             raise RemoteProtocolError(f"invalid start: sample_rate "
                                       f"{body.media_format.sample_rate} (8000, 16000, 24000)")
         self.sample_rate = body.media_format.sample_rate
-        parameters = {**self.query_parameters, **body.custom_parameters}
+        parameters = {**self.query_parameters, **snake.parameters(body.custom_parameters)}
         media_format = common.MediaFormat(body.media_format.encoding, self.sample_rate, 1)
         return common.Start(common._StartBody(
             account_sid=body.account_sid, stream_sid=stream_sid, call_sid=body.call_sid,

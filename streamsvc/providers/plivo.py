@@ -66,7 +66,7 @@ class _StartBody(msgspec.Struct, frozen=True):
 class _Start(msgspec.Struct, frozen=True, tag="start", tag_field="event"):
     start: _StartBody
     sequenceNumber: common.WireInt | None = None
-    extra_headers: str = ""
+    extra_headers: str | dict[str, Any] = ""
 
 
 class _MediaBody(msgspec.Struct, frozen=True):
@@ -180,7 +180,8 @@ class PlivoCodec:
         return common.Start(common._StartBody(
             account_sid=body.accountId, stream_sid=body.streamId, call_sid=body.callId,
             tracks=tuple(body.tracks), media_format=media_format,
-            custom_parameters=extra_headers(start.extra_headers)),
+            custom_parameters=extra_headers(start.extra_headers)
+            if isinstance(start.extra_headers, str) else snake.parameters(start.extra_headers)),
             start.sequenceNumber, body.streamId)
 
     # Outbound

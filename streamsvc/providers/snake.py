@@ -41,6 +41,26 @@ def decode(decoder: msgspec.json.Decoder[Any], frame: bytes | str,
         raise RemoteProtocolError(f"not JSON: {exc}") from None
 
 
+def parameters(value: object) -> dict[str, str]:
+    """Custom parameters as providers send them: an object of names and values (values
+    that are numbers or booleans become text), or a list of ``{"name", "value"}`` objects
+    (Telnyx's Call Control form); anything else contributes nothing."""
+    if isinstance(value, dict):
+        return {str(name): _text(item) for name, item in value.items()
+                if isinstance(item, (str, int, float, bool))}
+    if isinstance(value, list):
+        return {str(item["name"]): _text(item.get("value", "")) for item in value
+                if isinstance(item, dict) and "name" in item
+                and isinstance(item.get("value", ""), (str, int, float, bool))}
+    return {}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def dtmf(body: DigitBody, stream_id: str | None) -> common.Dtmf:
     """A key press as the common event; a digit that is no key is a bad frame."""
     if not _DIGIT.fullmatch(body.digit):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -61,7 +61,7 @@ class _Format(msgspec.Struct, frozen=True):
 class _StartBody(msgspec.Struct, frozen=True):
     call_control_id: str
     media_format: _Format
-    custom_parameters: dict[str, str] = {}
+    custom_parameters: dict[str, Any] | list[Any] = {}
     client_state: str | None = None
 
 
@@ -173,7 +173,7 @@ class TelnyxCodec:
             raise RemoteProtocolError(f"invalid start: media_format.encoding {encoding!r} "
                                       f"cannot be decoded here (PCMU, PCMA, L16)")
         self.encoding = encoding
-        parameters = dict(body.custom_parameters)
+        parameters = snake.parameters(body.custom_parameters)
         if body.client_state:
             parameters["client_state"] = client_state_text(body.client_state)
         media_format = common.MediaFormat(encoding, body.media_format.sample_rate,
