@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
+import msgspec
 import structlog
 
 from . import wire
@@ -248,11 +249,7 @@ class CallCore:
             "stream_sid": session.stream_sid,
             "account_sid": session.account_sid,
             "tracks": list(session.tracks),
-            "media_format": {
-                "encoding": media_format.encoding,
-                "sample_rate": media_format.sample_rate,
-                "channels": media_format.channels,
-            } if media_format else None,
+            "media_format": msgspec.structs.asdict(media_format) if media_format else None,
             "custom_parameters": dict(session.custom_parameters),
             "path": session.path,
             "bidirectional": session.bidirectional,

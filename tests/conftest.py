@@ -24,6 +24,13 @@ def events(logs: LogEvents, name: str) -> LogEvents:
     return [entry for entry in logs if entry["event"] == name]
 
 
+def outcome_of(logs: LogEvents, stream_sid: str | None) -> dict[str, dict[str, Any]]:
+    """One stream's ``stream.started`` and ``stream.stopped`` lines, by event name (what
+    :func:`streamsvc.outcome.differences` compares with a fixture's ``expect``)."""
+    return {event: line for event in ("stream.started", "stream.stopped")
+            for line in events(logs, event) if line["stream_sid"] == stream_sid}
+
+
 async def until(predicate: Callable[[], object]) -> None:
     """Wait until ``predicate()`` holds (what the server logs or records), for up to 5 s."""
     for _ in range(1000):

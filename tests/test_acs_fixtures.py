@@ -23,7 +23,7 @@ from streamsvc.outcome import differences
 from streamsvc.replay import replay
 from streamsvc.server import StreamServer
 
-from .conftest import LogEvents, events, until
+from .conftest import LogEvents, events, outcome_of, until
 from .test_acs import AUDIENCE, KeySet, keys  # noqa: F401 (the module's fixture)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -74,8 +74,7 @@ async def test_each_acs_fixture_replays_to_its_expected_outcome(
     assert (2, 0) == (len(report.sessions), report.failed)
     await until(lambda: len(events(logs, "stream.stopped")) == 2)
     for session in report.sessions:
-        outcome = {event: line for event in ("stream.started", "stream.stopped")
-                   for line in events(logs, event) if line["stream_sid"] == session.stream_sid}
+        outcome = outcome_of(logs, session.stream_sid)
         assert [] == differences(session.expect, outcome)
 
 

@@ -29,7 +29,7 @@ from streamsvc.replay import replay
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
 
-from .conftest import LogEvents, events, until
+from .conftest import LogEvents, events, outcome_of, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 TELNYX_FIXTURES = sorted(path.name for path in FIXTURES.glob("telnyx_*.jsonl"))
@@ -150,8 +150,7 @@ async def test_each_telnyx_fixture_replays_to_its_expected_outcome(
     assert (2, 0) == (len(report.sessions), report.failed), report.sessions[0].error
     await until(lambda: len(events(logs, "stream.stopped")) == 2)
     for session in report.sessions:
-        outcome = {event: line for event in ("stream.started", "stream.stopped")
-                   for line in events(logs, event) if line["stream_sid"] == session.stream_sid}
+        outcome = outcome_of(logs, session.stream_sid)
         assert [] == differences(session.expect, outcome)
         assert "telnyx" == outcome["stream.started"]["provider"]
     wavs = sorted(tmp_path.rglob("*.wav"))

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Final
 
+import msgspec
 import numpy as np
 import orjson
 import structlog
@@ -398,11 +399,7 @@ def _sidecar(session: LiveSession, summary: CallSummary,
         "account_sid": session.account_sid,
         "path": session.path,
         "tracks": list(session.tracks),
-        "media_format": {
-            "encoding": media_format.encoding,
-            "sample_rate": media_format.sample_rate,
-            "channels": media_format.channels,
-        } if media_format else None,
+        "media_format": msgspec.structs.asdict(media_format) if media_format else None,
         "custom_parameters": dict(session.custom_parameters),
         "recording": recording,
         "summary": summary.log_fields(),
