@@ -185,20 +185,25 @@ def _parser() -> argparse.ArgumentParser:
         "tracks interleaved when --outbound is given. The header carries the expected outcome.",
     )
     synth.add_argument("--provider",
-                       choices=["twilio", "acs", "telnyx", "signalwire", "exotel", "plivo"],
+                       choices=["twilio", "acs", "telnyx", "signalwire", "exotel", "plivo",
+                                "vonage"],
                        default="twilio",
                        help="whose frames to write (default twilio); acs: AudioMetadata, "
                        "AudioData in PCM16, DtmfData, no stop; telnyx: snake_case frames "
                        "with stream_id and the call control id (--call-sid, --stream-sid); "
                        "signalwire: Twilio's frames (PCMU), marked as SignalWire's; exotel: "
                        "raw PCM16 8 kHz in 100 ms messages, snake_case; plivo: camelCase, "
-                       "--param as extra_headers, marks as playedStream, no stop")
+                       "--param as extra_headers, marks as playedStream, no stop; "
+                       "vonage: websocket:connected with --param and call_uuid (--call-sid) "
+                       "as the NCCO headers, binary PCM16 at --sample-rate, marks as "
+                       "websocket:notify, no stop")
     synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
     synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
                        help="acs: another participant's audio; makes the stream unmixed "
                        "(each participant a track; --inbound is 8:acs:caller)")
-    synth.add_argument("--sample-rate", type=int, choices=[16000, 24000], default=16000,
-                       help="acs: the stream's rate (default 16000)")
+    synth.add_argument("--sample-rate", type=int, choices=[8000, 16000, 24000],
+                       default=16000,
+                       help="acs (16000 or 24000), vonage: the stream's rate (default 16000)")
     synth.add_argument("--client-state", metavar="TEXT",
                        help="telnyx: the client_state the start carries (sent base64)")
     synth.add_argument("--correlation-id", metavar="ID",

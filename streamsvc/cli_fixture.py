@@ -1,4 +1,4 @@
-"""``streamsvc fixture synth``: fixture sessions from WAV audio, Twilio's or ACS's, with
+"""``streamsvc fixture synth``: fixture sessions from WAV audio, in any provider's format, with
 the expected outcome in the header (:mod:`streamsvc.synth`, :mod:`streamsvc.synth_acs`).
 Also the small parsers of the command line's ``NAME=VALUE``, ``D@Ts`` and ``I-J`` lists."""
 
@@ -17,6 +17,7 @@ from .synth_acs import AcsPlan, acs_header, synthesize_acs
 from .synth_exotel import exotel_expected, synthesize_exotel
 from .synth_plivo import plivo_expected, synthesize_plivo
 from .synth_telnyx import synthesize_telnyx, telnyx_expected
+from .synth_vonage import synthesize_vonage, vonage_expected
 
 __all__ = ["split_pair", "synth"]
 
@@ -24,25 +25,34 @@ __all__ = ["split_pair", "synth"]
 def synth(args: argparse.Namespace) -> int:
     if args.provider == "acs":
         return _synth_acs(args)
+    if args.provider == "vonage" and args.outbound:
+        raise ValueError("--outbound: Vonage streams carry one mixed track")
     parameters = None if args.no_custom_parameters else dict(
         split_pair(item, "=", "--param") for item in args.param
     )
     telnyx = args.provider == "telnyx"
+    vonage = args.provider == "vonage"
     plan = SessionPlan(
-        inbound=_read_wav(args.inbound, "--inbound"),
+        inbound=_read_wav(args.inbound, "--inbound", args.sample_rate if vonage else 8000),
         outbound=_read_wav(args.outbound, "--outbound") if args.outbound else None,
         custom_parameters=parameters,
         dtmf=_timed(args.dtmf, "--dtmf"),
         marks=_timed(args.mark, "--mark"),
         drop=frozenset(_indexes(args.drop, "--drop")),
         swap=frozenset(_indexes(args.swap, "--swap")),
-        stream_sid=args.stream_sid or (str(uuid.uuid4()) if telnyx
+        stream_sid=args.stream_sid or (str(uuid.uuid4()) if telnyx or vonage
                                        else "MZ" + secrets.token_hex(16)),
         call_sid=args.call_sid or ("v3:" + secrets.token_urlsafe(24) if telnyx
+                                   else str(uuid.uuid4()) if vonage
                                    else "CA" + secrets.token_hex(16)),
         account_sid=args.account_sid or "AC" + secrets.token_hex(16),
     )
-    if args.provider == "plivo":
+    if vonage:
+        path = args.path if args.path != "/stream" else "/vonage"
+        header = {"description": args.description, "path": path, "provider": "vonage",
+                  "expect": vonage_expected(plan, sample_rate=args.sample_rate)}
+        frames = synthesize_vonage(plan, sample_rate=args.sample_rate)
+    elif args.provider == "plivo":
         path = args.path if args.path != "/stream" else "/plivo"
         header = {"description": args.description, "path": path, "provider": "plivo",
                   "expect": plivo_expected(plan)}
@@ -70,6 +80,8 @@ def synth(args: argparse.Namespace) -> int:
 
 
 def _synth_acs(args: argparse.Namespace) -> int:
+    if args.sample_rate not in (16000, 24000):
+        raise ValueError("--sample-rate: ACS streams are 16000 or 24000 Hz")
     participants = {"8:acs:caller": _read_wav(args.inbound, "--inbound", args.sample_rate)}
     for item in args.participant:
         identity, wav = split_pair(item, "=", "--participant")

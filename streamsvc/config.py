@@ -103,6 +103,8 @@ class Settings:
     signalwire_l16_little_endian: bool = False
     exotel_basic_auth: str | None = field(default=None, repr=False)
     plivo_auth_token: str | None = field(default=None, repr=False)
+    vonage_token: str | None = field(default=None, repr=False)
+    vonage_signature_secret: str | None = field(default=None, repr=False)
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -253,6 +255,15 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("plivo_auth_token", ("STREAMSVC_PLIVO_AUTH_TOKEN", "PLIVO_AUTH_TOKEN"), str,
             "the Plivo account's auth token: when set, upgrades on plivo routes need a "
             "valid X-Plivo-Signature-V3 over public_url (403 otherwise)", secret=True),
+    Setting("vonage_token", ("STREAMSVC_VONAGE_TOKEN",), str,
+            "the value of the NCCO websocket endpoint's authorization {type: custom}: when "
+            "set, upgrades on vonage routes need Authorization: <it> or Bearer <it> "
+            "(403 otherwise)", secret=True),
+    Setting("vonage_signature_secret", ("STREAMSVC_VONAGE_SIGNATURE_SECRET",
+                                        "VONAGE_SIGNATURE_SECRET"), str,
+            "the Vonage account's signature secret, for an NCCO websocket endpoint with "
+            "authorization {type: vonage}: when set, upgrades on vonage routes need "
+            "Authorization: Bearer <a JWT it signed> (403 otherwise)", secret=True),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,

@@ -144,18 +144,20 @@ class CallCore:
                     bad_frames=self.session.bad_frames)
 
     def send_now(self, frame: bytes) -> None:
-        """Hand one outbound text frame to the transport without blocking."""
+        """Hand one outbound message to the transport without blocking: a binary frame when
+        it is a :class:`~streamsvc.wire.BinaryFrame`, else a text frame."""
         raise NotImplementedError
 
     def _now_ms(self) -> float:
         return (time.monotonic() - self.connected_at) * 1000
 
-    def receive(self, frame: bytes) -> None:
-        """Take one inbound message (the transport's callback calls this per message)."""
+    def receive(self, frame: bytes, binary: bool = False) -> None:
+        """Take one inbound message (the transport's callback calls this per message;
+        ``binary``: it came as a binary frame)."""
         session = self.session
         if session.state is State.STREAMING and not self._raw_wanted and self._held is None:
             # The hot path: one media frame from parse to handlers, no event list.
-            media = session.receive_media(frame)
+            media = session.receive_media(frame, binary)
             if media is not None:
                 self._on_media(media)
                 if session.bidirectional:
@@ -164,13 +166,13 @@ class CallCore:
         else:
             if session.state is State.AWAITING_START:
                 if len(self.early_frames) < EARLY_FRAMES_KEPT:
-                    self.early_frames.append(RawFrame(self._now_ms(), frame))
+                    self.early_frames.append(RawFrame(self._now_ms(), frame, binary=binary))
             elif self._held is not None:  # a fleet looks up the context: frames wait
                 if len(self.early_frames) < EARLY_FRAMES_KEPT + MAX_HELD_EVENTS:
-                    self.early_frames.append(RawFrame(self._now_ms(), frame))
+                    self.early_frames.append(RawFrame(self._now_ms(), frame, binary=binary))
             elif self._raw_wanted:
-                self.chain.on_raw_frame(RawFrame(self._now_ms(), frame))
-            session.receive_message(frame)
+                self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, binary=binary))
+            session.receive_message(frame, binary)
         for event in session.events_received():
             if type(event) is wire.Media:
                 self._on_media(event)
@@ -325,7 +327,8 @@ class CallCore:
         for frame in self.session.data_to_send():
             self.send_now(frame)
             if self.chain.wants_raw_frames:
-                self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, sent=True))
+                self.chain.on_raw_frame(RawFrame(self._now_ms(), frame, sent=True,
+                                                 binary=type(frame) is wire.BinaryFrame))
 
     async def finish(self, reason: StopReason) -> None:
         if self._starting is not None and not self._starting.done():

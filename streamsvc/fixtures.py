@@ -4,8 +4,9 @@ Two layouts are read (``docs/fixtures.md`` has the details):
 
 * **streamsvc fixtures**, JSON Lines: a header ``{"streamsvc_fixture": 1, ...}`` (description,
   URL ``path``, ``expect``-ed outcome), then ``{"at_ms": <ms since the socket opened>,
-  "frame": "<exact text frame>"}`` per frame, and optionally ``{"at_ms": …, "sent": "…"}``
-  lines for what a server sent (kept for reading, not replayed).
+  "frame": "<exact text frame>"}`` per frame, or ``{"at_ms": …, "binary": "<base64>"}`` for
+  a binary frame (Vonage's audio), and optionally ``{"at_ms": …, "sent": "…"}`` (or
+  ``"sent_binary"``) lines for what a server sent (kept for reading, not replayed).
 * **raw captures**: one bare Twilio message per line, as many apps log them. Media are
   paced by ``media.timestamp``, other messages go in order; a line that is not JSON is still
   sent as a text frame (that is how garbage-in fixtures are written).
@@ -15,6 +16,7 @@ The frame text is kept byte for byte so replays exercise the parser on real layo
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,10 +34,12 @@ class FixtureError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class FixtureFrame:
-    """One frame to send: ``at_ms`` after the socket opened, ``text`` exactly as recorded."""
+    """One frame to send: ``at_ms`` after the socket opened, ``text`` exactly as recorded;
+    a binary frame (Vonage's audio) has its bytes in ``binary`` and no text."""
 
     at_ms: float
     text: str
+    binary: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,7 @@ class Fixture:
 
     def stream_sid(self) -> str | None:
         """The stream's id as its opening message gives it (Twilio's ``start.streamSid``,
-        ACS's ``AudioMetadata.subscriptionId``), if there is one."""
+        ACS's ``AudioMetadata.subscriptionId``), if there is one (Vonage's: none)."""
         if self.provider == "acs":
             for frame in self.frames:
                 message = _json_object(frame.text)
@@ -83,6 +87,8 @@ class Fixture:
                                                              str):
                     return str(metadata["subscriptionId"])
             return None
+        if self.provider == "vonage":
+            return None  # Vonage sends no stream id: the service makes one
         for frame in self.frames:
             message = _json_object(frame.text)
             if message and message.get("event") == "start":
@@ -101,6 +107,13 @@ class Fixture:
         header's upgrade headers carry; None when there is none."""
         if self.provider == "acs":
             return self.headers.get("x-ms-call-connection-id")
+        if self.provider == "vonage":  # the NCCO's call_uuid (or uuid) header, if any
+            for frame in self.frames:
+                message = _json_object(frame.text)
+                if message and message.get("event") == "websocket:connected":
+                    sid = message.get("call_uuid") or message.get("uuid")
+                    return sid if isinstance(sid, str) else None
+            return None
         key = {"telnyx": "call_control_id", "exotel": "call_sid",
                "plivo": "callId"}.get(self.provider, "callSid")
         for frame in self.frames:
@@ -152,7 +165,14 @@ def _structured_frames(path: Path, lines: list[str]) -> tuple[FixtureFrame, ...]
         entry = _json_object(line)
         if entry is None or not isinstance(entry.get("at_ms"), int | float):
             raise FixtureError(f"{path}:{number}: expected {{\"at_ms\": ..., \"frame\": ...}}")
-        if "sent" in entry:
+        if "sent" in entry or "sent_binary" in entry:
+            continue
+        if "binary" in entry:
+            try:
+                data = base64.b64decode(str(entry["binary"]), validate=True)
+            except ValueError:
+                raise FixtureError(f"{path}:{number}: `binary` must be base64") from None
+            frames.append(FixtureFrame(float(entry["at_ms"]), "", data))
             continue
         if not isinstance(entry.get("frame"), str):
             raise FixtureError(f"{path}:{number}: `frame` must be the frame's text")
@@ -189,7 +209,9 @@ def dump_fixture(header: Mapping[str, Any], frames: Iterable[FixtureFrame]) -> s
     """The streamsvc fixture text for ``header`` and ``frames`` (header gets the version)."""
     out = [json.dumps({"streamsvc_fixture": FIXTURE_VERSION, **header}, ensure_ascii=False)]
     out.extend(
-        json.dumps({"at_ms": round(f.at_ms, 3), "frame": f.text}, ensure_ascii=False)
+        json.dumps({"at_ms": round(f.at_ms, 3), "binary": base64.b64encode(f.binary).decode()}
+                   if f.binary is not None else {"at_ms": round(f.at_ms, 3), "frame": f.text},
+                   ensure_ascii=False)
         for f in frames
     )
     return "\n".join(out) + "\n"

@@ -52,11 +52,13 @@ DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class RawFrame:
     """One frame exactly as it crossed the wire: ``at_ms`` after the socket opened,
-    ``sent`` when the server sent it rather than received it."""
+    ``sent`` when the server sent it rather than received it, ``binary`` when it was a
+    binary frame (Vonage's audio) rather than text."""
 
     at_ms: float
     text: bytes
     sent: bool = False
+    binary: bool = False
 
 
 class Handler:

@@ -189,6 +189,8 @@ class LiveSession(Session):
         if not self.codec.has_marks:  # what was queued is dropped: its marks too
             self._playback_ends = 0.0
             self.abandon_marks()
+        elif not getattr(self.codec, "echoes_marks_on_clear", True):
+            self.abandon_marks()  # no echo will come for them (Vonage)
         self._wake()
 
     @property

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["CHECKED_FIELDS", "differences", "expect_for_copy", "read_outcomes",
+__all__ = ["CHECKED_FIELDS", "Outcome", "differences", "expect_for_copy", "read_outcomes",
            "wait_for_outcomes"]
 
 # Which log line reports each field of a fixture's `expect`.
@@ -48,12 +48,17 @@ def expect_for_copy(expect: Mapping[str, Any],
         for key in ("call_sid", "stream_sid"):
             if adjusted.get(key) == old:
                 adjusted[key] = new
+        parameters = adjusted.get("custom_parameters")
+        if isinstance(parameters, dict):  # a parameter carrying an id (Vonage's call_uuid)
+            adjusted["custom_parameters"] = {name: new if value == old else value
+                                             for name, value in parameters.items()}
     return adjusted
 
 
-def read_outcomes(log: Path) -> dict[str, Outcome]:
-    """The ``stream.started`` and ``stream.stopped`` lines of a server log, by stream_sid.
-    Lines that are not JSON objects are skipped (a log may mix in other output)."""
+def read_outcomes(log: Path, key: str = "stream_sid") -> dict[str, Outcome]:
+    """The ``stream.started`` and ``stream.stopped`` lines of a server log, by stream_sid
+    (or by another field of theirs: ``call_sid``). Lines that are not JSON objects are
+    skipped (a log may mix in other output)."""
     outcomes: dict[str, Outcome] = {}
     try:
         text = log.read_bytes()
@@ -66,19 +71,20 @@ def read_outcomes(log: Path) -> dict[str, Outcome]:
             continue
         if not isinstance(entry, dict) or entry.get("event") not in CHECKED_FIELDS.values():
             continue
-        stream_sid = entry.get("stream_sid")
-        if isinstance(stream_sid, str):
-            outcomes.setdefault(stream_sid, {})[entry["event"]] = entry
+        name = entry.get(key)
+        if isinstance(name, str):
+            outcomes.setdefault(name, {})[entry["event"]] = entry
     return outcomes
 
 
-async def wait_for_outcomes(log: Path, stream_sids: set[str],
-                            timeout_s: float = 10.0) -> dict[str, Outcome]:
-    """Read ``log`` until every stream in ``stream_sids`` has its ``stream.stopped`` line
-    (the server writes it once the call's handlers have finished), or ``timeout_s``."""
+async def wait_for_outcomes(log: Path, stream_sids: set[str], timeout_s: float = 10.0, *,
+                            key: str = "stream_sid") -> dict[str, Outcome]:
+    """Read ``log`` until every stream in ``stream_sids`` (values of ``key``) has its
+    ``stream.stopped`` line (the server writes it once the call's handlers have finished),
+    or ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        outcomes = read_outcomes(log)
+        outcomes = read_outcomes(log, key)
         done = {sid for sid in stream_sids if "stream.stopped" in outcomes.get(sid, {})}
         if done == stream_sids or time.monotonic() > deadline:
             return outcomes

@@ -7,7 +7,10 @@ copy gets its own streamSid and callSid (same length, so frame layouts stay iden
 What the server sends back is answered like Twilio does (``shared/protocol.md``): outbound
 ``media`` is queued for playback at 8000 bytes of mu-law per second, a ``mark`` is echoed
 when playback reaches it, and a ``clear`` drops the queued audio and echoes every pending
-mark at once. With an auth token the handshake carries ``X-Twilio-Signature``.
+mark at once. Other providers' sessions are answered in their own shapes (Plivo's
+``playedStream``; Vonage's binary audio played at its rate, ``websocket:notify``, and
+``websocket:cleared`` for a clear, its pending notifies dropped). With an auth token the
+handshake carries ``X-Twilio-Signature``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from . import wire
 from .exceptions import RemoteProtocolError
 from .fixtures import Fixture
-from .outcome import differences, expect_for_copy, wait_for_outcomes
-from .providers import codec_for
+from .outcome import Outcome, differences, expect_for_copy, wait_for_outcomes
+from .providers import codec_for, vonage
 from .providers.acs_auth import ACS_ISSUER
 from .signature import SIGNATURE_HEADER, sign
 
@@ -44,8 +47,9 @@ __all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_sessi
 CLIENT_MAX_MESSAGE_BYTES = 1 << 20
 # Outbound audio is 8 kHz mu-law: one byte per sample.
 PLAYBACK_BYTES_PER_SECOND = 8000
-# Plivo's outbound commands, as the common ones.
+# Plivo's and Vonage's outbound commands, as the common ones.
 _PLIVO_OUT = {"playAudio": "media", "checkpoint": "mark", "clearAudio": "clear"}
+_VONAGE_OUT = {"notify": "mark", "clear": "clear"}
 
 
 @dataclass(slots=True)
@@ -195,7 +199,8 @@ async def replay_session(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
             additional_headers=upgrade, open_timeout=10,
         ) as connection:
-            peer = _TwilioPeer(connection, result, stream_sid, fixture.provider)
+            peer = _TwilioPeer(connection, result, stream_sid, fixture.provider,
+                               _playback_rate(fixture))
             reader = asyncio.create_task(peer.read())
             try:
                 await _send_frames(connection, fixture, speed, replacements, result)
@@ -225,12 +230,29 @@ def _starts_a_session(fixture: Fixture, headers: dict[str, str]) -> bool:
     service's own parser accepts."""
     codec = codec_for(fixture.provider, {k.lower(): v for k, v in headers.items()})
     for frame in fixture.frames:
+        if frame.binary is not None:
+            continue  # audio: never the opening message
         try:
             if isinstance(codec.parse(frame.text), wire.Start):
                 return True
         except RemoteProtocolError:
             continue
     return False
+
+
+def _playback_rate(fixture: Fixture) -> int:
+    """Bytes of outbound audio the provider plays per second: 8 kHz mu-law (Twilio,
+    SignalWire, Telnyx PCMU), 8 kHz PCM16 (Exotel's default), or Vonage's PCM16 at the rate
+    its ``websocket:connected`` names."""
+    if fixture.provider == "exotel":
+        return 2 * PLAYBACK_BYTES_PER_SECOND
+    if fixture.provider == "vonage":
+        for frame in fixture.frames:
+            with contextlib.suppress(ValueError, AttributeError, RemoteProtocolError):
+                message = json.loads(frame.text) if frame.binary is None else None
+                if message and message.get("event") == vonage.CONNECTED:
+                    return 2 * vonage.rate_of(message.get("content-type"))
+    return PLAYBACK_BYTES_PER_SECOND
 
 
 def _deliver(url: str, events: list[object]) -> None:
@@ -266,16 +288,20 @@ async def _send_frames(
 ) -> None:
     started = time.monotonic()
     for frame in fixture.frames:
-        text = frame.text
-        for old, new in replacements:
-            text = text.replace(old, new)
+        data: str | bytes
+        if frame.binary is not None:
+            data = frame.binary  # sent as a binary frame (Vonage's audio)
+        else:
+            data = frame.text
+            for old, new in replacements:
+                data = data.replace(old, new)
         if speed > 0:
             due = started + frame.at_ms / 1000 / speed
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             result.lateness_ms.append(max(0.0, (time.monotonic() - due) * 1000))
-        await connection.send(text)
+        await connection.send(data)
         result.frames_sent += 1
 
 
@@ -284,12 +310,11 @@ class _TwilioPeer:
     echoes marks when playback reaches them, flushes on ``clear``."""
 
     def __init__(self, connection: ClientConnection, result: SessionResult,
-                 stream_sid: str | None, provider: str = "twilio") -> None:
+                 stream_sid: str | None, provider: str = "twilio",
+                 bytes_per_second: int = PLAYBACK_BYTES_PER_SECOND) -> None:
         self.connection = connection
         self.provider = provider
-        # Audio played per second: 8 kHz mu-law (Twilio, SignalWire, Telnyx PCMU), or 8 kHz
-        # PCM16 (Exotel's default rate).
-        self.bytes_per_second = (2 if provider == "exotel" else 1) * PLAYBACK_BYTES_PER_SECOND
+        self.bytes_per_second = bytes_per_second  # of outbound audio played
         self.result = result
         self.stream_sid = stream_sid
         self.playback_ends = 0.0  # monotonic time the queued audio finishes playing
@@ -313,24 +338,28 @@ class _TwilioPeer:
         self.sender.cancel()
 
     def _answer(self, message: str | bytes) -> None:
+        now = time.monotonic()
+        if isinstance(message, bytes) and self.provider == "vonage":  # audio, binary
+            self._queue_audio(len(message), now)
+            return
         try:
             event = json.loads(message)
         except ValueError:
             return
         if not isinstance(event, dict):
             return
-        now = time.monotonic()
         kind = event.get("event") or {"AudioData": "media", "StopAudio": "clear"}.get(
             str(event.get("Kind")))  # ACS's outbound frames
         kind = _PLIVO_OUT.get(str(kind), kind)
+        kind = _VONAGE_OUT.get(str(event.get("action")), kind)
         if kind == "media":
             body = event.get("media") or event.get("AudioData") or {}
             payload = str(body.get("payload") or body.get("Data") or "")
-            size = len(payload) * 3 // 4 - payload.count("=")
-            self.result.audio_bytes_received += size
-            self.playback_ends = max(self.playback_ends, now) + size / self.bytes_per_second
+            self._queue_audio(len(payload) * 3 // 4 - payload.count("="), now)
         elif kind == "mark":
-            name = str((event.get("mark") or event).get("name", ""))  # Plivo: top-level
+            # Plivo: a top-level name; Vonage: the notify's payload carries it.
+            body = event.get("mark") or event.get("payload") or event
+            name = str(body.get("name", "")) if isinstance(body, dict) else ""
             self.pending.append((max(self.playback_ends, now), name))
             self.wakeup.set()
         elif kind == "clear":
@@ -339,7 +368,14 @@ class _TwilioPeer:
             while self.pending:
                 name = self.pending.popleft()[1]
                 self.result.marks_cleared.append(name)
-                self._echo(name)
+                if self.provider != "vonage":  # Vonage confirms the clear instead
+                    self._echo(name)
+            if self.provider == "vonage":
+                self.outbox.put_nowait(json.dumps({"event": "websocket:cleared"}))
+
+    def _queue_audio(self, size: int, now: float) -> None:
+        self.result.audio_bytes_received += size
+        self.playback_ends = max(self.playback_ends, now) + size / self.bytes_per_second
 
     async def _play(self) -> None:
         while True:
@@ -364,6 +400,8 @@ class _TwilioPeer:
         if self.provider == "plivo":  # a checkpoint reached
             echo = json.dumps({"event": "playedStream", "streamId": self.stream_sid,
                                "name": name})
+        elif self.provider == "vonage":  # the audio queued before the notify has played
+            echo = json.dumps({"event": "websocket:notify", "payload": {"name": name}})
         elif self.provider in ("telnyx", "exotel"):  # snake_case
             key = "stream_id" if self.provider == "telnyx" else "stream_sid"
             echo = json.dumps({"event": "mark", "sequence_number": str(self.sequence_number),
@@ -404,17 +442,23 @@ async def replay(
 
 
 async def _check(sessions: list[SessionResult], server_log: Path | None) -> None:
-    outcomes = {}
+    outcomes: dict[str, Outcome] = {}
     if server_log is not None:
+        # A stream is found by its stream_sid, or (Vonage sends none: the service makes
+        # it) by its call's id.
         sids = {s.stream_sid for s in sessions if s.ok and s.stream_sid}
+        calls = {s.call_sid for s in sessions if s.ok and not s.stream_sid and s.call_sid}
         outcomes = await wait_for_outcomes(server_log, sids)
+        if calls:
+            outcomes.update(await wait_for_outcomes(server_log, calls, key="call_sid"))
     for session in sessions:
         if not session.expect:
             session.differences.append("the fixture's header has no expect to check against")
         elif not session.ok:
             session.differences.append(f"the session failed: {session.error}")
         elif server_log is not None:
-            found = differences(session.expect, outcomes.get(session.stream_sid or ""))
+            found = differences(session.expect, outcomes.get(
+                session.stream_sid or session.call_sid or ""))
             if found and session.provider != "twilio" and "stream.started" in found[0]:
                 found[0] += f" (a {session.provider} session: is --url a route with " \
                             f"provider = \"{session.provider}\"?)"

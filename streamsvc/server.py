@@ -14,6 +14,7 @@ import http
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Final, Protocol
 
+import jwt
 import structlog
 from websockets.asyncio.server import Server
 
@@ -26,6 +27,8 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, WorkerShare
 from .providers.acs_auth import AcsAuthenticator
 from .providers.plivo import signature_ok as plivo_signature_ok
+from .providers.vonage import jwt_problem as vonage_jwt_problem
+from .providers.vonage import token_matches as vonage_token_matches
 from .signature import signature_problem
 from .transports import websockets_transport
 from .web.acs_events import AcsEvents
@@ -263,6 +266,11 @@ class StreamServer:
         provider: str | None = route.provider
         if provider == "auto":
             provider = self._auto_provider(*credentials)
+            # When credentials are configured, an auto route takes none but those: a
+            # provider whose check is not configured would admit anything.
+            if (provider is not None and self._credentials_configured()
+                    and not self._credential_configured(provider)):
+                provider = None
         if provider is None:
             return http.HTTPStatus.FORBIDDEN, "missing_token"
         refusal = self._credential_refusal(provider, path, *credentials)
@@ -275,9 +283,18 @@ class StreamServer:
         return None
 
     def _credentials_configured(self) -> bool:
+        return any(self._credential_configured(provider) for provider in (
+            "twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "vonage"))
+
+    def _credential_configured(self, provider: str) -> bool:
+        """Whether streams of ``provider`` are checked for a credential."""
         s = self.settings
-        return bool(s.auth_tokens or self.acs_auth or s.telnyx_stream_token
-                    or s.signalwire_token or s.exotel_basic_auth or s.plivo_auth_token)
+        return bool({
+            "twilio": s.auth_tokens, "acs": self.acs_auth, "telnyx": s.telnyx_stream_token,
+            "signalwire": s.signalwire_token, "exotel": s.exotel_basic_auth,
+            "plivo": s.plivo_auth_token,
+            "vonage": s.vonage_token or s.vonage_signature_secret,
+        }.get(provider))
 
     def _auto_provider(self, signature: str | None, repeated_signature: bool,
                        authorization: str | None, telnyx_token: str | None,
@@ -294,9 +311,35 @@ class StreamServer:
             return "plivo"
         if _basic(authorization):
             return "exotel"
-        if bearer:  # ACS signs JWTs (three dot-separated parts); SignalWire a plain token
-            return "acs" if self.acs_auth and bearer.count(".") == 2 else "signalwire"
+        if bearer:
+            # ACS signs JWTs (RS256, three dot-separated parts); Vonage an HS256 JWT or
+            # the route's custom value; SignalWire a plain token.
+            if self.acs_auth and bearer.count(".") == 2 and _jwt_algorithm(bearer) != "HS256":
+                return "acs"
+            if (self._credential_configured("vonage")
+                    and self._vonage_problem(authorization) is None):
+                return "vonage"
+            return "signalwire"
+        if self.settings.vonage_token and vonage_token_matches(self.settings.vonage_token,
+                                                               authorization):
+            return "vonage"  # a custom value that is no bearer token
         return None if self._credentials_configured() else "twilio"
+
+    def _vonage_problem(self, authorization: str | None) -> str | None:
+        """Why a Vonage upgrade's ``Authorization`` is refused (None: it is not, or no
+        Vonage credential is configured): a JWT signed with ``vonage_signature_secret``
+        or the ``vonage_token`` value are accepted."""
+        s = self.settings
+        if not (s.vonage_token or s.vonage_signature_secret):
+            return None
+        if not authorization:
+            return "missing_token"
+        if s.vonage_signature_secret and vonage_jwt_problem(s.vonage_signature_secret,
+                                                            authorization) is None:
+            return None
+        if s.vonage_token and vonage_token_matches(s.vonage_token, authorization):
+            return None
+        return "bad_token"
 
     def _credential_refusal(self, provider: str, path: str, signature: str | None,
                             repeated_signature: bool, authorization: str | None,
@@ -318,6 +361,9 @@ class StreamServer:
                     return forbidden, "missing_signature"
                 if not plivo_signature_ok(token, url, plivo_signature, nonce):
                     return forbidden, "bad_signature"
+        elif provider == "vonage":
+            if problem := self._vonage_problem(authorization):
+                return forbidden, problem
         elif provider in ("telnyx", "signalwire", "exotel"):
             if provider == "telnyx":
                 expected, given = self.settings.telnyx_stream_token, telnyx_token
@@ -448,6 +494,14 @@ def _basic(authorization: str | None) -> str | None:
     try:
         return base64.b64decode(encoded.strip(), validate=True).decode("utf-8") or None
     except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _jwt_algorithm(token: str) -> str | None:
+    """The ``alg`` a JWT's header names (unverified), or None."""
+    try:
+        return str(jwt.get_unverified_header(token).get("alg"))
+    except jwt.InvalidTokenError:
         return None
 
 

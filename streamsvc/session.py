@@ -2,7 +2,8 @@
 
 Four verbs, as in websockets' ``Protocol`` one level up:
 
-* :meth:`Session.receive_message` takes one inbound text frame;
+* :meth:`Session.receive_message` takes one inbound message (text; binary only carries
+  audio, on Vonage);
 * :meth:`Session.events_received` returns what it produced: wire events, plus a
   :class:`BadFrame` for anything malformed or out of place (counted, never fatal);
 * :meth:`Session.send_media`, :meth:`Session.send_mark`, :meth:`Session.send_clear` queue
@@ -226,6 +227,7 @@ class Session:
         "_events",
         "_outgoing",
         "_parse",
+        "_parse_binary",
         "account_sid",
         "bad_frames",
         "bidirectional",
@@ -261,6 +263,9 @@ class Session:
     ) -> None:
         self.codec = codec
         self._parse = codec.parse
+        # Binary messages are media on providers that send audio so (Vonage); on the others
+        # they are bad frames.
+        self._parse_binary = getattr(codec, "parse_binary", None) or _text_only
         self.path = path
         self.bidirectional = bidirectional
         self.parameter_budget_bytes = parameter_budget_bytes
@@ -290,23 +295,24 @@ class Session:
 
     # Inbound
 
-    def receive_message(self, frame: bytes | str) -> None:
-        """Take one inbound text frame. Never raises for bad input: it becomes a
-        :class:`BadFrame` event. Call :meth:`events_received` next."""
+    def receive_message(self, frame: bytes | str, binary: bool = False) -> None:
+        """Take one inbound message (``binary``: it came as a binary frame). Never raises for
+        bad input: it becomes a :class:`BadFrame` event. Call :meth:`events_received`
+        next."""
         try:
-            event = self._parse(frame)
+            event = self._parse_binary(frame) if binary else self._parse(frame)
         except RemoteProtocolError as exc:
             self._bad_frame(exc.reason, frame)
             return
         self._take(event, frame)
 
-    def receive_media(self, frame: bytes | str) -> wire.Media | None:
+    def receive_media(self, frame: bytes | str, binary: bool = False) -> wire.Media | None:
         """The hot path: as :meth:`receive_message`, but a valid media frame of this stream
         is accounted and returned instead of queued as an event. Anything else (another
         event, a bad frame) is queued as :meth:`receive_message` queues it and ``None`` is
         returned: call :meth:`events_received` then."""
         try:
-            event = self._parse(frame)
+            event = self._parse_binary(frame) if binary else self._parse(frame)
         except RemoteProtocolError as exc:
             self._bad_frame(exc.reason, frame)
             return None
@@ -492,6 +498,10 @@ class Session:
             marks_received=self.marks_received,
             duration_ms=last_ms,
         )
+
+
+def _text_only(frame: bytes | str) -> wire.Event:
+    raise RemoteProtocolError("binary frame: this provider sends text frames only")
 
 
 def parameters_size(parameters: Mapping[str, str]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .providers.twilio import (
     EVENT_NAMES,
+    BinaryFrame,
     Connected,
     Dtmf,
     Event,
@@ -29,6 +30,7 @@ from .providers.twilio import (
 
 __all__ = [
     "EVENT_NAMES",
+    "BinaryFrame",
     "Connected",
     "Dtmf",
     "Event",

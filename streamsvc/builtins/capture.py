@@ -8,13 +8,15 @@ Each stream goes to ``<dir>/<call_sid>/<stream_sid>.jsonl``: while the call runs
 appended to ``<stream_sid>.jsonl.partial`` (memory stays bounded); when it ends, the final
 file is written with a header carrying the call's outcome as the fixture's ``expect``, and
 the partial file is removed. Frames are kept exactly as received (``frame`` lines) or sent
-(``sent`` lines); bytes that are not UTF-8 are replaced. File work runs in a thread. A disk
+(``sent`` lines); bytes that are not UTF-8 are replaced; binary frames (Vonage's audio) are
+kept as base64 in ``binary`` / ``sent_binary`` lines. File work runs in a thread. A disk
 error disables the capture for that call only (``handler.failed``); the call goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import os
@@ -54,8 +56,12 @@ class CaptureHandler(AsyncHandler):
         self.file = await asyncio.to_thread(create_file, self.partial, self.mode, append=True)
 
     async def on_raw_frame(self, frame: RawFrame) -> None:
-        key = "sent" if frame.sent else "frame"
-        text = frame.text.decode("utf-8", "replace")
+        if frame.binary:  # Vonage's audio: base64 in a `binary` (or `sent_binary`) line
+            key = "sent_binary" if frame.sent else "binary"
+            text = base64.b64encode(frame.text).decode()
+        else:
+            key = "sent" if frame.sent else "frame"
+            text = frame.text.decode("utf-8", "replace")
         self.lines.append(orjson.dumps({"at_ms": round(frame.at_ms, 3), key: text}) + b"\n")
         if len(self.lines) >= self.flush_lines:
             await self._flush()

@@ -3,12 +3,15 @@ common events (:mod:`streamsvc.wire`) and its outbound commands (audio, mark, cl
 the provider's frames.
 
 A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``,
-``"signalwire"``, ``"exotel"`` or ``"plivo"``); each stream connection gets a new codec from
+``"signalwire"``, ``"exotel"``, ``"plivo"``, ``"vonage"`` or ``"auto"``); each stream
+connection gets a new codec from
 :func:`codec_for`, built from the upgrade request's headers. What a codec offers
 (:class:`Codec`): ``parse`` (one frame in, one event out, or
 :class:`~streamsvc.exceptions.RemoteProtocolError`), the ``serialize_*`` verbs, the track
 names it accepts, whether a clean close means the call ended, whether it has marks, and
-its native audio encoding (``mulaw`` or ``pcm16``).
+its native audio encoding (``mulaw`` or ``pcm16``). A codec whose provider sends audio in
+binary frames (Vonage) also has ``parse_binary``; on the others a binary frame is a bad
+frame. An outbound message to go as a binary frame is a :class:`~streamsvc.wire.BinaryFrame`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .exotel import ExotelCodec
 from .plivo import PlivoCodec
 from .signalwire import SignalWireCodec
 from .telnyx import TelnyxCodec
+from .vonage import VonageCodec
 
 __all__ = ["PROVIDERS", "Codec", "TwilioCodec", "codec_for"]
 
@@ -92,7 +96,8 @@ class TwilioCodec:
 
 
 TWILIO: Final = TwilioCodec()
-PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "auto")
+PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "vonage",
+                     "auto")
 
 
 def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
@@ -115,6 +120,8 @@ def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = Fals
         return PlivoCodec()
     if provider == "exotel":
         return ExotelCodec(headers)
+    if provider == "vonage":
+        return VonageCodec()
     if provider == "signalwire":
         return SignalWireCodec(l16_little_endian=l16_little_endian)
     raise ValueError(f"unknown provider {provider!r}")

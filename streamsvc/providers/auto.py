@@ -3,13 +3,15 @@ pipecat's runner does, then that provider's codec for the rest of the stream. Sa
 
 From the upgrade's headers first: ``x-ms-call-connection-id`` (ACS),
 ``x-telnyx-streaming-auth-token`` (Telnyx), ``x-plivo-signature-v3`` (Plivo),
-``X-Twilio-Signature`` (Twilio), ``Authorization: Basic`` (Exotel), ``Authorization:
-Bearer`` (SignalWire). Else from the first message: ``{"kind":…}`` is ACS's; ``connected``
-with a ``version`` and no ``protocol`` Telnyx's, with neither Exotel's; a ``start`` with
+``X-Twilio-Signature`` (Twilio), ``Authorization: Basic`` (Exotel). Else from the first
+message: ``{"kind":…}`` is ACS's; ``websocket:connected`` Vonage's; ``connected`` with a
+``version`` and no ``protocol`` Telnyx's, with neither Exotel's; a ``start`` with
 ``start.callId`` Plivo's, with a top-level ``stream_id`` Telnyx's, ``stream_sid`` Exotel's.
-Twilio's protocol without a credential that names the provider (Twilio and SignalWire speak
-it alike) is ambiguous: refused with that reason (a bad frame; the stream never starts),
-not guessed. Name the provider on the route to take such streams.
+``Authorization: Bearer`` is sent by SignalWire and Vonage alike: Twilio's protocol with it
+is SignalWire's. Twilio's protocol without a credential that names the provider (Twilio and
+SignalWire speak it alike) is ambiguous: refused with that reason (a bad frame; the stream
+never starts), not guessed. Name the provider on the route to take such streams. A binary
+frame before the provider is known is a bad frame.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ def provider_from_headers(headers: Mapping[str, str]) -> str | None:
     if headers.get("x-twilio-signature"):
         return "twilio"
     scheme = headers.get("authorization", "").partition(" ")[0].lower()
-    return {"basic": "exotel", "bearer": "signalwire"}.get(scheme)
+    return "exotel" if scheme == "basic" else None
 
 
-def provider_from_message(frame: bytes | str) -> str:
-    """The provider a first message is from; RemoteProtocolError when it cannot be told."""
+def provider_from_message(frame: bytes | str, *, bearer: bool = False) -> str:
+    """The provider a first message is from (``bearer``: the upgrade carried a bearer
+    token); RemoteProtocolError when it cannot be told."""
     try:
         message = _any.decode(frame)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -54,6 +57,8 @@ def provider_from_message(frame: bytes | str) -> str:
     if "kind" in message:
         return "acs"
     event = message.get("event")
+    if event == "websocket:connected":
+        return "vonage"
     start = message.get("start")
     start = start if isinstance(start, dict) else {}
     if event == "connected" and "protocol" not in message:
@@ -65,6 +70,8 @@ def provider_from_message(frame: bytes | str) -> str:
     if "stream_sid" in message:
         return "exotel"
     if event in ("connected", "start") or "streamSid" in message:
+        if bearer:
+            return "signalwire"
         raise RemoteProtocolError(
             "ambiguous provider: Twilio's protocol (Twilio or SignalWire) and no "
             "X-Twilio-Signature or bearer token on the upgrade: name the route's provider")
@@ -79,6 +86,7 @@ class AutoCodec:
         self._make = make
         hint = provider_from_headers(headers)
         self.chosen: Any = make(hint) if hint else None
+        self._bearer = headers.get("authorization", "").partition(" ")[0].lower() == "bearer"
 
     def _codec(self) -> Any:
         if self.chosen is None:
@@ -121,10 +129,22 @@ class AutoCodec:
     def chunk_bytes(self) -> int | None:
         return getattr(self.chosen, "chunk_bytes", None)
 
+    @property
+    def echoes_marks_on_clear(self) -> bool:
+        return bool(getattr(self.chosen, "echoes_marks_on_clear", True))
+
     def parse(self, frame: bytes | str) -> common.Event:
         if self.chosen is None:
-            self.chosen = self._make(provider_from_message(frame))
+            self.chosen = self._make(provider_from_message(frame, bearer=self._bearer))
         return self.chosen.parse(frame)  # type: ignore[no-any-return]
+
+    def parse_binary(self, frame: bytes | str) -> common.Event:
+        parse = getattr(self.chosen, "parse_binary", None)
+        if parse is None:
+            raise RemoteProtocolError(
+                "binary frame: this provider sends text frames only" if self.chosen else
+                "binary frame before the provider is known")
+        return parse(frame)  # type: ignore[no-any-return]
 
     def serialize_media(self, stream_sid: str, payload: bytes) -> bytes:
         return self._codec().serialize_media(stream_sid, payload)  # type: ignore[no-any-return]

@@ -33,6 +33,7 @@ from streamsvc.exceptions import RemoteProtocolError
 
 __all__ = [
     "EVENT_NAMES",
+    "BinaryFrame",
     "Connected",
     "Dtmf",
     "Event",
@@ -208,6 +209,13 @@ class Stop(_Struct, frozen=True, tag="stop", tag_field="event"):
     stream_sid: str | None = None
     sequence_number: WireInt | None = None
     stop: _StopBody = _StopBody()
+
+
+class BinaryFrame(bytes):
+    """An outbound message to send as a binary WebSocket frame (Vonage's audio); every
+    other outbound message is text."""
+
+    __slots__ = ()
 
 
 class UnknownEvent(msgspec.Struct, frozen=True, gc=False):

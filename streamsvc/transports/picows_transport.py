@@ -46,6 +46,7 @@ from streamsvc.session import State, StopReason
 from streamsvc.signature import SIGNATURE_HEADER
 from streamsvc.web.front import Upgrade, write_answer
 from streamsvc.web.webhooks import HttpResponse
+from streamsvc.wire import BinaryFrame
 
 if TYPE_CHECKING:
     from streamsvc.server import StreamServer
@@ -213,6 +214,11 @@ class _Listener(WSListener):
             # The hot path: one whole text frame, one message.
             call.frames_received += 1
             self.context.run(call.message, frame.get_payload_as_bytes())
+        elif (frame.fin and frame.msg_type is _BINARY and not call.fragments
+                and frame.payload_size <= self.max_message_bytes):
+            # Vonage's audio (a bad frame from any other provider).
+            call.frames_received += 1
+            self.context.run(call.message, frame.get_payload_as_bytes(), True)
         else:
             self.context.run(call.frame, frame)
 
@@ -229,6 +235,7 @@ class _PicowsCall(CallCore):
         "finished",
         "fragment_bytes",
         "fragments",
+        "fragments_binary",
         "timed_out_before_start",
         "timers",
         "transport",
@@ -240,6 +247,7 @@ class _PicowsCall(CallCore):
         self.transport = transport
         self.fragments: list[bytes] = []
         self.fragment_bytes = 0
+        self.fragments_binary = False  # the fragmented message began as a binary frame
         self.closing_reason: StopReason | None = None
         self.timed_out_before_start = False
         loop = asyncio.get_running_loop()
@@ -255,14 +263,14 @@ class _PicowsCall(CallCore):
         return bool(buffered >= MAX_OUTBOUND_BYTES)
 
     def send_now(self, frame: bytes) -> None:
-        self.transport.send(_TEXT, frame)
+        self.transport.send(_BINARY if type(frame) is BinaryFrame else _TEXT, frame)
 
     # -- frames -----------------------------------------------------------------------
 
-    def message(self, payload: bytes) -> None:
+    def message(self, payload: bytes, binary: bool = False) -> None:
         if self.closing_reason is not None:
             return  # closing: what still comes is not part of the stream
-        self.receive(payload)
+        self.receive(payload, binary)
         if self.session.state is State.STOPPED:
             self._close(WSCloseCode.OK, "", "stop")
 
@@ -291,6 +299,8 @@ class _PicowsCall(CallCore):
         if kind is _CONTINUATION and not self.fragments:
             self._close(WSCloseCode.PROTOCOL_ERROR, "unexpected continuation frame", "error")
             return
+        if kind is not _CONTINUATION:
+            self.fragments_binary = kind is _BINARY
         self.fragment_bytes += frame.payload_size
         if self.fragment_bytes > self.server.settings.max_message_bytes:
             self.fragments.clear()
@@ -301,7 +311,7 @@ class _PicowsCall(CallCore):
             payload = b"".join(self.fragments)
             self.fragments, self.fragment_bytes = [], 0
             self.frames_received += 1
-            self.message(payload)
+            self.message(payload, self.fragments_binary)
 
     def _pong(self, ping: WSFrame) -> None:
         if ping.payload_size > MAX_CONTROL_PAYLOAD:

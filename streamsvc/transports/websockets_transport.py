@@ -10,6 +10,7 @@ shared :class:`~streamsvc.core.CallCore`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ import structlog
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as serve_websockets
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
 from streamsvc.core import CLOSE_GRACE_S, CallCore
@@ -29,6 +31,7 @@ from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
 from streamsvc.session import State
 from streamsvc.signature import SIGNATURE_HEADER
 from streamsvc.web.front import HttpFront, Upgrade, write_answer
+from streamsvc.wire import BinaryFrame
 
 if TYPE_CHECKING:
     from streamsvc.config import Route
@@ -116,6 +119,17 @@ def _http_aware_connection(server: StreamServer) -> type[ServerConnection]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._front: HttpFront | None = server.http_front()
+            # Per message received, whether it began as a binary frame: recv(decode=False)
+            # returns text and binary alike, and recv(decode=None) would fail the whole
+            # connection on a text frame that is not UTF-8, where a bad frame is counted.
+            self.binary_messages: collections.deque[bool] = collections.deque()
+
+        def process_event(self, event: Any) -> None:
+            if type(event) is Frame:
+                opcode = event.opcode
+                if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                    self.binary_messages.append(opcode is Opcode.BINARY)
+            super().process_event(event)
 
         def data_received(self, data: bytes) -> None:
             front = self._front
@@ -148,7 +162,7 @@ def _limit_read_size(connection: ServerConnection) -> None:
 class _Call(CallCore):
     """One websockets connection: receive loop, outbound writer task, timers."""
 
-    __slots__ = ("closer", "connection", "outgoing", "writer")
+    __slots__ = ("closer", "connection", "kinds", "outgoing", "writer")
 
     def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
         request = connection.request
@@ -157,6 +171,9 @@ class _Call(CallCore):
         headers[QUERY_HEADER] = urlsplit(request.path).query if request else ""
         super().__init__(server, route, headers)
         self.connection = connection
+        # Filled by the connection class of _http_aware_connection (one per message).
+        self.kinds: collections.deque[bool] = getattr(connection, "binary_messages",
+                                                      collections.deque())
         self.outgoing: asyncio.Queue[bytes] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
         self.closer: asyncio.Task[None] | None = None  # hand_over's close
@@ -192,7 +209,8 @@ class _Call(CallCore):
         try:
             async with asyncio.timeout(limit):
                 while self.session.state is State.AWAITING_START:
-                    self.receive(await self.connection.recv(decode=False))
+                    frame = await self.connection.recv(decode=False)
+                    self.receive(frame, self._binary())
         except TimeoutError:
             self.log_start_timeout()
             await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
@@ -202,14 +220,20 @@ class _Call(CallCore):
             return False
         return self.session.state is State.STREAMING
 
+    def _binary(self) -> bool:
+        """Whether the message just received came as a binary frame."""
+        kinds = self.kinds
+        return kinds.popleft() if kinds else False
+
     async def _stream(self) -> StopReason:
         receive, connection, session = self.receive, self.connection, self.session
+        kinds = self.kinds
         watchdog = asyncio.get_running_loop().create_task(self._watch_idle())
         try:
             while session.state is State.STREAMING:
                 frame = await connection.recv(decode=False)
                 self.frames_received += 1
-                receive(frame)
+                receive(frame, kinds.popleft() if kinds else False)
         except ConnectionClosed as exc:
             return self._closed_reason(exc)
         finally:
@@ -244,6 +268,6 @@ class _Call(CallCore):
         try:
             while True:
                 frame = await self.outgoing.get()
-                await self.connection.send(frame, text=True)
+                await self.connection.send(frame, text=type(frame) is not BinaryFrame)
         except ConnectionClosed:
             pass
