@@ -26,6 +26,7 @@ from .conftest import LogEvents, events, until
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PUBLIC = "wss://voice.example.com"
 TWILIO_TOKEN, TELNYX, SIGNALWIRE, EXOTEL, PLIVO = "tw", "tx", "sw", "key:secret", "pl"
+VONAGE = "vg"
 
 
 @pytest.mark.parametrize(("message", "provider"), [
@@ -53,7 +54,7 @@ async def guarded(transport: str) -> AsyncIterator[StreamServer]:
     server = StreamServer(Settings(
         port=0, transport=transport, public_url=PUBLIC, auth_token=TWILIO_TOKEN,
         telnyx_stream_token=TELNYX, signalwire_token=SIGNALWIRE, exotel_basic_auth=EXOTEL,
-        plivo_auth_token=PLIVO,
+        plivo_auth_token=PLIVO, vonage_token=VONAGE,
         routes=(Route("/any", (HandlerSpec("log", LogHandler),), bidirectional=True,
                       provider="auto"),)))
     await server.start()
@@ -70,12 +71,14 @@ def credentials(provider: str, url: str) -> dict[str, str]:
         return {"Authorization": "Basic " + base64.b64encode(EXOTEL.encode()).decode()}
     if provider == "plivo":
         return {SIGNATURE_V3_HEADER: sign_v3(PLIVO, f"{PUBLIC}/any", "n"), NONCE_HEADER: "n"}
+    if provider == "vonage":
+        return {"Authorization": f"Bearer {VONAGE}"}
     return signature_headers(url, TWILIO_TOKEN, PUBLIC)
 
 
 @pytest.mark.parametrize("name", ["inbound_params.jsonl", "telnyx_params.jsonl",
                                   "signalwire_params.jsonl", "exotel_voicebot.jsonl",
-                                  "plivo_stream.jsonl"])
+                                  "plivo_stream.jsonl", "vonage_connect.jsonl"])
 async def test_each_providers_session_is_told_apart_at_one_route(
         guarded: StreamServer, logs: LogEvents, name: str) -> None:
     fixture = load_fixture(FIXTURES / name)
@@ -124,3 +127,21 @@ async def test_twilios_protocol_unsigned_is_refused_with_the_reason(
     await until(lambda: events(logs, "stream.bad_frame"))
     assert "ambiguous provider" in events(logs, "stream.bad_frame")[0]["reason"]
     assert [] == events(logs, "stream.started")
+
+
+async def test_a_credential_of_a_provider_with_no_check_configured_is_refused(
+        transport: str, logs: LogEvents) -> None:
+    # Only Exotel's credential is configured: a stray bearer token (SignalWire's or
+    # Vonage's, neither checked here) must not open the auto route.
+    server = StreamServer(Settings(
+        port=0, transport=transport, exotel_basic_auth=EXOTEL,
+        routes=(Route("/any", (HandlerSpec("log", LogHandler),), provider="auto"),)))
+    await server.start()
+    try:
+        fixture = load_fixture(FIXTURES / "vonage_connect.jsonl")
+        report = await replay([fixture], f"ws://127.0.0.1:{server.port}/any", speed=0,
+                              headers={"Authorization": "Bearer anything"})
+    finally:
+        await server.stop()
+    assert "HTTP 403" in (report.sessions[0].error or "")
+    assert "missing_token" == events(logs, "handshake.rejected")[0]["reason"]

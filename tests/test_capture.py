@@ -103,3 +103,23 @@ async def test_an_aborted_call_still_leaves_a_complete_capture(
     captured = load_fixture(path)
     assert ({"inbound": 28}, "closed") == (captured.expect["frames"], captured.expect["reason"])
     assert 30 == len(captured.frames)
+
+
+async def test_a_vonage_call_is_captured_with_its_binary_frames(tmp_path: Path) -> None:
+    capture = resolve_handler("capture", {"dir": str(tmp_path)}, key="t")
+    server = StreamServer(Settings(port=0, routes=(Route("/vonage", (capture,),
+                                                         provider="vonage"),)))
+    await server.start()
+    fixture = load_fixture(FIXTURES / "vonage_connect.jsonl")
+    try:
+        result = await replay_session(fixture, f"ws://127.0.0.1:{server.port}/vonage",
+                                      speed=0)
+        assert result.ok
+    finally:
+        await server.stop()
+    [path] = (tmp_path / fixture.expect["call_sid"]).glob("*.jsonl")
+    captured = load_fixture(path)
+    assert [(f.text, f.binary) for f in fixture.frames] == [
+        (f.text, f.binary) for f in captured.frames]
+    compared = [k for k in COMPARED if k != "stream_sid"]  # Vonage's is the service's own
+    assert {k: fixture.expect[k] for k in compared} == {k: captured.expect[k] for k in compared}

@@ -171,3 +171,32 @@ def test_check_says_when_a_providers_session_went_to_another_providers_route(
                      "--speed", "0", "--check", "--log", str(server.log))
     assert 1 == done.returncode
     assert 'is --url a route with provider = "acs"?' in done.stdout
+
+
+def test_a_synthesized_vonage_session_checks_out_by_its_call_id(tmp_path: Path) -> None:
+    # Vonage sends no stream id: --check finds the stream's lines by the call's uuid.
+    with wave.open(str(tmp_path / "caller.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes(bytes(16000))  # 1 s
+    output = tmp_path / "vonage.jsonl"
+    done = streamsvc("fixture", "synth", "--provider", "vonage", "--sample-rate", "8000",
+                     "--inbound", str(tmp_path / "caller.wav"), "--param", "lang=en-GB",
+                     "--call-sid", "U-42", "--dtmf", "5@0.5s", "-o", str(output))
+    assert 0 == done.returncode, done.stderr
+    fixture = load_fixture(output)
+    assert ("U-42", None, 50) == (fixture.call_sid(), fixture.stream_sid(),
+                                  fixture.expect["frames"]["inbound"])
+    config = tmp_path / "streamsvc.toml"
+    config.write_text('[[routes]]\npath = "/vonage"\nprovider = "vonage"\n'
+                      'handlers = ["log"]\n', encoding="utf-8")
+    server = Server(tmp_path / "server.log", {"STREAMSVC_CONFIG": str(config)})
+    try:
+        checked = streamsvc("replay", str(output), "--url", server.url("/vonage"),
+                            "--speed", "0", "--concurrency", "2", "--check",
+                            "--log", str(server.log))
+    finally:
+        server.stop()
+    assert 0 == checked.returncode, checked.stdout + checked.stderr
+    assert "check: matched 2  mismatched 0" in checked.stdout

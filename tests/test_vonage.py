@@ -15,6 +15,7 @@ import jwt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.asyncio.client import connect
 
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
@@ -332,3 +333,16 @@ async def test_binary_frames_on_a_twilio_route_are_counted_and_the_call_goes_on(
     assert [] == differences(expect, outcome_of(logs, twilio.stream_sid()))
     reasons = {e["reason"] for e in events(logs, "stream.bad_frame")}
     assert {"binary frame: this provider sends text frames only"} == reasons
+
+
+async def test_a_fragmented_binary_message_is_one_frame_of_audio(server: StreamServer,
+                                                                logs: LogEvents) -> None:
+    async with connect(f"ws://127.0.0.1:{server.port}/vonage",
+                       additional_headers={"Authorization": CUSTOM}) as client:
+        await client.send(connected())
+        await client.send([b"\x01\x00" * 160, b"\x02\x00" * 160])  # one message, 2 frames
+        await client.send(b"\x03\x00" * 320)
+    await until(lambda: events(logs, "stream.stopped"))
+    [stopped] = events(logs, "stream.stopped")
+    assert ({"inbound": 2}, {"inbound": 1280}, 0) == (
+        stopped["frames"], stopped["bytes"], stopped["bad_frames"])
