@@ -5,8 +5,11 @@ session replayed to its expected outcome and recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.exceptions import RemoteProtocolError
-from streamsvc.fixtures import FixtureFrame, dump_fixture, load_fixture
+from streamsvc.fixtures import Fixture, FixtureFrame, dump_fixture, load_fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.live import LiveSession
 from streamsvc.outcome import differences
@@ -31,6 +34,9 @@ from streamsvc.providers.vonage import VonageCodec, jwt_problem, token_matches
 from streamsvc.replay import replay, replay_session
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
+from streamsvc.synth import SessionPlan
+from streamsvc.synth_vonage import synthesize_vonage
+from streamsvc.web.ncco import ncco
 
 from .conftest import LogEvents, events, outcome_of, until
 
@@ -243,7 +249,8 @@ async def server(transport: str, tmp_path: Path) -> AsyncIterator[StreamServer]:
               Route("/auto", (HandlerSpec("log", LogHandler),), provider="auto"))
     server = StreamServer(Settings(port=0, routes=routes, transport=transport,
                                    vonage_signature_secret=SECRET,
-                                   vonage_token="vonage-custom-value"))
+                                   vonage_token="vonage-custom-value",
+                                   public_url="wss://voice.example.com"))
     await server.start()
     yield server
     await server.stop()
@@ -346,3 +353,69 @@ async def test_a_fragmented_binary_message_is_one_frame_of_audio(server: StreamS
     [stopped] = events(logs, "stream.stopped")
     assert ({"inbound": 2}, {"inbound": 1280}, 0) == (
         stopped["frames"], stopped["bytes"], stopped["bad_frames"])
+
+
+def answer(port: int, target: str, *, signed: bool = True,
+           body: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    """Vonage's request to the answer URL: (status, content type, body)."""
+    headers = {"Authorization": f"Bearer {signed_jwt()}"} if signed else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{target}", data=data,
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+async def test_the_answer_url_connects_the_call_with_its_context(
+        server: StreamServer, logs: LogEvents) -> None:
+    status, kind, body = await asyncio.to_thread(
+        answer, server.port, "/twiml/talk?customerId=cus_8812&uuid=U-77&from=447700900000"
+        "&to=447700900001&conversation_uuid=CON-1")
+    assert (200, "application/json") == (status, kind)
+    [action] = json.loads(body)
+    [endpoint] = action["endpoint"]
+    assert ("connect", "websocket", "wss://voice.example.com/talk", "audio/l16;rate=16000",
+            {"type": "vonage"}) == (action["action"], endpoint["type"], endpoint["uri"],
+                                    endpoint["content-type"], endpoint["authorization"])
+    headers = endpoint["headers"]
+    assert {"call_uuid": "U-77", "from": "447700900000", "to": "447700900001",
+            "customerId": "cus_8812"} == headers
+    # Vonage connects with those headers: the stream's call_sid and context are the call's.
+    plan = SessionPlan(inbound=[0] * 3200, call_sid=headers["call_uuid"],
+                       custom_parameters={k: v for k, v in headers.items()
+                                          if k != "call_uuid"})
+    fixture = Fixture("answered", tuple(synthesize_vonage(plan)), {"provider": "vonage"})
+    result = await replay_session(fixture, f"ws://127.0.0.1:{server.port}/talk", speed=0,
+                                  headers={"Authorization": f"Bearer {signed_jwt()}"})
+    assert result.ok, result.error
+    await until(lambda: events(logs, "stream.stopped"))
+    [started] = events(logs, "stream.started")
+    assert ("U-77", headers) == (started["call_sid"], started["custom_parameters"])
+
+
+async def test_the_answer_url_takes_a_post_and_refuses_an_unsigned_request(
+        server: StreamServer, logs: LogEvents) -> None:
+    status, _, body = await asyncio.to_thread(
+        answer, server.port, "/twiml/vonage", body={"uuid": "U-8", "from": "4477",
+                                                    "to": "4478"})
+    assert 200 == status
+    assert "U-8" == json.loads(body)[0]["endpoint"][0]["headers"]["call_uuid"]
+    status, _, _ = await asyncio.to_thread(answer, server.port, "/twiml/vonage?uuid=U-9",
+                                           signed=False)
+    assert 403 == status
+    assert "missing_token" == events(logs, "webhook.rejected")[0]["reason"]
+
+
+def test_ncco_headers_stay_within_vonages_512_bytes() -> None:
+    document, left_out = ncco("wss://h/v", {"uuid": "U-1"},
+                              {"a": "x" * 300, "b": "y" * 300, "c": "z"}, authorization=None)
+    headers = document[0]["endpoint"][0]["headers"]
+    assert {"call_uuid": "U-1", "a": "x" * 300, "c": "z"} == headers
+    assert ["b"] == left_out
+    assert "authorization" not in document[0]["endpoint"][0]

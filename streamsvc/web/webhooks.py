@@ -6,6 +6,8 @@ starting a stream to this service, and the stream status callback.
   bidirectional route, ``<Start><Stream>`` (then the route's follow-on TwiML) otherwise, with
   the call's context as ``<Parameter>``s chosen by the route's context mapping
   (:mod:`streamsvc.context.twiml`), the stream URL built from ``public_url`` and a status callback.
+* on a ``provider = "vonage"`` route the same path is Vonage's answer URL, answered with
+  an NCCO ``connect`` to the route's WebSocket (:mod:`streamsvc.web.ncco`);
 * ``POST {status_callback_path}`` (default ``/stream-status``) takes Twilio's
   ``stream-started`` / ``stream-stopped`` / ``stream-error`` callbacks and logs them as
   ``stream.status`` with the stream's ids, so a failed handshake shows up next to its call.
@@ -24,10 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qsl, urlsplit
 
+import orjson
 import structlog
 
 from streamsvc.context.twiml import candidates, render_stream_twiml, select_parameters
+from streamsvc.providers.vonage import jwt_problem as vonage_jwt_problem
 from streamsvc.signature import SIGNATURE_HEADER, signature_problem
+from streamsvc.web.ncco import ANSWER_FIELDS, answer_fields, ncco
+from streamsvc.web.ncco import MAX_HEADERS_BYTES as MAX_NCCO_HEADERS_BYTES
 
 if TYPE_CHECKING:
     from streamsvc.bus import FleetNode
@@ -107,6 +113,9 @@ class Webhooks:
         """Answer one request; never raises for bad input."""
         if request.method not in ("GET", "POST"):
             return self.refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
+        vonage = self._route(request.path)
+        if vonage is not None and vonage.provider == "vonage":
+            return self._ncco(vonage, request)
         # Only what the signature covers is used: a POST's form fields, never a GET's body.
         body_fields = (parse_qsl(request.body.decode("utf-8", "replace"),
                                  keep_blank_values=True) if request.method == "POST" else [])
@@ -205,6 +214,40 @@ class Webhooks:
         logger.info("twiml.resumed", call_sid=call_sid, path=route.path,
                     resumed_from=resume.resumed_from, parameters=list(resume.parameters))
         return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
+
+    def _ncco(self, route: Route, request: HttpRequest) -> HttpResponse:
+        """Vonage's answer URL: an NCCO connecting the call to the route
+        (:mod:`streamsvc.web.ncco`)."""
+        settings = self.settings
+        secret, token = settings.vonage_signature_secret, settings.vonage_token
+        if secret and (problem := vonage_jwt_problem(secret,
+                                                     request.headers.get("authorization"))):
+            return self.refuse(http.HTTPStatus.FORBIDDEN, problem, request)
+        origin = settings.public_base("ws")
+        if origin is None:
+            self.outcomes["no_public_url"] += 1
+            logger.error("twiml.no_public_url",
+                         message="set STREAMSVC_PUBLIC_URL to the origin Vonage reaches")
+            return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
+        query = dict(parse_qsl(request.query, keep_blank_values=True))
+        fields = answer_fields(query, request.body, request.method)
+        authorization = ({"type": "vonage"} if secret else
+                         {"type": "custom", "value": f"Bearer {token}"} if token else None)
+        document, left_out = ncco(origin + route.path, fields, query,
+                                  authorization=authorization)
+        headers = document[0]["endpoint"][0]["headers"]
+        call_uuid = fields.get("uuid")
+        if left_out:
+            self.outcomes["twiml_over_budget"] += 1
+            logger.warning("ncco.headers_over_budget", call_sid=call_uuid, left_out=left_out,
+                           budget_bytes=MAX_NCCO_HEADERS_BYTES)
+        if self.fleet is not None and call_uuid:
+            context = {k: v for k, v in query.items() if k not in ANSWER_FIELDS}
+            self.fleet.put_context(call_uuid, {**context, **headers}, None, headers)
+        self.outcomes["twiml_served"] += 1
+        logger.info("ncco.served", call_sid=call_uuid, path=route.path,
+                    parameters=list(headers))
+        return HttpResponse(http.HTTPStatus.OK, orjson.dumps(document), "application/json")
 
     def _status(self, fields: dict[str, str]) -> HttpResponse:
         event = fields.get("StreamEvent", "")
