@@ -47,7 +47,7 @@ WORKER_RESTARTS = 10
 WORKER_RESTART_MAX_S = 30.0
 
 DESCRIPTION = """\
-A media-stream consumer (Twilio, ACS, Telnyx, SignalWire, Exotel, Plivo). Point Twilio's
+A media-stream consumer (Twilio, ACS, Telnyx, SignalWire, Exotel, Plivo, Vonage). Point Twilio's
 <Start><Stream url="wss://HOST/stream"> or <Connect><Stream> at it (or another provider's
 stream at a route that names it); each stream becomes a session whose ids and custom
 parameters are bound into every log line, and whose frames reach the route's handlers.
@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     play = commands.add_parser(
         "replay", help="play fixture sessions at a running server",
         description="Play fixture sessions (streamsvc JSONL fixtures or raw captures, one "
-        "Twilio message per line) at a server, as Twilio would. Exits 1 if any session "
-        "failed.",
+        "Twilio message per line) at a server, as their provider would (a fixture's header "
+        "names it: Twilio by default; Vonage's audio goes as binary frames), answering "
+        "marks and clears in the provider's shape. Exits 1 if any session failed.",
     )
     play.add_argument("fixtures", nargs="+", metavar="FIXTURE")
     play.add_argument("--url", help="ws://host:port/path of the stream route (with "

@@ -5,7 +5,7 @@ voice webhook answers for it. Read from ``[[routes]]`` tables::
     path = "/stream"
     handlers = ["log", "mypkg.handlers:Recorder"]
     bidirectional = false
-    provider = "twilio"          # or "acs"
+    provider = "twilio"          # acs, telnyx, signalwire, exotel, plivo, vonage, auto
 
     [routes.context]             # the call's context -> <Parameter>s (streamsvc.context.twiml)
     [routes.twiml]               # track, follow-on TwiML

@@ -125,6 +125,15 @@ def test_an_empty_or_odd_binary_frame_is_a_bad_frame(frame: bytes, reason: str) 
     assert 1 == session.bad_frames
 
 
+def test_a_second_websocket_connected_is_a_bad_frame_and_changes_nothing() -> None:
+    session = Session(codec=VonageCodec())
+    session.receive_message(connected(16000))
+    session.receive_message(connected(8000, call_uuid="other"))
+    [_, bad] = session.events_received()
+    assert "websocket:connected while streaming" in getattr(bad, "reason", "")
+    assert (16000, 640) == (session.sample_rate, session.codec.frame_bytes)  # type: ignore[attr-defined]
+
+
 def test_audio_before_websocket_connected_is_a_bad_frame() -> None:
     session = Session(codec=VonageCodec())
     session.receive_message(bytes(640), binary=True)

@@ -139,12 +139,15 @@ class VonageCodec:
         return common.UnknownEvent(event[:64])  # websocket:cleared, a notify not of ours
 
     def _start(self, message: dict[str, Any]) -> common.Start:
-        self.sample_rate = rate_of(message.get("content-type"))
+        rate = rate_of(message.get("content-type"))
+        if self.stream_sid:  # the stream's format stays the one it started with
+            raise RemoteProtocolError(f"{CONNECTED} while streaming")
+        self.sample_rate = rate
         headers = {str(name): _header_text(value) for name, value in message.items()
                    if name not in ("event", "content-type")}
         headers = dict(list(headers.items())[:MAX_HEADERS])
         call_sid = headers.get("call_uuid") or headers.get("uuid") or str(uuid.uuid4())
-        self.stream_sid = self.stream_sid or str(uuid.uuid4())
+        self.stream_sid = str(uuid.uuid4())
         return common.Start(common._StartBody(
             account_sid=None, stream_sid=self.stream_sid, call_sid=call_sid,
             tracks=("inbound",), media_format=common.MediaFormat("audio/l16",
