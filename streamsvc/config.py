@@ -225,7 +225,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
                                     "TWILIO_AUTH_TOKEN_PREVIOUS"), str,
             "a second token also accepted, while the account's token is rotated", secret=True),
     Setting("insecure", ("STREAMSVC_INSECURE",), bool,
-            "allow a non-loopback host with no auth token (signatures unchecked)"),
+            "allow a non-loopback host without a credential for each route's provider "
+            "(streams unchecked)"),
     Setting("acs_audience", ("STREAMSVC_ACS_AUDIENCE",), str,
             "the ACS resource id: when set, every upgrade on a provider = \"acs\" route needs "
             "an ACS-signed bearer token for it (HTTP 403 otherwise)"),
@@ -416,7 +417,8 @@ def _boolean(raw: Any) -> bool:
 
 def _check_security(settings: Settings) -> None:
     """Fail closed: a token needs the public URL to check against, and a server reachable
-    from elsewhere needs a token (or an explicit ``insecure``)."""
+    from elsewhere needs a credential for each of its routes' providers (or an explicit
+    ``insecure``)."""
     if settings.public_url is not None:
         parts = urlsplit(settings.public_url)
         if (parts.scheme not in PUBLIC_SCHEMES or not parts.netloc or parts.query
@@ -454,6 +456,28 @@ def _check_security(settings: Settings) -> None:
         raise ConfigError("host", f"{settings.host!r} is reachable from other machines but no "
                           "auth token is set: set TWILIO_AUTH_TOKEN and STREAMSVC_PUBLIC_URL, "
                           "or pass --insecure to accept unsigned streams")
+    if exposed:
+        checked = {
+            "telnyx": ("STREAMSVC_TELNYX_STREAM_TOKEN", settings.telnyx_stream_token),
+            "signalwire": ("STREAMSVC_SIGNALWIRE_TOKEN", settings.signalwire_token),
+            "exotel": ("STREAMSVC_EXOTEL_BASIC_AUTH", settings.exotel_basic_auth),
+            "plivo": ("PLIVO_AUTH_TOKEN", settings.plivo_auth_token),
+            "vonage": ("VONAGE_SIGNATURE_SECRET or STREAMSVC_VONAGE_TOKEN",
+                       settings.vonage_token or settings.vonage_signature_secret),
+        }
+        for route in settings.routes:
+            if route.provider in checked and not checked[route.provider][1]:
+                raise ConfigError("host", f"{settings.host!r} is reachable from other "
+                                  f"machines but the {route.provider} route {route.path!r} "
+                                  f"checks no credential: set {checked[route.provider][0]}, "
+                                  "or pass --insecure to accept unchecked streams")
+            if route.provider == "auto" and not (
+                    settings.auth_tokens or settings.acs_audience
+                    or any(value for _, value in checked.values())):
+                raise ConfigError("host", f"{settings.host!r} is reachable from other "
+                                  f"machines but the auto route {route.path!r} checks no "
+                                  "credential: configure the providers' credentials, or "
+                                  "pass --insecure to accept unchecked streams")
 
 
 def _check_paths(settings: Settings) -> None:

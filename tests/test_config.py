@@ -140,8 +140,12 @@ def test_every_toml_example_in_the_readme_loads(tmp_path: Path,
     blocks = [block.split("```", 1)[0] for block in readme.split("```toml\n")[1:]]
     assert len(blocks) >= 2
     for text in blocks:
+        # The credentials the README sets beside its examples, in the environment.
         settings = load_settings(config_path=toml(tmp_path, text), env={
-            "TWILIO_AUTH_TOKEN": "12345", "STREAMSVC_PUBLIC_URL": "wss://voice.example.com"})
+            "TWILIO_AUTH_TOKEN": "12345", "STREAMSVC_PUBLIC_URL": "wss://voice.example.com",
+            "STREAMSVC_TELNYX_STREAM_TOKEN": "t", "STREAMSVC_SIGNALWIRE_TOKEN": "t",
+            "STREAMSVC_EXOTEL_BASIC_AUTH": "k:t", "PLIVO_AUTH_TOKEN": "t",
+            "VONAGE_SIGNATURE_SECRET": "s"})
         assert settings.routes
 
 

@@ -140,3 +140,21 @@ def test_a_malformed_secret_is_not_echoed_in_the_error(tmp_path: Path) -> None:
         load_settings(config_path=str(config), env={})
     assert "server.auth_token" == caught.value.key
     assert "987654321" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("provider", "credential"), [
+    ("telnyx", {"STREAMSVC_TELNYX_STREAM_TOKEN": "t"}),
+    ("signalwire", {"STREAMSVC_SIGNALWIRE_TOKEN": "t"}),
+    ("exotel", {"STREAMSVC_EXOTEL_BASIC_AUTH": "k:t"}),
+    ("plivo", {"PLIVO_AUTH_TOKEN": "t", "STREAMSVC_PUBLIC_URL": PUBLIC}),
+    ("vonage", {"STREAMSVC_VONAGE_TOKEN": "t"}),
+    ("auto", {"STREAMSVC_VONAGE_TOKEN": "t"})])
+def test_a_public_host_needs_each_routes_provider_credential(
+        tmp_path: Path, provider: str, credential: dict[str, str]) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[routes]]\npath = "/p"\nprovider = "{provider}"\n')
+    env = {"STREAMSVC_CONFIG": str(config), "STREAMSVC_HOST": "0.0.0.0"}
+    with pytest.raises(ConfigError, match="checks no credential"):
+        load_settings(env=env)
+    load_settings(env={**env, **credential})
+    load_settings(env={**env, "STREAMSVC_INSECURE": "true"})
