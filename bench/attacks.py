@@ -5,7 +5,8 @@ beside honest real-time calls.
 Every attack is one the service must survive without losing an honest call's frames,
 growing without bound or stalling: ping floods that read no pong, oversized messages (one
 frame, and fragments), thousands of track names with huge timestamp gaps, DTMF and mark
-spam, idle and half-open sockets, slow request heads, and junk HTTP.
+spam, binary messages at a text-only route, idle and half-open sockets, slow request heads,
+and junk HTTP.
 """
 
 from __future__ import annotations
@@ -118,6 +119,21 @@ async def dtmf_and_mark_spam(port: int) -> None:
     writer.close()
 
 
+async def binary_frames(port: int) -> None:
+    # Binary messages at a Twilio route: a media frame's JSON, random bytes, and the same
+    # fragmented; each is a counted bad frame, the stream goes on.
+    sid = "MZ" + os.urandom(16).hex()
+    _, writer = await _open(port)
+    await _send(writer, ws_frame(0x1, _start(sid, ["inbound"])))
+    media = _media(sid, "inbound", 0)
+    noise = os.urandom(640)
+    burst = (ws_frame(0x2, media) + ws_frame(0x2, noise)
+             + ws_frame(0x2, noise[:320], fin=False) + ws_frame(0x0, noise[320:]))
+    for _ in range(2000):
+        await _send(writer, burst)
+    writer.close()
+
+
 async def idle_sockets(port: int) -> None:
     writers = []
     for _ in range(200):
@@ -157,6 +173,7 @@ _RAW_ATTACKS: dict[str, Callable[[int], Awaitable[None]]] = {
     "oversized": oversized,
     "tracks_and_gaps": tracks_and_gaps,
     "dtmf_and_mark_spam": dtmf_and_mark_spam,
+    "binary_frames": binary_frames,
     "idle_sockets": idle_sockets,
     "junk_http": junk_http,
 }
