@@ -160,13 +160,15 @@ class FleetNode:
 
     # -- writes (buffered) ----------------------------------------------------------------
 
-    def _put(self, op: _Op, kind: str) -> None:
+    def _put(self, op: _Op, kind: str) -> bool:
+        """Queue one write; False when the buffer is full and it is dropped (counted)."""
         if len(self.buffer) >= self.settings.bus_buffer:
             self.dropped[kind] += 1
             self._dropped_in_outage += 1
-            return
+            return False
         self.buffer.append(op)
         self._wake.set()
+        return True
 
     def publish(self, event: str, data: Mapping[str, Any]) -> None:
         """Add one entry to the events stream: ``event`` and ``data`` (JSON)."""
@@ -185,13 +187,25 @@ class FleetNode:
 
     def put_context(self, call_id: str, context: Mapping[str, str],
                     budget: Mapping[str, Any] | None,
-                    parameters: Mapping[str, str] | None = None) -> None:
+                    parameters: Mapping[str, str] | None = None) -> asyncio.Future[None]:
         """Keep the call's whole context (the webhook's budget report, and the
-        ``<Parameter>``s it sent) for the stream, on whichever instance it lands."""
+        ``<Parameter>``s it sent) for the stream, on whichever instance it lands. The
+        future is done once Redis has it: answer the provider after :meth:`written` of it,
+        so that the stream's lookup, on any instance, comes after the write."""
         value = orjson.dumps({"context": dict(context), "budget": budget,
                               "parameters": dict(parameters or {})})
-        self._put(("set", context_key(call_id), value, int(self.settings.context_ttl_s)),
-                  "context")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._put(("set", context_key(call_id), value,
+                          int(self.settings.context_ttl_s), done), "context"):
+            done.set_result(None)  # dropped (the buffer is full): nothing to wait for
+        return done
+
+    async def written(self, done: asyncio.Future[None]) -> None:
+        """Wait for a :meth:`put_context` write, at most ``redis_timeout_ms`` (an answer
+        to the provider is never held longer: a slow Redis costs the context, not the
+        call)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
 
     def register(self, session: LiveSession, started_at: float) -> None:
         assert session.stream_sid is not None
@@ -243,6 +257,8 @@ class FleetNode:
             backoff = RETRY_FIRST_S
             for op, result in zip(batch, results, strict=True):
                 self.buffer.popleft()
+                if op[0] == "set" and len(op) > 4 and not op[4].done():
+                    op[4].set_result(None)  # a context written (or refused): answer now
                 if isinstance(result, Exception):  # the command itself was refused
                     self.dropped["refused"] += 1
                     logger.warning("bus.write_refused", key=op[1], error=str(result))

@@ -85,3 +85,23 @@ def test_audio_is_published_in_batches_of_the_configured_length_per_track() -> N
     assert [("inbound", 99, 1600, True), ("outbound", 99, 1600, False),
             ("inbound", 199, 1600, False), ("outbound", 199, 1600, False),
             ("inbound", 299, 640, True), ("outbound", 299, 640, True)] == sink.published
+
+
+async def test_a_context_write_holds_the_answer_at_most_redis_timeout_ms() -> None:
+    import time
+
+    from streamsvc.bus import FleetNode
+    from streamsvc.config import Settings
+
+    settings = Settings(redis_url="redis://127.0.0.1:9/0", redis_timeout_ms=50, bus_buffer=1)
+    fleet = FleetNode(settings, {})  # not started: nothing drains the buffer
+    done = fleet.put_context("CA1", {"a": "1"}, None)
+    assert not done.done()  # waits for Redis
+    began = time.monotonic()
+    await fleet.written(done)  # a slow Redis costs the context, not the call
+    assert 0.04 <= time.monotonic() - began < 1.0
+    dropped = fleet.put_context("CA2", {"a": "1"}, None)  # the buffer is full
+    assert dropped.done()
+    assert 1 == fleet.dropped["context"]
+    await fleet.redis.aclose()
+    await fleet.subscriber.aclose()

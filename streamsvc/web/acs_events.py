@@ -28,7 +28,7 @@ import asyncio
 import collections
 import hmac
 import http
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, quote
 
@@ -75,8 +75,10 @@ class AcsEvents:
     def paths(self) -> tuple[str, str]:
         return self.settings.acs_events_path, self.settings.acs_callback_path
 
-    def respond(self, request: HttpRequest) -> HttpResponse:
-        """Answer one request on either path; never raises for bad input."""
+    def respond(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        """Answer one request on either path; never raises for bad input. In a fleet an
+        IncomingCall is answered once its context is in Redis (bounded by
+        ``redis_timeout_ms``)."""
         if request.method != "POST":
             return self._refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
         if not self._secret_matches(request):
@@ -93,6 +95,7 @@ class AcsEvents:
             for event in events:
                 self._callback(event)
             return HttpResponse(http.HTTPStatus.OK)
+        writes: list[asyncio.Future[None]] = []
         for event in events:
             kind = event.get("eventType")
             data = _object(event.get("data"))
@@ -101,9 +104,17 @@ class AcsEvents:
                 logger.info("acs.subscription_validated")
                 return _json({"validationResponse": data.get("validationCode")})
             if kind == INCOMING_CALL_EVENT:
-                refused = self._incoming_call(data, request)
+                refused = self._incoming_call(data, request, writes)
                 if refused is not None:
                     return refused
+        if writes and self.fleet is not None:
+            return self._when_written(self.fleet, writes)
+        return HttpResponse(http.HTTPStatus.OK)
+
+    @staticmethod
+    async def _when_written(fleet: FleetNode,
+                            writes: list[asyncio.Future[None]]) -> HttpResponse:
+        await asyncio.gather(*(fleet.written(done) for done in writes))
         return HttpResponse(http.HTTPStatus.OK)
 
     def _secret_matches(self, request: HttpRequest) -> bool:
@@ -121,7 +132,8 @@ class AcsEvents:
 
     # IncomingCall
 
-    def _incoming_call(self, data: dict[str, Any], request: HttpRequest) -> HttpResponse | None:
+    def _incoming_call(self, data: dict[str, Any], request: HttpRequest,
+                       writes: list[asyncio.Future[None]]) -> HttpResponse | None:
         route = self.settings.acs_answer_route
         correlation_id = data.get("correlationId")
         incoming = data.get("incomingCallContext")
@@ -130,9 +142,12 @@ class AcsEvents:
         fields = _context_fields(data)
         selection = select_parameters(fields, {}, route.context)
         self.store.put(correlation_id, selection.parameters)
+        written = None
         if self.fleet is not None:  # for the media socket, on whichever instance it lands
-            self.fleet.put_context(correlation_id, dict(candidates(fields, {}, route.context)),
-                                   selection.report(), selection.parameters)
+            written = self.fleet.put_context(
+                correlation_id, dict(candidates(fields, {}, route.context)),
+                selection.report(), selection.parameters)
+            writes.append(written)
         self.outcomes["incoming_call"] += 1
         self._emit(logger.info, "acs.incoming_call", correlation_id=correlation_id,
                    parameters=list(selection.parameters), path=route.path)
@@ -141,11 +156,20 @@ class AcsEvents:
                            **selection.report())
         if len(self.answers) >= MAX_ANSWERS_IN_FLIGHT:
             return self._refuse(http.HTTPStatus.SERVICE_UNAVAILABLE, "busy", request)
-        answer = asyncio.ensure_future(asyncio.to_thread(
-            self._answer, incoming, route, correlation_id))
+        answer = asyncio.ensure_future(self._answer_after(written, incoming, route,
+                                                          correlation_id))
         self.answers.add(answer)
         answer.add_done_callback(self.answers.discard)
         return None
+
+    async def _answer_after(self, written: asyncio.Future[None] | None,
+                            incoming_call_context: str, route: Route,
+                            correlation_id: str) -> None:
+        """Answer once the context is in Redis (bounded by ``redis_timeout_ms``): the media
+        socket the answer brings, on any instance, then finds it."""
+        if written is not None and self.fleet is not None:
+            await self.fleet.written(written)
+        await asyncio.to_thread(self._answer, incoming_call_context, route, correlation_id)
 
     def _answer(self, incoming_call_context: str, route: Route, correlation_id: str) -> None:
         """Answer the call with media streaming to this service (runs in a thread: the SDK

@@ -149,7 +149,7 @@ class Webhooks:
                                  body_fields if request.method == "POST" else ())
 
     def _twiml(self, route: Route, fields: dict[str, str],
-               query: dict[str, str]) -> HttpResponse:
+               query: dict[str, str]) -> HttpResponse | Awaitable[HttpResponse]:
         origin = self.settings.public_base("ws")
         http_origin = self.settings.public_base("http")
         if origin is None or http_origin is None:
@@ -159,11 +159,13 @@ class Webhooks:
             return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
         selection = select_parameters(fields, query, route.context)
         call_sid = fields.get("CallSid")
+        written = None
         if self.fleet is not None and call_sid:
             # The whole context, before the budget cut, for the stream on any instance.
             # Written before the TwiML goes out: Twilio connects the stream only after.
-            self.fleet.put_context(call_sid, dict(candidates(fields, query, route.context)),
-                                   selection.report(), selection.parameters)
+            written = self.fleet.put_context(
+                call_sid, dict(candidates(fields, query, route.context)),
+                selection.report(), selection.parameters)
         self.outcomes["twiml_served"] += 1
         if selection.over_budget:
             self.outcomes["twiml_over_budget"] += 1
@@ -176,7 +178,21 @@ class Webhooks:
         document = self._render(route, selection.parameters)
         logger.info("twiml.served", call_sid=call_sid, path=route.path,
                     parameters=list(selection.parameters))
-        return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
+        return self._after(written, HttpResponse(http.HTTPStatus.OK, document.encode(),
+                                                 "application/xml"))
+
+    def _after(self, written: asyncio.Future[None] | None,
+               response: HttpResponse) -> HttpResponse | Awaitable[HttpResponse]:
+        """``response``, once the call's context is in Redis (in a fleet: bounded by
+        ``redis_timeout_ms``), so that the stream the answer starts finds it."""
+        if written is None or self.fleet is None:
+            return response
+        fleet = self.fleet
+
+        async def answer() -> HttpResponse:
+            await fleet.written(written)
+            return response
+        return answer()
 
     def _render(self, route: Route, parameters: Mapping[str, str]) -> str:
         origin = self.settings.public_base("ws")
@@ -215,7 +231,8 @@ class Webhooks:
                     resumed_from=resume.resumed_from, parameters=list(resume.parameters))
         return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
 
-    def _ncco(self, route: Route, request: HttpRequest) -> HttpResponse:
+    def _ncco(self, route: Route,
+              request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         """Vonage's answer URL: an NCCO connecting the call to the route
         (:mod:`streamsvc.web.ncco`)."""
         settings = self.settings
@@ -241,13 +258,15 @@ class Webhooks:
             self.outcomes["twiml_over_budget"] += 1
             logger.warning("ncco.headers_over_budget", call_sid=call_uuid, left_out=left_out,
                            budget_bytes=MAX_NCCO_HEADERS_BYTES)
+        written = None
         if self.fleet is not None and call_uuid:
             context = {k: v for k, v in query.items() if k not in ANSWER_FIELDS}
-            self.fleet.put_context(call_uuid, {**context, **headers}, None, headers)
+            written = self.fleet.put_context(call_uuid, {**context, **headers}, None, headers)
         self.outcomes["twiml_served"] += 1
         logger.info("ncco.served", call_sid=call_uuid, path=route.path,
                     parameters=list(headers))
-        return HttpResponse(http.HTTPStatus.OK, orjson.dumps(document), "application/json")
+        return self._after(written, HttpResponse(http.HTTPStatus.OK, orjson.dumps(document),
+                                                 "application/json"))
 
     def _status(self, fields: dict[str, str]) -> HttpResponse:
         event = fields.get("StreamEvent", "")
