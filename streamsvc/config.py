@@ -457,27 +457,35 @@ def _check_security(settings: Settings) -> None:
                           "auth token is set: set TWILIO_AUTH_TOKEN and STREAMSVC_PUBLIC_URL, "
                           "or pass --insecure to accept unsigned streams")
     if exposed:
-        checked = {
-            "telnyx": ("STREAMSVC_TELNYX_STREAM_TOKEN", settings.telnyx_stream_token),
-            "signalwire": ("STREAMSVC_SIGNALWIRE_TOKEN", settings.signalwire_token),
-            "exotel": ("STREAMSVC_EXOTEL_BASIC_AUTH", settings.exotel_basic_auth),
-            "plivo": ("PLIVO_AUTH_TOKEN", settings.plivo_auth_token),
-            "vonage": ("VONAGE_SIGNATURE_SECRET or STREAMSVC_VONAGE_TOKEN",
-                       settings.vonage_token or settings.vonage_signature_secret),
-        }
+        credentials = provider_credentials(settings)
         for route in settings.routes:
-            if route.provider in checked and not checked[route.provider][1]:
+            if route.provider in ("twilio", "acs"):
+                continue  # said above, in their own words
+            needed = credentials.get(route.provider)
+            if needed is not None and not needed[1]:
                 raise ConfigError("host", f"{settings.host!r} is reachable from other "
                                   f"machines but the {route.provider} route {route.path!r} "
-                                  f"checks no credential: set {checked[route.provider][0]}, "
-                                  "or pass --insecure to accept unchecked streams")
-            if route.provider == "auto" and not (
-                    settings.auth_tokens or settings.acs_audience
-                    or any(value for _, value in checked.values())):
+                                  f"checks no credential: set {needed[0]}, or pass "
+                                  "--insecure to accept unchecked streams")
+            if route.provider == "auto" and not any(c for _, c in credentials.values()):
                 raise ConfigError("host", f"{settings.host!r} is reachable from other "
                                   f"machines but the auto route {route.path!r} checks no "
                                   "credential: configure the providers' credentials, or "
                                   "pass --insecure to accept unchecked streams")
+
+
+def provider_credentials(settings: Settings) -> dict[str, tuple[str, bool]]:
+    """Per provider, where its streams' credential is set and whether it is."""
+    return {
+        "twilio": ("TWILIO_AUTH_TOKEN", bool(settings.auth_tokens)),
+        "acs": ("STREAMSVC_ACS_AUDIENCE", bool(settings.acs_audience)),
+        "telnyx": ("STREAMSVC_TELNYX_STREAM_TOKEN", bool(settings.telnyx_stream_token)),
+        "signalwire": ("STREAMSVC_SIGNALWIRE_TOKEN", bool(settings.signalwire_token)),
+        "exotel": ("STREAMSVC_EXOTEL_BASIC_AUTH", bool(settings.exotel_basic_auth)),
+        "plivo": ("PLIVO_AUTH_TOKEN", bool(settings.plivo_auth_token)),
+        "vonage": ("VONAGE_SIGNATURE_SECRET or STREAMSVC_VONAGE_TOKEN",
+                   bool(settings.vonage_token or settings.vonage_signature_secret)),
+    }
 
 
 def _check_paths(settings: Settings) -> None:

@@ -19,7 +19,7 @@ import structlog
 from websockets.asyncio.server import Server
 
 from .bus import FleetNode
-from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Settings
+from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Settings, provider_credentials
 from .context.store import MemoryContextStore
 from .context.twiml import KEEP_CALL_UP_TWIML
 from .live import LiveSession
@@ -87,6 +87,7 @@ class StreamServer:
         self._shutting_down = False
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
         self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
+        self.credentials = provider_credentials(settings)  # which providers are checked
         self.contexts = MemoryContextStore()  # calls' context, webhook -> stream (ACS)
         # A fleet sharing Redis (redis_url): set by start().
         self.fleet: FleetNode | None = None
@@ -109,7 +110,7 @@ class StreamServer:
             self.fleet = FleetNode(s, self.streams)
             await self.fleet.start()
             self.webhooks.fleet = self.acs_events.fleet = self.metrics.bus = self.fleet
-        if s.acs_audience and any(route.provider == "acs" for route in s.routes):
+        if s.acs_audience and any(route.provider in ("acs", "auto") for route in s.routes):
             self.acs_auth = AcsAuthenticator(s.acs_audience, s.acs_jwks_url)
             await self.acs_auth.start()
         if s.shared_metrics_dir is not None:
@@ -283,18 +284,11 @@ class StreamServer:
         return None
 
     def _credentials_configured(self) -> bool:
-        return any(self._credential_configured(provider) for provider in (
-            "twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "vonage"))
+        return any(configured for _, configured in self.credentials.values())
 
     def _credential_configured(self, provider: str) -> bool:
         """Whether streams of ``provider`` are checked for a credential."""
-        s = self.settings
-        return bool({
-            "twilio": s.auth_tokens, "acs": self.acs_auth, "telnyx": s.telnyx_stream_token,
-            "signalwire": s.signalwire_token, "exotel": s.exotel_basic_auth,
-            "plivo": s.plivo_auth_token,
-            "vonage": s.vonage_token or s.vonage_signature_secret,
-        }.get(provider))
+        return self.credentials.get(provider, ("", False))[1]
 
     def _auto_provider(self, signature: str | None, repeated_signature: bool,
                        authorization: str | None, telnyx_token: str | None,
