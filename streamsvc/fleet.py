@@ -128,6 +128,10 @@ def _entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Entry:
 Callback = Callable[[Entry], Awaitable[None] | None]
 
 
+# How much longer than its longest blocking read a consumer waits for Redis to answer.
+CONSUMER_TIMEOUT_MARGIN_S: Final = 5.0
+
+
 class Consumer:
     """Reads ``stream`` (the events) as ``consumer`` of consumer group ``group``, which it
     creates on first use (reading from new entries on: ``start="$"``, or from the oldest
@@ -140,7 +144,11 @@ class Consumer:
     def __init__(self, redis_url: str, group: str, consumer: str | None = None, *,
                  stream: str = EVENTS_STREAM, claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
                  start: str = "$", count: int = 100, block_ms: int = 1000) -> None:
-        self.redis = redis.Redis.from_url(redis_url)
+        # A read never waits on a dead connection forever (a failover that drops it
+        # silently): a little longer than the longest blocking read.
+        self.redis = redis.Redis.from_url(
+            redis_url, socket_timeout=block_ms / 1000 + CONSUMER_TIMEOUT_MARGIN_S,
+            socket_connect_timeout=CONSUMER_TIMEOUT_MARGIN_S)
         self.group = group
         self.consumer = consumer or default_consumer_name()
         self.stream = stream
@@ -150,6 +158,12 @@ class Consumer:
         self.block_ms = block_ms
         self.handled = 0
         self.failed = 0
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the batch in hand (within ``block_ms``): a clean
+        end that leaves nothing half-read, where cancelling the task may land mid-read."""
+        self._stopping = True
 
     async def __aenter__(self) -> Consumer:
         return self
@@ -170,12 +184,13 @@ class Consumer:
                 raise
 
     async def run(self, callback: Callback, *, limit: int | None = None) -> None:
-        """Give entries to ``callback`` until cancelled (or ``limit`` entries handled)."""
+        """Give entries to ``callback`` until :meth:`stop` (or cancelled, or ``limit``
+        entries handled)."""
         await self.ensure_group()
         await self._pending_of_mine(callback)
         claimed_at = 0.0
         loop = asyncio.get_running_loop()
-        while limit is None or self.handled < limit:
+        while (limit is None or self.handled < limit) and not self._stopping:
             if loop.time() - claimed_at >= self.claim_idle_ms / 2000:
                 claimed_at = loop.time()
                 await self._claim(callback, limit)

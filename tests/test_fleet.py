@@ -244,9 +244,9 @@ def test_a_consumer_group_gets_every_event_once_and_claims_a_dead_consumers(
             if len(ours) >= 8:
                 break
             await asyncio.sleep(0.02)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        first.stop()
+        second.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
         # A consumer that dies holding entries: the group hands them to another.
         doomed = Consumer(url, group, "doomed", claim_idle_ms=60_000, block_ms=100)
@@ -260,8 +260,8 @@ def test_a_consumer_group_gets_every_event_once_and_claims_a_dead_consumers(
         await replay([fixture], f"ws://127.0.0.1:{a.port}/stream", speed=0,
                      auth_token=TOKEN, public_url=PUBLIC)
         await asyncio.wait_for(holding.wait(), 10)
-        dying.cancel()
-        await asyncio.gather(dying, return_exceptions=True)
+        dying.cancel()  # it dies holding the entry: its callback never returns
+        await asyncio.wait_for(asyncio.gather(dying, return_exceptions=True), 10)
         pending = await doomed.redis.xpending(doomed.stream, group)
         held = {e["message_id"].decode() for e in await doomed.redis.xpending_range(
             doomed.stream, group, min="-", max="+", count=100, consumername="doomed")}
@@ -274,10 +274,10 @@ def test_a_consumer_group_gets_every_event_once_and_claims_a_dead_consumers(
             if held <= {e.id for e in rescued}:
                 break
             await asyncio.sleep(0.02)
-        rescuing.cancel()
-        await asyncio.gather(rescuing, return_exceptions=True)
+        survivor.stop()
+        await asyncio.wait_for(rescuing, 10)
         for consumer in (first, second, doomed, survivor):
-            await consumer.close()
+            await asyncio.wait_for(consumer.close(), 10)
         return seen_one, seen_two, rescued, held
 
     seen_one, seen_two, rescued, held = asyncio.run(scenario())
