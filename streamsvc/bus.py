@@ -200,12 +200,12 @@ class FleetNode:
             done.set_result(None)  # dropped (the buffer is full): nothing to wait for
         return done
 
-    async def written(self, done: asyncio.Future[None]) -> None:
-        """Wait for a :meth:`put_context` write, at most ``redis_timeout_ms`` (an answer
-        to the provider is never held longer: a slow Redis costs the context, not the
+    async def written(self, *done: asyncio.Future[None]) -> None:
+        """Wait for :meth:`put_context` writes, at most ``redis_timeout_ms`` (an answer to
+        the provider is never held longer: a slow Redis costs the context, not the
         call)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*done)), self.timeout_s)
 
     def register(self, session: LiveSession, started_at: float) -> None:
         assert session.stream_sid is not None

@@ -31,6 +31,7 @@ from .exceptions import ConfigError
 from .fixtures import Fixture, FixtureError, load_fixture
 from .fleet import DEFAULT_CLAIM_IDLE_MS, EVENTS_STREAM, Consumer, Entry
 from .logs import configure_logging, flush_logging
+from .providers import PROVIDERS
 from .replay import ReplayReport, SessionResult, acs_token, replay
 from .replay_call import replay_call
 from .server import StreamServer
@@ -186,8 +187,7 @@ def _parser() -> argparse.ArgumentParser:
         "tracks interleaved when --outbound is given. The header carries the expected outcome.",
     )
     synth.add_argument("--provider",
-                       choices=["twilio", "acs", "telnyx", "signalwire", "exotel", "plivo",
-                                "vonage"],
+                       choices=[name for name in PROVIDERS if name != "auto"],
                        default="twilio",
                        help="whose frames to write (default twilio); acs: AudioMetadata, "
                        "AudioData in PCM16, DtmfData, no stop; telnyx: snake_case frames "

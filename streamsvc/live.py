@@ -186,11 +186,10 @@ class LiveSession(Session):
         self._clears_sent += 1
         for resampler in self._resamplers.values():
             resampler.reset()
-        if not self.codec.has_marks:  # what was queued is dropped: its marks too
+        if not self.codec.has_marks:  # what was queued is dropped
             self._playback_ends = 0.0
-            self.abandon_marks()
-        elif not getattr(self.codec, "echoes_marks_on_clear", True):
-            self.abandon_marks()  # no echo will come for them (Vonage)
+        if not self.codec.has_marks or not getattr(self.codec, "echoes_marks_on_clear", True):
+            self.abandon_marks()  # no echo will come for the marks pending (ACS, Vonage)
         self._wake()
 
     @property

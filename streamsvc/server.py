@@ -305,18 +305,16 @@ class StreamServer:
             return "plivo"
         if _basic(authorization):
             return "exotel"
+        # ACS signs JWTs (RS256, three dot-separated parts); Vonage an HS256 JWT, or sends
+        # the route's custom value (as a bearer token or not); SignalWire a plain token.
+        if bearer and self.acs_auth and bearer.count(".") == 2 and (
+                _jwt_algorithm(bearer) != "HS256"):
+            return "acs"
+        if (authorization and self._credential_configured("vonage")
+                and self._vonage_problem(authorization) is None):
+            return "vonage"
         if bearer:
-            # ACS signs JWTs (RS256, three dot-separated parts); Vonage an HS256 JWT or
-            # the route's custom value; SignalWire a plain token.
-            if self.acs_auth and bearer.count(".") == 2 and _jwt_algorithm(bearer) != "HS256":
-                return "acs"
-            if (self._credential_configured("vonage")
-                    and self._vonage_problem(authorization) is None):
-                return "vonage"
             return "signalwire"
-        if self.settings.vonage_token and vonage_token_matches(self.settings.vonage_token,
-                                                               authorization):
-            return "vonage"  # a custom value that is no bearer token
         return None if self._credentials_configured() else "twilio"
 
     def _vonage_problem(self, authorization: str | None) -> str | None:
@@ -324,7 +322,7 @@ class StreamServer:
         Vonage credential is configured): a JWT signed with ``vonage_signature_secret``
         or the ``vonage_token`` value are accepted."""
         s = self.settings
-        if not (s.vonage_token or s.vonage_signature_secret):
+        if not self._credential_configured("vonage"):
             return None
         if not authorization:
             return "missing_token"

@@ -265,7 +265,7 @@ class Session:
         self._parse = codec.parse
         # Binary messages are media on providers that send audio so (Vonage); on the others
         # they are bad frames.
-        self._parse_binary = getattr(codec, "parse_binary", None) or _text_only
+        self._parse_binary = getattr(codec, "parse_binary", None) or wire.text_only
         self.path = path
         self.bidirectional = bidirectional
         self.parameter_budget_bytes = parameter_budget_bytes
@@ -498,10 +498,6 @@ class Session:
             marks_received=self.marks_received,
             duration_ms=last_ms,
         )
-
-
-def _text_only(frame: bytes | str) -> wire.Event:
-    raise RemoteProtocolError("binary frame: this provider sends text frames only")
 
 
 def parameters_size(parameters: Mapping[str, str]) -> int:

@@ -26,6 +26,7 @@ from .providers.twilio import (
     serialize_clear,
     serialize_mark,
     serialize_media,
+    text_only,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "serialize_clear",
     "serialize_mark",
     "serialize_media",
+    "text_only",
 ]
 # The nested bodies, for codecs and tests that build events: not part of the public API.
 _BODIES = (_DtmfBody, _MarkBody, _MediaBody, _StartBody, _StopBody)

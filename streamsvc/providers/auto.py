@@ -139,12 +139,10 @@ class AutoCodec:
         return self.chosen.parse(frame)  # type: ignore[no-any-return]
 
     def parse_binary(self, frame: bytes | str) -> common.Event:
-        parse = getattr(self.chosen, "parse_binary", None)
-        if parse is None:
-            raise RemoteProtocolError(
-                "binary frame: this provider sends text frames only" if self.chosen else
-                "binary frame before the provider is known")
-        return parse(frame)  # type: ignore[no-any-return]
+        if self.chosen is None:
+            raise RemoteProtocolError("binary frame before the provider is known")
+        parse = getattr(self.chosen, "parse_binary", common.text_only)
+        return parse(frame)
 
     def serialize_media(self, stream_sid: str, payload: bytes) -> bytes:
         return self._codec().serialize_media(stream_sid, payload)  # type: ignore[no-any-return]

@@ -12,7 +12,7 @@ from streamsvc.exceptions import RemoteProtocolError
 
 from . import twilio as common
 
-__all__ = ["DigitBody", "NameBody", "decode", "dtmf", "mark"]
+__all__ = ["DigitBody", "NameBody", "decode", "dtmf", "mark", "parameters", "text"]
 
 _DIGIT: Final = re.compile(r"[0-9*#A-D]")
 
@@ -46,16 +46,17 @@ def parameters(value: object) -> dict[str, str]:
     that are numbers or booleans become text), or a list of ``{"name", "value"}`` objects
     (Telnyx's Call Control form); anything else contributes nothing."""
     if isinstance(value, dict):
-        return {str(name): _text(item) for name, item in value.items()
+        return {str(name): text(item) for name, item in value.items()
                 if isinstance(item, (str, int, float, bool))}
     if isinstance(value, list):
-        return {str(item["name"]): _text(item.get("value", "")) for item in value
+        return {str(item["name"]): text(item.get("value", "")) for item in value
                 if isinstance(item, dict) and "name" in item
                 and isinstance(item.get("value", ""), (str, int, float, bool))}
     return {}
 
 
-def _text(value: object) -> str:
+def text(value: object) -> str:
+    """A parameter's value as text (booleans as ``true``/``false``, as in JSON)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

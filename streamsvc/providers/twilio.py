@@ -48,6 +48,7 @@ __all__ = [
     "serialize_clear",
     "serialize_mark",
     "serialize_media",
+    "text_only",
 ]
 
 # Twilio sends numbers as strings ("sequenceNumber": "12"); non-strict decoding turns them
@@ -216,6 +217,12 @@ class BinaryFrame(bytes):
     other outbound message is text."""
 
     __slots__ = ()
+
+
+def text_only(frame: bytes | str) -> Event:
+    """``parse_binary`` of the providers that send text frames only: every binary frame
+    is a bad frame."""
+    raise RemoteProtocolError("binary frame: this provider sends text frames only")
 
 
 class UnknownEvent(msgspec.Struct, frozen=True, gc=False):

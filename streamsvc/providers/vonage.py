@@ -84,11 +84,9 @@ def rate_of(value: object) -> int:
 
 
 def _header_text(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
-    return _encoder.encode(value).decode()
+    if isinstance(value, str | int | float | bool):
+        return snake.text(value)
+    return _encoder.encode(value).decode()  # an object or a list: as compact JSON
 
 
 class VonageCodec:

@@ -208,9 +208,10 @@ class _Call(CallCore):
         limit = self.server.settings.start_timeout_s
         try:
             async with asyncio.timeout(limit):
+                kinds = self.kinds
                 while self.session.state is State.AWAITING_START:
                     frame = await self.connection.recv(decode=False)
-                    self.receive(frame, self._binary())
+                    self.receive(frame, kinds.popleft() if kinds else False)
         except TimeoutError:
             self.log_start_timeout()
             await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
@@ -219,11 +220,6 @@ class _Call(CallCore):
             self.log_closed_before_start(self._closed_reason(exc))
             return False
         return self.session.state is State.STREAMING
-
-    def _binary(self) -> bool:
-        """Whether the message just received came as a binary frame."""
-        kinds = self.kinds
-        return kinds.popleft() if kinds else False
 
     async def _stream(self) -> StopReason:
         receive, connection, session = self.receive, self.connection, self.session

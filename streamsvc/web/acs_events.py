@@ -37,7 +37,7 @@ import structlog
 
 from streamsvc.context.store import ContextStore
 from streamsvc.context.twiml import SIP_HEADER_PREFIX, candidates, select_parameters
-from streamsvc.web.webhooks import HttpRequest, HttpResponse
+from streamsvc.web.webhooks import HttpRequest, HttpResponse, answer_when_written
 
 if TYPE_CHECKING:
     from streamsvc.bus import FleetNode
@@ -107,15 +107,7 @@ class AcsEvents:
                 refused = self._incoming_call(data, request, writes)
                 if refused is not None:
                     return refused
-        if writes and self.fleet is not None:
-            return self._when_written(self.fleet, writes)
-        return HttpResponse(http.HTTPStatus.OK)
-
-    @staticmethod
-    async def _when_written(fleet: FleetNode,
-                            writes: list[asyncio.Future[None]]) -> HttpResponse:
-        await asyncio.gather(*(fleet.written(done) for done in writes))
-        return HttpResponse(http.HTTPStatus.OK)
+        return answer_when_written(self.fleet, writes, HttpResponse(http.HTTPStatus.OK))
 
     def _secret_matches(self, request: HttpRequest) -> bool:
         expected = self.settings.acs_events_secret

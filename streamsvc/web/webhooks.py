@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from streamsvc.config import Route, Settings
     from streamsvc.session import Session
 
-__all__ = ["HttpRequest", "HttpResponse", "Webhooks"]
+__all__ = ["HttpRequest", "HttpResponse", "Webhooks", "answer_when_written"]
 
 logger = structlog.get_logger("streamsvc.web.webhooks")
 
@@ -82,6 +82,19 @@ class HttpResponse:
                 f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n"
                 f"{extra}Connection: close\r\n\r\n")
         return head.encode() + self.body
+
+
+def answer_when_written(fleet: FleetNode | None, writes: list[asyncio.Future[None]],
+                        response: HttpResponse) -> HttpResponse | Awaitable[HttpResponse]:
+    """``response``, once the calls' contexts are in Redis (in a fleet: bounded by
+    ``redis_timeout_ms``), so that the stream the answer starts finds its context."""
+    if fleet is None or not writes:
+        return response
+
+    async def answer() -> HttpResponse:
+        await fleet.written(*writes)
+        return response
+    return answer()
 
 
 class Webhooks:
@@ -153,10 +166,7 @@ class Webhooks:
         origin = self.settings.public_base("ws")
         http_origin = self.settings.public_base("http")
         if origin is None or http_origin is None:
-            self.outcomes["no_public_url"] += 1
-            logger.error("twiml.no_public_url",
-                         message="set STREAMSVC_PUBLIC_URL to the origin Twilio reaches")
-            return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
+            return self._no_public_url("Twilio")
         selection = select_parameters(fields, query, route.context)
         call_sid = fields.get("CallSid")
         written = None
@@ -178,21 +188,14 @@ class Webhooks:
         document = self._render(route, selection.parameters)
         logger.info("twiml.served", call_sid=call_sid, path=route.path,
                     parameters=list(selection.parameters))
-        return self._after(written, HttpResponse(http.HTTPStatus.OK, document.encode(),
-                                                 "application/xml"))
+        return answer_when_written(self.fleet, [written] if written else [], HttpResponse(
+            http.HTTPStatus.OK, document.encode(), "application/xml"))
 
-    def _after(self, written: asyncio.Future[None] | None,
-               response: HttpResponse) -> HttpResponse | Awaitable[HttpResponse]:
-        """``response``, once the call's context is in Redis (in a fleet: bounded by
-        ``redis_timeout_ms``), so that the stream the answer starts finds it."""
-        if written is None or self.fleet is None:
-            return response
-        fleet = self.fleet
-
-        async def answer() -> HttpResponse:
-            await fleet.written(written)
-            return response
-        return answer()
+    def _no_public_url(self, provider: str) -> HttpResponse:
+        self.outcomes["no_public_url"] += 1
+        logger.error("twiml.no_public_url",
+                     message=f"set STREAMSVC_PUBLIC_URL to the origin {provider} reaches")
+        return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
 
     def _render(self, route: Route, parameters: Mapping[str, str]) -> str:
         origin = self.settings.public_base("ws")
@@ -242,10 +245,7 @@ class Webhooks:
             return self.refuse(http.HTTPStatus.FORBIDDEN, problem, request)
         origin = settings.public_base("ws")
         if origin is None:
-            self.outcomes["no_public_url"] += 1
-            logger.error("twiml.no_public_url",
-                         message="set STREAMSVC_PUBLIC_URL to the origin Vonage reaches")
-            return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
+            return self._no_public_url("Vonage")
         query = dict(parse_qsl(request.query, keep_blank_values=True))
         fields = answer_fields(query, request.body, request.method)
         authorization = ({"type": "vonage"} if secret else
@@ -265,8 +265,8 @@ class Webhooks:
         self.outcomes["twiml_served"] += 1
         logger.info("ncco.served", call_sid=call_uuid, path=route.path,
                     parameters=list(headers))
-        return self._after(written, HttpResponse(http.HTTPStatus.OK, orjson.dumps(document),
-                                                 "application/json"))
+        return answer_when_written(self.fleet, [written] if written else [], HttpResponse(
+            http.HTTPStatus.OK, orjson.dumps(document), "application/json"))
 
     def _status(self, fields: dict[str, str]) -> HttpResponse:
         event = fields.get("StreamEvent", "")
