@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from streamsvc.fixtures import load_fixture
 from streamsvc.replay import SessionResult, replay_session
+from streamsvc.replay.fixture import load_fixture
 
 from .attacks import ATTACKS
 

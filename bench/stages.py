@@ -1,6 +1,6 @@
 """streamsvc's own per-frame work, stage by stage, in one process with no sockets.
 
-Real calls (a started :class:`~streamsvc.core.CallCore` each, as a transport makes them)
+Real calls (a started :class:`~streamsvc.server.call.CallCore` each, as a transport makes them)
 take their frames round-robin, one frame per call in turn, as a loaded server interleaves
 them: each call's state is as cold between its frames as it is under load. Every stage
 adds one step of the path a media frame takes from the transport's callback:
@@ -28,12 +28,14 @@ from collections.abc import Callable
 
 from streamsvc import wire
 from streamsvc.config import Route, Settings
-from streamsvc.core import CallCore
 from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
 from streamsvc.logs import configure_logging
-from streamsvc.providers import TWILIO
+from streamsvc.providers import TWILIO, provider
 from streamsvc.server import StreamServer
+from streamsvc.server.admission import Admitted
+from streamsvc.server.call import CallCore
 from streamsvc.session import Session
+from streamsvc.wire import Upgrade
 
 
 class _Call(CallCore):
@@ -108,7 +110,8 @@ async def _round(calls: int, per_call: int, recorder_dir: str) -> dict[str, floa
         cores, contexts = [], []
         for index in range(calls):
             context = contextvars.copy_context()
-            core = context.run(_Call, server, route, {})
+            admitted = Admitted(route, Upgrade(route.path), provider(route.provider))
+            core = context.run(_Call, server, admitted)
             context.run(core.receive, _start(index))
             cores.append(core)
             contexts.append(context)

@@ -5,9 +5,14 @@ The I/O-free core is :mod:`streamsvc.wire` (one message in, one typed event out)
 asyncio shell; :mod:`streamsvc.handlers` holds the handler API.
 """
 
-from .exceptions import ConfigError, LocalProtocolError, RemoteProtocolError, StreamsvcError
-from .handlers import AsyncHandler, Handler
-from .session import CallSummary, Session
+from streamsvc.exceptions import (
+    ConfigError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamsvcError,
+)
+from streamsvc.handlers import AsyncHandler, Handler
+from streamsvc.session import CallSummary, Session
 
 __all__ = [
     "AsyncHandler",

@@ -1,5 +1,5 @@
 """``python -m streamsvc``: the same as the ``streamsvc`` command."""
 
-from .cli import main
+from streamsvc.cli import main
 
 raise SystemExit(main())

@@ -19,10 +19,10 @@ from typing import Any, Final, TypeAlias
 
 import structlog
 
-from . import wire
-from .handlers import AnyHandler, AsyncHandler, Handler, HandlerSpec, RawFrame
-from .live import LiveSession, PlaybackObserver
-from .session import CallSummary
+from streamsvc import wire
+from streamsvc.handlers import AnyHandler, AsyncHandler, Handler, HandlerSpec, RawFrame
+from streamsvc.live import LiveSession, PlaybackObserver
+from streamsvc.session import CallSummary
 
 __all__ = ["MEDIA_LATENCY_SAMPLING", "HandlerChain", "LatencyObserver"]
 

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from .exceptions import ConfigError
-from .routes import DEFAULT_ROUTES, Route, check_keys, parse_routes, table
+from streamsvc.exceptions import ConfigError
+from streamsvc.providers import REGISTRY
+from streamsvc.routes import DEFAULT_ROUTES, Route, check_keys, parse_routes, table
 
 __all__ = [
     "DEFAULT_ROUTES",
@@ -475,17 +476,10 @@ def _check_security(settings: Settings) -> None:
 
 
 def provider_credentials(settings: Settings) -> dict[str, tuple[str, bool]]:
-    """Per provider, where its streams' credential is set and whether it is."""
-    return {
-        "twilio": ("TWILIO_AUTH_TOKEN", bool(settings.auth_tokens)),
-        "acs": ("STREAMSVC_ACS_AUDIENCE", bool(settings.acs_audience)),
-        "telnyx": ("STREAMSVC_TELNYX_STREAM_TOKEN", bool(settings.telnyx_stream_token)),
-        "signalwire": ("STREAMSVC_SIGNALWIRE_TOKEN", bool(settings.signalwire_token)),
-        "exotel": ("STREAMSVC_EXOTEL_BASIC_AUTH", bool(settings.exotel_basic_auth)),
-        "plivo": ("PLIVO_AUTH_TOKEN", bool(settings.plivo_auth_token)),
-        "vonage": ("VONAGE_SIGNATURE_SECRET or STREAMSVC_VONAGE_TOKEN",
-                   bool(settings.vonage_token or settings.vonage_signature_secret)),
-    }
+    """Per provider with a stream credential, where it is set and whether it is (from the
+    provider registry's rows)."""
+    return {row.name: (row.credential_env, row.configured(settings))
+            for row in REGISTRY if row.check is not None}
 
 
 def _check_paths(settings: Settings) -> None:

@@ -28,10 +28,10 @@ from typing import Any, Final, TypeAlias
 
 import structlog
 
-from . import wire
-from .exceptions import ConfigError
-from .live import LiveSession
-from .session import CallSummary
+from streamsvc import wire
+from streamsvc.exceptions import ConfigError
+from streamsvc.live import LiveSession
+from streamsvc.session import CallSummary
 
 __all__ = [
     "BUILTIN_HANDLERS",

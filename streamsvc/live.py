@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
-from .audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
-from .exceptions import LocalProtocolError
-from .session import Session
+from streamsvc.audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
+from streamsvc.exceptions import LocalProtocolError
+from streamsvc.session import Session
 
 __all__ = ["LiveSession", "MarkResult", "PlaybackObserver"]
 
@@ -101,7 +101,7 @@ class LiveSession(Session):
     def _chunk_bytes(self) -> int:
         """What one outbound message carries: 20 ms of the stream's native audio, or what
         the provider asks for (Exotel: 3,200 bytes)."""
-        chunk = getattr(self.codec, "chunk_bytes", None)
+        chunk = self.codec.chunk_bytes
         if chunk:
             return int(chunk)
         return CHUNK_BYTES if self._mulaw else self.sample_rate * 2 // 50
@@ -188,7 +188,7 @@ class LiveSession(Session):
             resampler.reset()
         if not self.codec.has_marks:  # what was queued is dropped
             self._playback_ends = 0.0
-        if not self.codec.has_marks or not getattr(self.codec, "echoes_marks_on_clear", True):
+        if not self.codec.has_marks or not self.codec.echoes_marks_on_clear:
             self.abandon_marks()  # no echo will come for the marks pending (ACS, Vonage)
         self._wake()
 

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .context.twiml import ContextMapping, render_stream_twiml
-from .exceptions import ConfigError
-from .handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
-from .providers import PROVIDERS
+from streamsvc.context.twiml import ContextMapping, render_stream_twiml
+from streamsvc.exceptions import ConfigError
+from streamsvc.handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
+from streamsvc.providers import PROVIDERS
 
 __all__ = ["DEFAULT_ROUTES", "Route", "check_keys", "parse_routes", "table"]
 

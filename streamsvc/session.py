@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
-from . import wire
-from .audio import mulaw_to_pcm16
-from .exceptions import LocalProtocolError, RemoteProtocolError
-from .providers import TWILIO, Codec
+from streamsvc import wire
+from streamsvc.audio import mulaw_to_pcm16
+from streamsvc.exceptions import LocalProtocolError, RemoteProtocolError
+from streamsvc.providers.twilio import TWILIO
 
 __all__ = [
     "DEFAULT_PARAMETER_BUDGET_BYTES",
@@ -44,7 +44,7 @@ __all__ = [
 # Twilio advises at most 800 bytes of custom parameters in total (shared/protocol.md).
 DEFAULT_PARAMETER_BUDGET_BYTES: Final = 800
 # Media frames are 20 ms apart (shared/protocol.md); slots are counted in these.
-FRAME_MS: Final = 20
+FRAME_MS: Final = wire.FRAME_MS
 # A track remembers which of its latest slots are missing (a late frame can still fill
 # them) in a bitmap this wide: 82 s of 20 ms slots, about 0.5 kB per track however large a
 # gap. A hole older than that is counted as missing for good.
@@ -259,13 +259,13 @@ class Session:
         path: str = "/",
         bidirectional: bool = False,
         parameter_budget_bytes: int = DEFAULT_PARAMETER_BUDGET_BYTES,
-        codec: Codec = TWILIO,
+        codec: wire.Codec = TWILIO,
     ) -> None:
         self.codec = codec
         self._parse = codec.parse
         # Binary messages are media on providers that send audio so (Vonage); on the others
         # they are bad frames.
-        self._parse_binary = getattr(codec, "parse_binary", None) or wire.text_only
+        self._parse_binary = codec.parse_binary
         self.path = path
         self.bidirectional = bidirectional
         self.parameter_budget_bytes = parameter_budget_bytes
@@ -360,7 +360,7 @@ class Session:
             raise RemoteProtocolError(f"media on unknown track {track!r}")
         # A provider whose frames are not 20 ms long says how long they are (Exotel).
         stats = self.track_stats[track] = TrackStats(
-            frame_ms=getattr(self.codec, "frame_ms", FRAME_MS))
+            frame_ms=self.codec.frame_ms)
         return stats
 
     def _on_other(self, event: wire.Event) -> None:

@@ -26,7 +26,7 @@ def events(logs: LogEvents, name: str) -> LogEvents:
 
 def outcome_of(logs: LogEvents, stream_sid: str | None) -> dict[str, dict[str, Any]]:
     """One stream's ``stream.started`` and ``stream.stopped`` lines, by event name (what
-    :func:`streamsvc.outcome.differences` compares with a fixture's ``expect``)."""
+    :func:`streamsvc.replay.check.differences` compares with a fixture's ``expect``)."""
     return {event: line for event in ("stream.started", "stream.stopped")
             for line in events(logs, event) if line["stream_sid"] == stream_sid}
 

@@ -30,7 +30,7 @@ from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError, RemoteProtocolError
 from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
 from streamsvc.live import LiveSession
-from streamsvc.providers import codec_for
+from streamsvc.providers import CodecOptions, codec_for
 from streamsvc.providers.acs import AcsCodec, parse_timestamp_ms
 from streamsvc.providers.acs_auth import ACS_ISSUER
 from streamsvc.server import StreamServer
@@ -161,7 +161,8 @@ def test_any_input_is_an_event_or_a_remote_protocol_error(frame: Any) -> None:
 # -- the session over ACS ----------------------------------------------------------------
 
 def acs_session(*, unmixed: bool = False) -> Session:
-    session = Session(codec=codec_for("acs", HEADERS, unmixed=unmixed))
+    session = Session(codec=codec_for("acs", wire.Upgrade.of("/", "", HEADERS.items()),
+                                      CodecOptions(unmixed=unmixed)))
     session.receive_message(metadata())
     assert [wire.Start] == [type(e) for e in session.events_received()]
     return session

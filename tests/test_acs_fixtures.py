@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
-from streamsvc.outcome import differences
 from streamsvc.replay import replay
+from streamsvc.replay.check import differences
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 
 from .conftest import LogEvents, events, outcome_of, until

@@ -16,9 +16,9 @@ import pytest
 from bench.attacks import ws_frame as frame
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.replay import SessionResult, replay_session
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 
 from .conftest import LogEvents, events, until

@@ -13,12 +13,12 @@ import pytest
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.exceptions import RemoteProtocolError
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec
-from streamsvc.outcome import differences
 from streamsvc.providers.auto import provider_from_message
 from streamsvc.providers.plivo import NONCE_HEADER, SIGNATURE_V3_HEADER, sign_v3
 from streamsvc.replay import replay, signature_headers
+from streamsvc.replay.check import differences
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 
 from .conftest import LogEvents, events, until

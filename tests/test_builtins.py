@@ -21,12 +21,12 @@ from streamsvc.builtins.levels import LevelsHandler
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError, LocalProtocolError
-from streamsvc.fixtures import Fixture, load_fixture
 from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
 from streamsvc.live import LiveSession
 from streamsvc.replay import replay_session
+from streamsvc.replay.fixture import Fixture, load_fixture
+from streamsvc.replay.synth import SessionPlan, mulaw_encode, synthesize
 from streamsvc.server import StreamServer
-from streamsvc.synth import SessionPlan, mulaw_encode, synthesize
 
 from .conftest import LogEvents, events, until
 from .test_audio import g711_ulaw_to_linear

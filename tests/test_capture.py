@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
 from streamsvc.replay import replay_session
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
 

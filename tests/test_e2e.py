@@ -20,12 +20,12 @@ from websockets.exceptions import ConnectionClosed
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import Fixture, load_fixture
 from streamsvc.handlers import Handler, HandlerSpec
 from streamsvc.replay import replay, replay_session
+from streamsvc.replay.fixture import Fixture, load_fixture
+from streamsvc.replay.synth import SessionPlan, synthesize
 from streamsvc.server import StreamServer
 from streamsvc.session import CallSummary, Session
-from streamsvc.synth import SessionPlan, synthesize
 
 from .conftest import events, until
 

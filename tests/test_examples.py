@@ -17,9 +17,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.replay import replay_session
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 
 from .conftest import LogEvents, events, until

@@ -14,12 +14,12 @@ import pytest
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.live import LiveSession
-from streamsvc.outcome import differences
-from streamsvc.providers.exotel import QUERY_HEADER, ExotelCodec
+from streamsvc.providers.exotel import ExotelCodec
 from streamsvc.replay import replay
+from streamsvc.replay.check import differences
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
 
@@ -45,7 +45,7 @@ def media(chunk: int, samples: int = 800) -> str:
 
 
 def test_the_start_and_the_url_query_give_the_context() -> None:
-    session = Session(codec=ExotelCodec({QUERY_HEADER: "lang=hi&tier=gold&sample-rate=8000"}))
+    session = Session(codec=ExotelCodec("lang=hi&tier=gold&sample-rate=8000"))
     session.receive_message(start(tier="platinum"))
     [event] = session.events_received()
     assert isinstance(event, wire.Start)

@@ -27,11 +27,11 @@ from websockets.asyncio.client import connect
 
 from streamsvc import wire
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import AsyncHandler, Handler, HandlerSpec
-from streamsvc.metrics import Metrics
 from streamsvc.replay import replay, replay_session
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import METRICS_SHARE_INTERVAL_S, StreamServer
+from streamsvc.server.metrics import Metrics
 
 from .conftest import LogEvents, events, until
 

@@ -19,14 +19,14 @@ import pytest
 import redis
 
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.fleet import Consumer, Entry, Fleet, FleetError, audio_key
 from streamsvc.handlers import Handler, HandlerSpec, RawFrame
+from streamsvc.providers.signature import SIGNATURE_HEADER, sign
 from streamsvc.replay import replay
-from streamsvc.replay_call import CallLeg, replay_call
+from streamsvc.replay.call import CallLeg, replay_call
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 from streamsvc.session import CallSummary, Session
-from streamsvc.signature import SIGNATURE_HEADER, sign
 
 from .fleet_support import Nginx, RedisServer, Service, free_port, metric
 

@@ -10,10 +10,10 @@ import pytest
 
 from streamsvc.config import load_settings
 from streamsvc.context.twiml import render_stream_twiml
-from streamsvc.core import AudioBatcher
 from streamsvc.exceptions import ConfigError
 from streamsvc.live import LiveSession
-from streamsvc.replay_call import stream_verb
+from streamsvc.replay.call import stream_verb
+from streamsvc.server.call import AudioBatcher
 from tests.test_session import media, start
 
 
@@ -90,8 +90,8 @@ def test_audio_is_published_in_batches_of_the_configured_length_per_track() -> N
 async def test_a_context_write_holds_the_answer_at_most_redis_timeout_ms() -> None:
     import time
 
-    from streamsvc.bus import FleetNode
     from streamsvc.config import Settings
+    from streamsvc.fleet.node import FleetNode
 
     settings = Settings(redis_url="redis://127.0.0.1:9/0", redis_timeout_ms=50, bus_buffer=1)
     fleet = FleetNode(settings, {})  # not started: nothing drains the buffer

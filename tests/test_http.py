@@ -15,11 +15,11 @@ from twilio.request_validator import RequestValidator
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.context.twiml import parameters_from_twiml
-from streamsvc.fixtures import Fixture
 from streamsvc.handlers import HandlerSpec
 from streamsvc.replay import replay_session, signature_headers
+from streamsvc.replay.fixture import Fixture
+from streamsvc.replay.synth import SessionPlan, synthesize
 from streamsvc.server import StreamServer
-from streamsvc.synth import SessionPlan, synthesize
 
 from .conftest import LogEvents, events, until
 

@@ -7,7 +7,7 @@ import http
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamsvc.web.front import Answer, HttpFront, Upgrade
+from streamsvc.server.front import Answer, HttpFront, Upgrade
 from streamsvc.web.webhooks import HttpRequest, HttpResponse
 
 UPGRADE = (b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"

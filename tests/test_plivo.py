@@ -13,10 +13,8 @@ import pytest
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec
 from streamsvc.live import LiveSession
-from streamsvc.outcome import differences
 from streamsvc.providers.plivo import (
     NONCE_HEADER,
     SIGNATURE_V3_HEADER,
@@ -25,6 +23,8 @@ from streamsvc.providers.plivo import (
     sign_v3,
 )
 from streamsvc.replay import replay
+from streamsvc.replay.check import differences
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from streamsvc.fixtures import dump_fixture, load_fixture
+from streamsvc.replay.fixture import dump_fixture, load_fixture
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 ROOT = Path(__file__).parent.parent

@@ -14,11 +14,11 @@ from twilio.request_validator import RequestValidator
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.exceptions import ConfigError
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec
+from streamsvc.providers.signature import sign
 from streamsvc.replay import replay_session, signature_headers
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
-from streamsvc.signature import sign
 
 from .conftest import LogEvents, events
 

@@ -14,11 +14,11 @@ import pytest
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec
-from streamsvc.outcome import differences
 from streamsvc.providers.signalwire import SignalWireCodec
 from streamsvc.replay import replay
+from streamsvc.replay.check import differences
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
 

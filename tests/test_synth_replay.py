@@ -18,13 +18,13 @@ import pytest
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.fixtures import FixtureError, load_fixture
 from streamsvc.handlers import Handler, HandlerSpec
+from streamsvc.providers.signature import sign, signature_matches
 from streamsvc.replay import replay_session, signature_headers
+from streamsvc.replay.fixture import FixtureError, load_fixture
+from streamsvc.replay.synth import SessionPlan, expected_outcome, mulaw_encode, read_wav, synthesize
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
-from streamsvc.signature import sign, signature_matches
-from streamsvc.synth import SessionPlan, expected_outcome, mulaw_encode, read_wav, synthesize
 
 from .conftest import events, until
 

@@ -20,12 +20,12 @@ from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.exceptions import RemoteProtocolError
-from streamsvc.fixtures import load_fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
-from streamsvc.outcome import differences
 from streamsvc.providers import codec_for
 from streamsvc.providers.telnyx import TOKEN_HEADER, TelnyxCodec, client_state_text
 from streamsvc.replay import replay
+from streamsvc.replay.check import differences
+from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
 
@@ -108,7 +108,7 @@ def test_telnyx_errors_are_bad_frames_with_telnyxs_reason() -> None:
 
 
 def test_outbound_frames_are_telnyxs() -> None:
-    codec = codec_for("telnyx", {})
+    codec = codec_for("telnyx", wire.Upgrade("/"))
     assert {"event": "clear"} == json.loads(codec.serialize_clear("S1"))
     mark = codec.serialize_mark("S1", "greeting")
     assert mark is not None

@@ -24,18 +24,18 @@ from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.exceptions import RemoteProtocolError
-from streamsvc.fixtures import Fixture, FixtureFrame, dump_fixture, load_fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.live import LiveSession
-from streamsvc.outcome import differences
 from streamsvc.providers import codec_for
 from streamsvc.providers.auto import provider_from_message
 from streamsvc.providers.vonage import VonageCodec, jwt_problem, token_matches
 from streamsvc.replay import replay, replay_session
+from streamsvc.replay.check import differences
+from streamsvc.replay.fixture import Fixture, FixtureFrame, dump_fixture, load_fixture
+from streamsvc.replay.synth import SessionPlan
+from streamsvc.replay.synth.vonage import synthesize_vonage
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
-from streamsvc.synth import SessionPlan
-from streamsvc.synth_vonage import synthesize_vonage
 from streamsvc.web.ncco import ncco
 
 from .conftest import LogEvents, events, outcome_of, until
@@ -204,7 +204,7 @@ def test_binary_frames_are_bad_frames_on_every_other_provider() -> None:
     media = json.dumps({"event": "media", "streamSid": "MZ1", "media": {
         "track": "inbound", "chunk": "1", "timestamp": "0", "payload": "AAAA"}}).encode()
     for provider in ("twilio", "telnyx", "plivo", "exotel", "signalwire"):
-        session = Session(codec=codec_for(provider, {}))
+        session = Session(codec=codec_for(provider, wire.Upgrade("/")))
         session.receive_message(media, binary=True)  # valid JSON, but in a binary frame
         [bad] = session.events_received()
         assert "binary frame" in getattr(bad, "reason", ""), provider
@@ -216,7 +216,7 @@ def test_auto_tells_vonage_from_its_first_message() -> None:
     assert "signalwire" == provider_from_message(twilio_start, bearer=True)
     with pytest.raises(RemoteProtocolError, match="ambiguous"):
         provider_from_message(twilio_start)
-    codec = codec_for("auto", {"authorization": "Bearer x"})
+    codec = codec_for("auto", wire.Upgrade("/", "", (("authorization", "Bearer x"),)))
     with pytest.raises(RemoteProtocolError, match="before the provider is known"):
         codec.parse_binary(bytes(640))  # type: ignore[attr-defined]
     codec.parse(connected())

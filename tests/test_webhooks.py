@@ -31,12 +31,12 @@ from streamsvc.context.twiml import (
     xml_safe,
 )
 from streamsvc.exceptions import ConfigError
-from streamsvc.fixtures import Fixture
 from streamsvc.handlers import HandlerSpec, resolve_handler
+from streamsvc.providers.signature import sign as twilio_signature
 from streamsvc.replay import replay_session, signature_headers
+from streamsvc.replay.fixture import Fixture
+from streamsvc.replay.synth import SessionPlan, synthesize
 from streamsvc.server import StreamServer
-from streamsvc.signature import sign as twilio_signature
-from streamsvc.synth import SessionPlan, synthesize
 
 from .conftest import LogEvents, events, until
 

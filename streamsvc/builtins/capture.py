@@ -28,8 +28,8 @@ import orjson
 
 from streamsvc.builtins.files import DEFAULT_FILE_MODE, create_file, safe_path_component
 from streamsvc.builtins.files import file_mode as parse_file_mode
-from streamsvc.fixtures import FIXTURE_VERSION
 from streamsvc.handlers import AsyncHandler, RawFrame
+from streamsvc.replay.fixture import FIXTURE_VERSION
 from streamsvc.session import CallSummary, Session
 
 __all__ = ["CaptureHandler", "safe_path_component"]

@@ -1,127 +1,180 @@
-"""The providers: one Sans-I/O codec each, turning a provider's frames into the service's
-common events (:mod:`streamsvc.wire`) and its outbound commands (audio, mark, clear) into
-the provider's frames.
+"""The providers: one Sans-I/O codec each (:class:`~streamsvc.wire.Codec`), turning a
+provider's frames into the service's common events and its outbound commands (audio, mark,
+clear) into the provider's frames; and one row each in :data:`REGISTRY`, the only place the
+rest of the service learns what differs between providers.
 
 A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``,
-``"signalwire"``, ``"exotel"``, ``"plivo"``, ``"vonage"`` or ``"auto"``); each stream
-connection gets a new codec from
-:func:`codec_for`, built from the upgrade request's headers. What a codec offers
-(:class:`Codec`): ``parse`` (one frame in, one event out, or
-:class:`~streamsvc.exceptions.RemoteProtocolError`), the ``serialize_*`` verbs, the track
-names it accepts, whether a clean close means the call ended, whether it has marks, and
-its native audio encoding (``mulaw`` or ``pcm16``). A codec whose provider sends audio in
-binary frames (Vonage) also has ``parse_binary``; on the others a binary frame is a bad
-frame. An outbound message to go as a binary frame is a :class:`~streamsvc.wire.BinaryFrame`.
+``"signalwire"``, ``"exotel"``, ``"plivo"``, ``"vonage"`` or ``"auto"``). A row says how to
+build a stream's codec from its upgrade, which settings hold the provider's stream
+credential and how an upgrade is checked against it, whether an upgrade claims to be the
+provider's (on an ``auto`` route), whether the call's context travels on the wire, the form
+its voice webhook answers in, how a replay peer answers marks, and where its fixture
+synthesizer lives. Adding a provider is its module(s), one row here and a fixture
+(``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Final, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
 
-from . import twilio
-from .acs import AcsCodec
-from .auto import AutoCodec
-from .exotel import ExotelCodec
-from .plivo import PlivoCodec
-from .signalwire import SignalWireCodec
-from .telnyx import TelnyxCodec
-from .vonage import VonageCodec
+from streamsvc.providers import credentials as checks
+from streamsvc.providers.acs import AcsCodec
+from streamsvc.providers.auto import AutoCodec
+from streamsvc.providers.exotel import ExotelCodec
+from streamsvc.providers.plivo import NONCE_HEADER, SIGNATURE_V3_HEADER, PlivoCodec
+from streamsvc.providers.signalwire import SignalWireCodec
+from streamsvc.providers.telnyx import TelnyxCodec
+from streamsvc.providers.twilio import TWILIO, TwilioCodec
+from streamsvc.providers.vonage import VonageCodec
+from streamsvc.wire import Codec, Upgrade
 
-__all__ = ["PROVIDERS", "Codec", "TwilioCodec", "codec_for"]
-
-
-class Codec(Protocol):
-    """One stream's codec (see the module docstring)."""
-
-    @property
-    def provider(self) -> str: ...
-
-    @property
-    def tracks(self) -> frozenset[str] | None:
-        """The only track names accepted; None: any, up to :attr:`max_tracks`."""
-
-    @property
-    def max_tracks(self) -> int: ...
-
-    @property
-    def stops_on_close(self) -> bool:
-        """No stop message exists: a clean close ends the call with reason ``stop``."""
-
-    @property
-    def has_marks(self) -> bool:
-        """False: marks are resolved by the playback clock of the audio sent."""
-
-    @property
-    def native_encoding(self) -> str:
-        """``mulaw`` (8 kHz G.711) or ``pcm16`` (little-endian, at the stream's rate)."""
-
-    @property
-    def correlation_id(self) -> str | None:
-        """The provider's id that ties the stream to its call's webhook (ACS), or None."""
-
-    def parse(self, frame: bytes | str) -> twilio.Event: ...
-
-    def serialize_media(self, stream_sid: str, payload: bytes) -> bytes: ...
-
-    def serialize_mark(self, stream_sid: str, name: str) -> bytes | None: ...
-
-    def serialize_clear(self, stream_sid: str) -> bytes: ...
+__all__ = [
+    "AUTO",
+    "PROVIDERS",
+    "REGISTRY",
+    "TWILIO",
+    "Codec",
+    "CodecOptions",
+    "Provider",
+    "TwilioCodec",
+    "codec_for",
+    "provider",
+]
 
 
-class TwilioCodec:
-    """Twilio Media Streams (:mod:`streamsvc.providers.twilio`); stateless, so shared."""
+@dataclass(frozen=True, slots=True)
+class CodecOptions:
+    """What a route and the settings tell a codec besides the upgrade."""
 
-    provider: Final = "twilio"
-    tracks: Final[frozenset[str] | None] = frozenset({"inbound", "outbound"})
-    max_tracks: Final = 2
-    stops_on_close: Final = False
-    has_marks: Final = True
-    native_encoding: Final = "mulaw"
-    correlation_id: Final[str | None] = None
-
-    parse = staticmethod(twilio.parse_media)
-
-    @staticmethod
-    def serialize_media(stream_sid: str, payload: bytes) -> bytes:
-        return twilio.serialize_media(stream_sid, payload)
-
-    @staticmethod
-    def serialize_mark(stream_sid: str, name: str) -> bytes | None:
-        return twilio.serialize_mark(stream_sid, name)
-
-    @staticmethod
-    def serialize_clear(stream_sid: str) -> bytes:
-        return twilio.serialize_clear(stream_sid)
+    unmixed: bool = False  # ACS: each participant its own track
+    l16_little_endian: bool = False  # SignalWire: L16 arrives little-endian
 
 
-TWILIO: Final = TwilioCodec()
+Check = Callable[[Upgrade, checks.Credentials], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """One provider's row in the registry (see the module docstring)."""
+
+    name: str
+    codec: Callable[[Upgrade, CodecOptions], Codec]
+    # The settings that hold its stream credential (any set: upgrades are checked), and
+    # where an operator sets it, for messages ("set TWILIO_AUTH_TOKEN").
+    settings: tuple[str, ...]
+    credential_env: str
+    # The check, and what it looks at (``server.listening``'s ``auth``).
+    check: Check | None
+    credential: str | None
+    # On an auto route: whether the upgrade carries this provider's kind of credential.
+    claims: Callable[[Upgrade], bool]
+    # The call's context comes on the stream (custom parameters); False: from the store.
+    context_on_wire: bool
+    # The form of its voice webhook's answer, or None: it has none (ACS answers through
+    # /acs/events; auto cannot know whose to answer).
+    webhook: str | None
+    # How a replay peer answers marks: "echo" (the mark message comes back), "checkpoint"
+    # (Plivo's playedStream), "notify" (Vonage), or "none" (ACS has no marks).
+    peer: str
+    # The module of its fixture synthesizer.
+    synth: str | None
+
+    def configured(self, source: object) -> bool:
+        """Whether its stream credential is set in ``source`` (the settings, or the
+        :class:`~streamsvc.providers.credentials.Credentials` built from them)."""
+        return any(getattr(source, key, None) for key in self.settings)
+
+
+def _authorization_scheme(upgrade: Upgrade) -> str:
+    return (upgrade.get(checks.AUTHORIZATION) or "").partition(" ")[0].lower()
+
+
+def _acs_claims(upgrade: Upgrade) -> bool:
+    token = checks.bearer(upgrade.get(checks.AUTHORIZATION))
+    # ACS signs RS256 JWTs (three dot-separated parts); Vonage's are HS256.
+    return (token is not None and token.count(".") == 2
+            and checks.jwt_algorithm(token) != "HS256")
+
+
+def _auto_codec(upgrade: Upgrade, options: CodecOptions) -> Codec:
+    return AutoCodec(upgrade.first_values(),
+                     lambda name: provider(name).codec(upgrade, options))
+
+
+_SYNTH: Final = "streamsvc.replay.synth."
+
+REGISTRY: Final[tuple[Provider, ...]] = (
+    # On an auto route the upgrade's credential is looked for in this order.
+    Provider(
+        name="twilio", codec=lambda upgrade, options: TWILIO,
+        settings=("auth_token", "auth_token_previous"), credential_env="TWILIO_AUTH_TOKEN",
+        check=checks.twilio_problem, credential="X-Twilio-Signature",
+        claims=lambda upgrade: bool(upgrade.all(checks.TWILIO_SIGNATURE)),
+        context_on_wire=True, webhook="twiml", peer="echo", synth=_SYNTH + "twilio"),
+    Provider(
+        name="telnyx", codec=lambda upgrade, options: TelnyxCodec(),
+        settings=("telnyx_stream_token",), credential_env="STREAMSVC_TELNYX_STREAM_TOKEN",
+        check=checks.telnyx_problem, credential="x-telnyx-streaming-auth-token",
+        claims=lambda upgrade: bool(upgrade.all(checks.TELNYX_TOKEN)),
+        context_on_wire=True, webhook="texml", peer="echo", synth=_SYNTH + "telnyx"),
+    Provider(
+        name="plivo", codec=lambda upgrade, options: PlivoCodec(),
+        settings=("plivo_auth_token",), credential_env="PLIVO_AUTH_TOKEN",
+        check=checks.plivo_problem, credential="X-Plivo-Signature-V3",
+        claims=lambda upgrade: bool(upgrade.all(SIGNATURE_V3_HEADER)
+                                    or upgrade.all(NONCE_HEADER)),
+        context_on_wire=True, webhook="plivo", peer="checkpoint", synth=_SYNTH + "plivo"),
+    Provider(
+        name="exotel", codec=lambda upgrade, options: ExotelCodec(upgrade.query),
+        settings=("exotel_basic_auth",), credential_env="STREAMSVC_EXOTEL_BASIC_AUTH",
+        check=checks.exotel_problem, credential="Authorization: Basic",
+        claims=lambda upgrade: _authorization_scheme(upgrade) == "basic",
+        context_on_wire=True, webhook="exotel", peer="echo", synth=_SYNTH + "exotel"),
+    Provider(
+        name="acs",
+        codec=lambda upgrade, options: AcsCodec(upgrade.first_values(),
+                                                unmixed=options.unmixed),
+        settings=("acs_audience",), credential_env="STREAMSVC_ACS_AUDIENCE",
+        check=checks.acs_problem, credential="ACS bearer JWT (RS256)", claims=_acs_claims,
+        context_on_wire=False, webhook=None, peer="none", synth=_SYNTH + "acs"),
+    Provider(
+        name="vonage", codec=lambda upgrade, options: VonageCodec(),
+        settings=("vonage_signature_secret", "vonage_token"),
+        credential_env="VONAGE_SIGNATURE_SECRET or STREAMSVC_VONAGE_TOKEN",
+        check=checks.vonage_problem,
+        credential="Authorization: Vonage JWT (HS256) or custom token",
+        claims=lambda upgrade: bool(upgrade.all(checks.AUTHORIZATION)),
+        context_on_wire=True, webhook="ncco", peer="notify", synth=_SYNTH + "vonage"),
+    Provider(
+        name="signalwire",
+        codec=lambda upgrade, options: SignalWireCodec(
+            l16_little_endian=options.l16_little_endian),
+        settings=("signalwire_token",), credential_env="STREAMSVC_SIGNALWIRE_TOKEN",
+        check=checks.signalwire_problem, credential="Authorization: Bearer",
+        claims=lambda upgrade: _authorization_scheme(upgrade) == "bearer",
+        context_on_wire=True, webhook="cxml", peer="echo", synth=_SYNTH + "twilio"),
+    Provider(
+        name="auto", codec=_auto_codec, settings=(), credential_env="", check=None,
+        credential=None, claims=lambda upgrade: False,
+        context_on_wire=True, webhook=None, peer="echo", synth=None),
+)
+_BY_NAME: Final = {row.name: row for row in REGISTRY}
+# Every name a route may give, the default first (kept in this order for --help).
 PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "vonage",
-                     "auto")
+                    "auto")
+AUTO: Final = _BY_NAME["auto"]
 
 
-def codec_for(provider: str, headers: Mapping[str, str], *, unmixed: bool = False,
-              context: Callable[[str], Mapping[str, str] | None] | None = None,
-              l16_little_endian: bool = False) -> Codec:
-    """A codec for one stream of ``provider``, given its upgrade request's headers
-    (lower-case names); ``context`` looks a call's stored context up by the id the
-    provider's upgrade carries (ACS: the correlation id)."""
-    if provider == "auto":
-        return AutoCodec(headers, lambda name: codec_for(
-            name, headers, unmixed=unmixed, context=context,
-            l16_little_endian=l16_little_endian))
-    if provider == "acs":
-        return AcsCodec(headers, unmixed=unmixed, context=context)
-    if provider == "twilio":
-        return TWILIO
-    if provider == "telnyx":
-        return TelnyxCodec()
-    if provider == "plivo":
-        return PlivoCodec()
-    if provider == "exotel":
-        return ExotelCodec(headers)
-    if provider == "vonage":
-        return VonageCodec()
-    if provider == "signalwire":
-        return SignalWireCodec(l16_little_endian=l16_little_endian)
-    raise ValueError(f"unknown provider {provider!r}")
+def provider(name: str) -> Provider:
+    """The registry row of ``name``; ValueError for a name not in :data:`PROVIDERS`."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown provider {name!r}") from None
+
+
+def codec_for(name: str, upgrade: Upgrade, options: CodecOptions = CodecOptions()) -> Codec:
+    """A codec for one stream of provider ``name``, given its upgrade."""
+    return provider(name).codec(upgrade, options)

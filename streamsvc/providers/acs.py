@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
 
+from streamsvc import wire as common
 from streamsvc.exceptions import RemoteProtocolError
-
-from . import twilio as common
 
 __all__ = ["AcsCodec", "parse_timestamp_ms"]
 
@@ -96,7 +95,7 @@ def parse_timestamp_ms(text: str) -> int:
     return milliseconds
 
 
-class AcsCodec:
+class AcsCodec(common.Codec):
     """One ACS media stream's codec: ``headers`` are the upgrade request's (lower-case
     names); ``unmixed`` says whether each participant is its own track."""
 
@@ -107,16 +106,20 @@ class AcsCodec:
     has_marks: Final = False
     native_encoding: Final = "pcm16"
 
-    def __init__(self, headers: Mapping[str, str], *, unmixed: bool = False,
-                 context: Callable[[str], Mapping[str, str] | None] | None = None) -> None:
+    # ACS carries no parameters on the wire: the call's context is the one its IncomingCall
+    # stored under the correlation id (the call core reads it from the context store).
+    context_on_wire: Final = False
+
+    def __init__(self, headers: Mapping[str, str], *, unmixed: bool = False) -> None:
         self.call_connection_id = headers.get(CALL_CONNECTION_HEADER) or None
-        self.correlation_id = headers.get(CORRELATION_HEADER) or None
-        # The call's context, stored under its correlation id by the IncomingCall webhook.
-        found = context(self.correlation_id) if context and self.correlation_id else None
-        self.custom_parameters = dict(found or {})
+        self._correlation_id = headers.get(CORRELATION_HEADER) or None
         self.unmixed = unmixed
         self.subscription_id = ""
         self.chunks = 0
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._correlation_id
 
     def parse(self, frame: bytes | str) -> common.Event:
         """One inbound text frame as a common event; raises RemoteProtocolError."""
@@ -144,8 +147,7 @@ class AcsCodec:
         body = common._StartBody(
             account_sid="", stream_sid=metadata.subscription_id,
             call_sid=self.call_connection_id or metadata.subscription_id,
-            tracks=() if self.unmixed else ("inbound",), media_format=media_format,
-            custom_parameters=self.custom_parameters)
+            tracks=() if self.unmixed else ("inbound",), media_format=media_format)
         return common.Start(body, None, metadata.subscription_id)
 
     def _media(self, audio: _Audio) -> common.Media:

@@ -17,17 +17,15 @@ frame before the provider is known is a bad frame.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
+from streamsvc import wire as common
 from streamsvc.exceptions import RemoteProtocolError
-
-from . import twilio as common
 
 __all__ = ["AutoCodec", "provider_from_headers", "provider_from_message"]
 
-_FRAME_MS: Final = 20
 _any: Final = msgspec.json.Decoder()
 
 
@@ -78,24 +76,27 @@ def provider_from_message(frame: bytes | str, *, bearer: bool = False) -> str:
     raise RemoteProtocolError(f"cannot tell the provider from a {str(event)[:40]!r} message")
 
 
-class AutoCodec:
+class AutoCodec(common.Codec):
     """A stream whose provider is told from its upgrade and first message (see the
-    module docstring); ``make`` builds the chosen provider's codec."""
+    module docstring); ``make`` builds the chosen provider's codec. Used only where no
+    provider's credential is configured: otherwise the credential that admitted the upgrade
+    names the provider."""
 
-    def __init__(self, headers: Mapping[str, str], make: Callable[[str], Any]) -> None:
+    def __init__(self, headers: Mapping[str, str],
+                 make: Callable[[str], common.Codec]) -> None:
         self._make = make
         hint = provider_from_headers(headers)
-        self.chosen: Any = make(hint) if hint else None
+        self.chosen: common.Codec | None = make(hint) if hint else None
         self._bearer = headers.get("authorization", "").partition(" ")[0].lower() == "bearer"
 
-    def _codec(self) -> Any:
+    def _codec(self) -> common.Codec:
         if self.chosen is None:
             raise RemoteProtocolError("the provider is not known yet")
         return self.chosen
 
     @property
     def provider(self) -> str:
-        return str(self.chosen.provider) if self.chosen else "auto"
+        return self.chosen.provider if self.chosen else "auto"
 
     @property
     def tracks(self) -> frozenset[str] | None:
@@ -103,52 +104,55 @@ class AutoCodec:
 
     @property
     def max_tracks(self) -> int:
-        return int(self.chosen.max_tracks) if self.chosen else 2
+        return self.chosen.max_tracks if self.chosen else 2
 
     @property
     def stops_on_close(self) -> bool:
-        return bool(self.chosen.stops_on_close) if self.chosen else False
+        return self.chosen.stops_on_close if self.chosen else False
 
     @property
     def has_marks(self) -> bool:
-        return bool(self.chosen.has_marks) if self.chosen else True
+        return self.chosen.has_marks if self.chosen else True
 
     @property
     def native_encoding(self) -> str:
-        return str(self.chosen.native_encoding) if self.chosen else "mulaw"
+        return self.chosen.native_encoding if self.chosen else "mulaw"
 
     @property
     def correlation_id(self) -> str | None:
         return self.chosen.correlation_id if self.chosen else None
 
     @property
+    def context_on_wire(self) -> bool:
+        return self.chosen.context_on_wire if self.chosen else True
+
+    @property
     def frame_ms(self) -> int:
-        return int(getattr(self.chosen, "frame_ms", _FRAME_MS))
+        return self.chosen.frame_ms if self.chosen else common.FRAME_MS
 
     @property
     def chunk_bytes(self) -> int | None:
-        return getattr(self.chosen, "chunk_bytes", None)
+        return self.chosen.chunk_bytes if self.chosen else None
 
     @property
     def echoes_marks_on_clear(self) -> bool:
-        return bool(getattr(self.chosen, "echoes_marks_on_clear", True))
+        return self.chosen.echoes_marks_on_clear if self.chosen else True
 
     def parse(self, frame: bytes | str) -> common.Event:
         if self.chosen is None:
             self.chosen = self._make(provider_from_message(frame, bearer=self._bearer))
-        return self.chosen.parse(frame)  # type: ignore[no-any-return]
+        return self.chosen.parse(frame)
 
     def parse_binary(self, frame: bytes | str) -> common.Event:
         if self.chosen is None:
             raise RemoteProtocolError("binary frame before the provider is known")
-        parse = getattr(self.chosen, "parse_binary", common.text_only)
-        return parse(frame)
+        return self.chosen.parse_binary(frame)
 
     def serialize_media(self, stream_sid: str, payload: bytes) -> bytes:
-        return self._codec().serialize_media(stream_sid, payload)  # type: ignore[no-any-return]
+        return self._codec().serialize_media(stream_sid, payload)
 
     def serialize_mark(self, stream_sid: str, name: str) -> bytes | None:
-        return self._codec().serialize_mark(stream_sid, name)  # type: ignore[no-any-return]
+        return self._codec().serialize_mark(stream_sid, name)
 
     def serialize_clear(self, stream_sid: str) -> bytes:
-        return self._codec().serialize_clear(stream_sid)  # type: ignore[no-any-return]
+        return self._codec().serialize_clear(stream_sid)

@@ -30,22 +30,17 @@ load balancer).
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import msgspec
 
+from streamsvc import wire as common
 from streamsvc.exceptions import RemoteProtocolError
+from streamsvc.providers import snake
 
-from . import snake
-from . import twilio as common
+__all__ = ["ExotelCodec"]
 
-__all__ = ["QUERY_HEADER", "ExotelCodec"]
-
-# The transports pass the upgrade URL's query string to codecs under this pseudo-header
-# (no real header name starts with a colon).
-QUERY_HEADER: Final = ":query"
 _KINDS: Final = ("connected", "start", "media", "dtmf", "mark", "stop")
 # Outbound audio: Exotel wants multiples of 320 bytes, 3.2 kB to 100 kB a message.
 OUT_MULTIPLE: Final = 320
@@ -109,9 +104,9 @@ _decoder: Final = msgspec.json.Decoder(_Connected | _Start | _Media | _Dtmf | _M
                                        strict=False)
 
 
-class ExotelCodec:
-    """One Exotel stream's codec (see the module docstring); ``headers`` are the upgrade
-    request's, with its query string under :data:`QUERY_HEADER`."""
+class ExotelCodec(common.Codec):
+    """One Exotel stream's codec (see the module docstring); ``query`` is the upgrade
+    request's query string (the stream URL's context parameters)."""
 
     provider: Final = "exotel"
     tracks: Final[frozenset[str] | None] = frozenset({"inbound"})
@@ -122,14 +117,17 @@ class ExotelCodec:
     correlation_id: Final[str | None] = None
     chunk_bytes: Final = OUT_CHUNK_BYTES
 
-    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
-        query = (headers or {}).get(QUERY_HEADER, "")
+    def __init__(self, query: str = "") -> None:
         pairs = parse_qsl(query, keep_blank_values=True)[:MAX_QUERY_PARAMETERS]
         self.query_parameters = {name: value for name, value in pairs
                                  if name != "sample-rate"}
         self.sample_rate = 8000
-        self.frame_ms = 100  # set from the first media message's length
+        self._frame_ms = 100  # set from the first media message's length
         self._measured = False
+
+    @property
+    def frame_ms(self) -> int:
+        return self._frame_ms
 
     def parse(self, frame: bytes | str) -> common.Event:
         """One inbound text frame as a common event; raises RemoteProtocolError."""
@@ -157,7 +155,7 @@ class ExotelCodec:
         """The stream's frame length in ms (to the nearest 10 ms, at least 10), from a
         media message's PCM16 payload."""
         milliseconds = payload_bytes / 2 / self.sample_rate * 1000
-        self.frame_ms = max(10, round(milliseconds / 10) * 10)
+        self._frame_ms = max(10, round(milliseconds / 10) * 10)
 
     def _start(self, start: _Start) -> common.Start:
         body = start.start

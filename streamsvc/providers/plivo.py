@@ -35,10 +35,9 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import msgspec
 
+from streamsvc import wire as common
 from streamsvc.exceptions import RemoteProtocolError
-
-from . import snake
-from . import twilio as common
+from streamsvc.providers import snake
 
 __all__ = ["NONCE_HEADER", "SIGNATURE_V3_HEADER", "PlivoCodec", "sign_v3", "signature_ok"]
 
@@ -134,7 +133,7 @@ def signature_ok(auth_token: str, url: str, signature: str | None, nonce: str | 
                for given in signature.split(","))
 
 
-class PlivoCodec:
+class PlivoCodec(common.Codec):
     """One Plivo stream's codec (see the module docstring)."""
 
     provider: Final = "plivo"

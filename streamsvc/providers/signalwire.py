@@ -21,15 +21,14 @@ from typing import Final
 
 import msgspec
 
+from streamsvc import wire
 from streamsvc.audio import byteswap16
 from streamsvc.exceptions import RemoteProtocolError
-
-from . import twilio
 
 __all__ = ["SignalWireCodec"]
 
 
-class SignalWireCodec:
+class SignalWireCodec(wire.Codec):
     """One SignalWire stream's codec (see the module docstring)."""
 
     provider: Final = "signalwire"
@@ -47,15 +46,15 @@ class SignalWireCodec:
     def native_encoding(self) -> str:
         return "pcm16" if self.l16 else "mulaw"
 
-    def parse(self, frame: bytes | str) -> twilio.Event:
-        event = twilio.parse_media(frame)
-        if type(event) is twilio.Media:
+    def parse(self, frame: bytes | str) -> wire.Event:
+        event = wire.parse_media(frame)
+        if type(event) is wire.Media:
             if self.l16 and self.swap:
                 body = event.media
                 return msgspec.structs.replace(event, media=msgspec.structs.replace(
                     body, payload=byteswap16(body.payload)))
             return event
-        if type(event) is twilio.Start:
+        if type(event) is wire.Start:
             encoding = event.start.media_format.encoding.lower()
             if "l16" in encoding:
                 self.l16 = True
@@ -67,10 +66,10 @@ class SignalWireCodec:
     def serialize_media(self, stream_sid: str, payload: bytes) -> bytes:
         if self.l16 and self.swap:
             payload = byteswap16(payload)
-        return twilio.serialize_media(stream_sid, payload)
+        return wire.serialize_media(stream_sid, payload)
 
     def serialize_mark(self, stream_sid: str, name: str) -> bytes | None:
-        return twilio.serialize_mark(stream_sid, name)
+        return wire.serialize_mark(stream_sid, name)
 
     def serialize_clear(self, stream_sid: str) -> bytes:
-        return twilio.serialize_clear(stream_sid)
+        return wire.serialize_clear(stream_sid)

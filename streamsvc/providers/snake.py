@@ -8,9 +8,8 @@ from typing import Any, Final
 
 import msgspec
 
+from streamsvc import wire as common
 from streamsvc.exceptions import RemoteProtocolError
-
-from . import twilio as common
 
 __all__ = ["DigitBody", "NameBody", "decode", "dtmf", "mark", "parameters", "text"]
 

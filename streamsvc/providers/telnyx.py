@@ -38,11 +38,10 @@ from typing import Any, Final
 
 import msgspec
 
+from streamsvc import wire as common
 from streamsvc.audio import alaw_to_pcm16, byteswap16, pcm16_to_alaw
 from streamsvc.exceptions import RemoteProtocolError
-
-from . import snake
-from . import twilio as common
+from streamsvc.providers import snake
 
 __all__ = ["TOKEN_HEADER", "TelnyxCodec"]
 
@@ -128,7 +127,7 @@ def client_state_text(value: str) -> str:
     return decoded if decoded.isprintable() else value
 
 
-class TelnyxCodec:
+class TelnyxCodec(common.Codec):
     """One Telnyx media stream's codec (see the module docstring)."""
 
     provider: Final = "telnyx"

@@ -44,10 +44,9 @@ from typing import Any, Final
 import jwt
 import msgspec
 
+from streamsvc import wire as common
 from streamsvc.exceptions import RemoteProtocolError
-
-from . import snake
-from . import twilio as common
+from streamsvc.providers import snake
 
 __all__ = ["CONNECTED", "VonageCodec", "content_type", "jwt_problem", "rate_of",
            "token_matches"]
@@ -89,7 +88,7 @@ def _header_text(value: object) -> str:
     return _encoder.encode(value).decode()  # an object or a list: as compact JSON
 
 
-class VonageCodec:
+class VonageCodec(common.Codec):
     """One Vonage stream's codec (see the module docstring)."""
 
     provider: Final = "vonage"

@@ -40,8 +40,8 @@ from streamsvc.context.twiml import SIP_HEADER_PREFIX, candidates, select_parame
 from streamsvc.web.webhooks import HttpRequest, HttpResponse, answer_when_written
 
 if TYPE_CHECKING:
-    from streamsvc.bus import FleetNode
     from streamsvc.config import Route, Settings
+    from streamsvc.fleet.node import FleetNode
 
 __all__ = ["AcsEvents"]
 

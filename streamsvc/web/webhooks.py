@@ -30,14 +30,14 @@ import orjson
 import structlog
 
 from streamsvc.context.twiml import candidates, render_stream_twiml, select_parameters
+from streamsvc.providers.signature import SIGNATURE_HEADER, signature_problem
 from streamsvc.providers.vonage import jwt_problem as vonage_jwt_problem
-from streamsvc.signature import SIGNATURE_HEADER, signature_problem
 from streamsvc.web.ncco import ANSWER_FIELDS, answer_fields, ncco
 from streamsvc.web.ncco import MAX_HEADERS_BYTES as MAX_NCCO_HEADERS_BYTES
 
 if TYPE_CHECKING:
-    from streamsvc.bus import FleetNode
     from streamsvc.config import Route, Settings
+    from streamsvc.fleet.node import FleetNode
     from streamsvc.session import Session
 
 __all__ = ["HttpRequest", "HttpResponse", "Webhooks", "answer_when_written"]

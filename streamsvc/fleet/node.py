@@ -26,8 +26,8 @@ import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 
-from .exceptions import LocalProtocolError
-from .fleet import (
+from streamsvc.exceptions import LocalProtocolError
+from streamsvc.fleet.keys import (
     audio_key,
     commands_channel,
     context_key,
@@ -38,8 +38,8 @@ from .fleet import (
 )
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .live import LiveSession
+    from streamsvc.config import Settings
+    from streamsvc.live import LiveSession
 
 __all__ = ["FleetNode", "Lookup"]
 
@@ -420,7 +420,7 @@ class FleetNode:
                 logger.debug("bus.commands_disconnected", error=str(exc))
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX_S)
 

@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .fixtures import FixtureFrame
-from .providers.acs import CALL_CONNECTION_HEADER, CORRELATION_HEADER
-from .synth import sent_frames
+from streamsvc.providers.acs import CALL_CONNECTION_HEADER, CORRELATION_HEADER
+from streamsvc.replay.fixture import FixtureFrame
+from streamsvc.replay.synth.twilio import sent_frames
 
 __all__ = ["AcsPlan", "acs_expected_outcome", "acs_header", "synthesize_acs"]
 

@@ -8,5 +8,5 @@
 
 Both read each connection's first request with the server's HTTP front, admit handshakes
 through :meth:`~streamsvc.server.StreamServer.admit`, and run every stream through
-:class:`~streamsvc.core.CallCore`. Neither imports the other.
+:class:`~streamsvc.server.call.CallCore`. Neither imports the other.
 """

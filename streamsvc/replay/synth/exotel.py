@@ -9,8 +9,8 @@ import json
 import struct
 from typing import Any, Final
 
-from .fixtures import FixtureFrame
-from .synth import SessionPlan, expected_outcome, sent_frames
+from streamsvc.replay.fixture import FixtureFrame
+from streamsvc.replay.synth.twilio import SessionPlan, expected_outcome, sent_frames
 
 __all__ = ["EXOTEL_FRAME_MS", "exotel_expected", "synthesize_exotel"]
 

@@ -1,25 +1,6 @@
-"""Working with a fleet of streamsvc instances that share Redis (``redis_url``), from any
-process that reaches the same Redis: read the call events, talk back to a live stream.
-
-The keys, all public (documented in the README's "Running a fleet"):
-
-* ``streamsvc:events`` (setting ``events_stream``): a Redis stream of every call's events,
-  entries with fields ``event`` (``stream.started``, ``call.dtmf``, ``call.mark``,
-  ``stream.stopped``, ``stream.status``, the ``acs.*`` callbacks) and ``data`` (a JSON
-  object with the fields of that log line, ``call_sid`` and ``stream_sid`` included);
-* ``streamsvc:audio:<stream_sid>``: the stream's audio on routes with ``publish_audio``,
-  entries with ``track``, ``timestamp`` (media milliseconds of the batch's first frame),
-  ``encoding`` (``pcm16``), ``sample_rate`` and ``audio`` (the bytes);
-* ``streamsvc:context:<call_sid>`` (or the ACS correlation id): the context the voice
-  webhook saw, JSON, for ``context_ttl_s``;
-* ``streamsvc:stream:<stream_sid>``: the live registry (instance, call_sid, path,
-  started_at), kept alive by the owning instance and gone soon after it dies;
-* ``streamsvc:commands:<instance>`` and ``streamsvc:replies:<client>``: the pub/sub
-  channels talk-back goes through.
-
-:class:`Consumer` reads the events through a consumer group, at least once;
-:class:`Fleet` sends audio, marks and ``clear`` to a stream on whichever instance owns it.
-"""
+"""The fleet's client side (:mod:`streamsvc.fleet` re-exports it): :class:`Consumer` reads
+the call events through a consumer group, :class:`Fleet` talks back to a live stream on
+whichever instance owns it."""
 
 from __future__ import annotations
 
@@ -27,8 +8,6 @@ import asyncio
 import base64
 import contextlib
 import inspect
-import os
-import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,63 +19,19 @@ import redis.asyncio as redis
 import structlog
 from redis.exceptions import ResponseError
 
-__all__ = [
-    "AUDIO_PREFIX",
-    "COMMANDS_PREFIX",
-    "CONTEXT_PREFIX",
-    "EVENTS_STREAM",
-    "REGISTRY_PREFIX",
-    "Consumer",
-    "Entry",
-    "Fleet",
-    "FleetError",
-    "audio_key",
-    "commands_channel",
-    "context_key",
-    "registry_key",
-]
+from streamsvc.fleet.keys import (
+    EVENTS_STREAM,
+    REPLIES_PREFIX,
+    commands_channel,
+    default_consumer_name,
+    registry_key,
+)
+
+__all__ = ["Consumer", "Entry", "Fleet", "FleetError"]
 
 logger = structlog.get_logger("streamsvc.fleet")
 
-EVENTS_STREAM: Final = "streamsvc:events"
-AUDIO_PREFIX: Final = "streamsvc:audio:"
-CONTEXT_PREFIX: Final = "streamsvc:context:"
-REGISTRY_PREFIX: Final = "streamsvc:stream:"
-RESUME_PREFIX: Final = "streamsvc:resume:"
-RESUMED_PREFIX: Final = "streamsvc:resumed:"
-COMMANDS_PREFIX: Final = "streamsvc:commands:"
-REPLIES_PREFIX: Final = "streamsvc:replies:"
 DEFAULT_CLAIM_IDLE_MS: Final = 30_000
-
-
-def audio_key(stream_sid: str) -> str:
-    return AUDIO_PREFIX + stream_sid
-
-
-def context_key(call_id: str) -> str:
-    return CONTEXT_PREFIX + call_id
-
-
-def registry_key(stream_sid: str) -> str:
-    return REGISTRY_PREFIX + stream_sid
-
-
-def resume_key(call_sid: str) -> str:
-    return RESUME_PREFIX + call_sid
-
-
-def resumed_key(call_sid: str) -> str:
-    return RESUMED_PREFIX + call_sid
-
-
-def commands_channel(instance: str) -> str:
-    return COMMANDS_PREFIX + instance
-
-
-def default_consumer_name() -> str:
-    """``host-pid``: unique per process, stable across nothing (a restarted process is a
-    new consumer; what the old one left pending is claimed after ``claim_idle_ms``)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class FleetError(Exception):

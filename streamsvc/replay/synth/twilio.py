@@ -8,6 +8,7 @@ mono) or from PCM16 samples.
 
 from __future__ import annotations
 
+import array
 import base64
 import json
 import wave
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .fixtures import FixtureFrame
+from streamsvc.audio import pcm16_to_mulaw
+from streamsvc.replay.fixture import FixtureFrame
 
 __all__ = ["SessionPlan", "expected_outcome", "mulaw_encode", "read_wav", "sent_frames",
            "synthesize"]
@@ -24,31 +26,11 @@ __all__ = ["SessionPlan", "expected_outcome", "mulaw_encode", "read_wav", "sent_
 SAMPLE_RATE: Final = 8000
 FRAME_MS: Final = 20
 FRAME_SAMPLES: Final = SAMPLE_RATE * FRAME_MS // 1000  # 160 bytes of mu-law per frame
-_MULAW_CLIP: Final = 8159  # in 14-bit units
-_MULAW_BIAS: Final = 0x21  # 0x84 >> 2
-_SEGMENT_ENDS: Final = (0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF)
-
-
-def _mulaw_byte(sample: int) -> int:
-    # G.711 mu-law as in the reference g711.c (linear2ulaw): 14-bit magnitude, bias 33,
-    # eight segments of 16 steps, all bits inverted.
-    magnitude = sample >> 2
-    mask = 0xFF
-    if magnitude < 0:
-        magnitude, mask = -magnitude, 0x7F
-    magnitude = min(magnitude, _MULAW_CLIP) + _MULAW_BIAS
-    segment = next((i for i, end in enumerate(_SEGMENT_ENDS) if magnitude <= end), 8)
-    if segment == 8:  # out of range: the largest code
-        return 0x7F ^ mask
-    return ((segment << 4) | ((magnitude >> (segment + 1)) & 0x0F)) ^ mask
-
-
-_MULAW_TABLE: Final = bytes(_mulaw_byte(s - 32768) for s in range(65536))
 
 
 def mulaw_encode(samples: Iterable[int]) -> bytes:
     """Encode PCM16 samples (ints in -32768..32767) as G.711 mu-law bytes."""
-    return bytes(_MULAW_TABLE[s + 32768] for s in samples)
+    return pcm16_to_mulaw(array.array("h", samples).tobytes())
 
 
 def read_wav(path: str | Path, rate: int = SAMPLE_RATE) -> list[int]:

@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 import structlog
@@ -35,21 +35,14 @@ from picows import (
 )
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
-from streamsvc.config import Route
-from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
-from streamsvc.providers.exotel import QUERY_HEADER
-from streamsvc.providers.plivo import NONCE_HEADER as PLIVO_NONCE_HEADER
-from streamsvc.providers.plivo import SIGNATURE_V3_HEADER as PLIVO_SIGNATURE_HEADER
-from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
+from streamsvc.server.admission import Admitted
+from streamsvc.server.call import CLOSE_GRACE_S, CallCore
+from streamsvc.server.front import Upgrade, write_answer
+from streamsvc.server.host import TransportHost
 from streamsvc.session import State, StopReason
-from streamsvc.signature import SIGNATURE_HEADER
-from streamsvc.web.front import Upgrade, write_answer
 from streamsvc.web.webhooks import HttpResponse
 from streamsvc.wire import BinaryFrame
-
-if TYPE_CHECKING:
-    from streamsvc.server import StreamServer
 
 __all__ = ["serve"]
 
@@ -65,9 +58,9 @@ _TEXT, _BINARY, _CONTINUATION, _CLOSE, _PING = (
 MAX_CONTROL_PAYLOAD: Final = 125
 
 
-async def serve(server: StreamServer) -> asyncio.Server:
+async def serve(server: TransportHost) -> asyncio.Server:
     """Listen on the server's host and port; return the listening server. Each connection
-    starts with the server's :class:`~streamsvc.web.front.HttpFront`: a WebSocket handshake
+    starts with the server's :class:`~streamsvc.server.front.HttpFront`: a WebSocket handshake
     is handed to a picows protocol, any other request is answered by the HTTP side."""
     settings = server.settings
     pinging = settings.ping_interval_s > 0
@@ -103,7 +96,7 @@ class _FrontProtocol(asyncio.Protocol):
     """The first request of one connection, read by the server's HTTP front; on a WebSocket
     handshake the connection switches to a picows protocol, fed what was read so far."""
 
-    def __init__(self, server: StreamServer,
+    def __init__(self, server: TransportHost,
                  websocket_protocol: Callable[[], WSProtocol]) -> None:
         self.front = server.http_front()
         self.websocket_protocol = websocket_protocol
@@ -153,25 +146,15 @@ def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
         view = view[count:]
 
 
-def _route(server: StreamServer,
+def _route(server: TransportHost,
            request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListener:
     """Every request that reaches picows is a WebSocket handshake (the front answered the
     rest): admit it, or refuse it with the server's answer."""
-    path = server.settings.local_path(urlsplit(request.path.decode("latin-1")).path)
-    signatures = request.headers.getall(SIGNATURE_HEADER, [])
-    answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
-                          repeated_signature=len(signatures) > 1,
-                          authorization=request.headers.get("Authorization"),
-                          telnyx_token=request.headers.get(TELNYX_TOKEN_HEADER),
-                          plivo=(request.headers.get(PLIVO_SIGNATURE_HEADER),
-                                 request.headers.get(PLIVO_NONCE_HEADER),
-                                 urlsplit(request.path.decode("latin-1")).query))
-    if answer is None:
-        route = server.settings.route_for(path)
-        assert route is not None  # admit() refuses unknown paths
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        headers[QUERY_HEADER] = urlsplit(request.path.decode("latin-1")).query
-        return _Listener(server, route, headers)
+    target = urlsplit(request.path.decode("latin-1"))
+    path = server.settings.local_path(target.path)
+    answer = server.admit(path, target.query, request.headers.items())
+    if isinstance(answer, Admitted):
+        return _Listener(server, answer)
     return WSUpgradeResponseWithListener(_response(answer), None)
 
 
@@ -190,10 +173,9 @@ class _Listener(WSListener):
     """One stream connection: picows calls back per frame; :class:`_PicowsCall` does the
     work inside the connection's own context (its ids bound into every log line)."""
 
-    def __init__(self, server: StreamServer, route: Route, headers: dict[str, str]) -> None:
+    def __init__(self, server: TransportHost, admitted: Admitted) -> None:
         self.server = server
-        self.route = route
-        self.headers = headers
+        self.admitted = admitted
         self.call: _PicowsCall | None = None
         self.context = contextvars.copy_context()
         # picows flags a frame over its size limit but may still hand it over: checked here.
@@ -203,8 +185,8 @@ class _Listener(WSListener):
         self.context.run(self._connected, transport)
 
     def _connected(self, transport: WSTransport) -> None:
-        structlog.contextvars.bind_contextvars(path=self.route.path)
-        self.call = _PicowsCall(self.server, self.route, self.headers, transport)
+        structlog.contextvars.bind_contextvars(path=self.admitted.route.path)
+        self.call = _PicowsCall(self.server, self.admitted, transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         call = self.call
@@ -230,6 +212,8 @@ class _Listener(WSListener):
 class _PicowsCall(CallCore):
     """The shell around :class:`~streamsvc.server.CallCore` for one picows connection."""
 
+    server: TransportHost
+
     __slots__ = (
         "closing_reason",
         "finished",
@@ -241,9 +225,9 @@ class _PicowsCall(CallCore):
         "transport",
     )
 
-    def __init__(self, server: StreamServer, route: Route, headers: dict[str, str],
+    def __init__(self, server: TransportHost, admitted: Admitted,
                  transport: WSTransport) -> None:
-        super().__init__(server, route, headers)
+        super().__init__(server, admitted)
         self.transport = transport
         self.fragments: list[bytes] = []
         self.fragment_bytes = 0

@@ -27,11 +27,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .logs import dropped_lines
+from streamsvc.logs import dropped_lines
 
 if TYPE_CHECKING:
-    from .bus import FleetNode
-from .session import CallSummary, Session
+    from streamsvc.fleet.node import FleetNode
+from streamsvc.session import CallSummary, Session
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Metrics", "WorkerShare"]
 

@@ -1,10 +1,10 @@
 """The default transport: websockets' asyncio server, one task per connection.
 
 Each connection's first request goes through the server's HTTP front
-(:mod:`streamsvc.web.front`): a WebSocket handshake reaches websockets unchanged, any
+(:mod:`streamsvc.server.front`): a WebSocket handshake reaches websockets unchanged, any
 other request is answered by the server's HTTP side. A stream connection is a
 :class:`_Call`: a receive loop, an outbound writer task and the idle watchdog around the
-shared :class:`~streamsvc.core.CallCore`.
+shared :class:`~streamsvc.server.call.CallCore`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import structlog
@@ -22,21 +22,13 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
-from streamsvc.core import CLOSE_GRACE_S, CallCore
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
-from streamsvc.providers.exotel import QUERY_HEADER
-from streamsvc.providers.plivo import NONCE_HEADER as PLIVO_NONCE_HEADER
-from streamsvc.providers.plivo import SIGNATURE_V3_HEADER as PLIVO_SIGNATURE_HEADER
-from streamsvc.providers.telnyx import TOKEN_HEADER as TELNYX_TOKEN_HEADER
-from streamsvc.session import State
-from streamsvc.signature import SIGNATURE_HEADER
-from streamsvc.web.front import HttpFront, Upgrade, write_answer
+from streamsvc.server.admission import Admitted
+from streamsvc.server.call import CLOSE_GRACE_S, CallCore
+from streamsvc.server.front import HttpFront, Upgrade, write_answer
+from streamsvc.server.host import TransportHost
+from streamsvc.session import State, StopReason
 from streamsvc.wire import BinaryFrame
-
-if TYPE_CHECKING:
-    from streamsvc.config import Route
-    from streamsvc.server import StreamServer
-    from streamsvc.session import StopReason
 
 __all__ = ["serve"]
 
@@ -53,7 +45,7 @@ TRANSPORT_READ_BYTES: Final = 16 * 1024
 MAX_OUTBOUND_FRAMES: Final = 15_000
 
 
-async def serve(server: StreamServer) -> Server:
+async def serve(server: TransportHost) -> Server:
     """Listen with websockets on the server's host and port; return the listening server."""
     s = server.settings
     return await serve_websockets(
@@ -74,18 +66,13 @@ async def serve(server: StreamServer) -> Server:
     )
 
 
-def _process_request(server: StreamServer, connection: ServerConnection,
+def _process_request(server: TransportHost, connection: ServerConnection,
                      request: Request) -> Response | None:
-    path = server.settings.local_path(urlsplit(request.path).path)
-    signatures = request.headers.get_all(SIGNATURE_HEADER)
-    answer = server.admit(path, signatures[0] if len(signatures) == 1 else None,
-                        repeated_signature=len(signatures) > 1,
-                        authorization=request.headers.get("Authorization"),
-                        telnyx_token=request.headers.get(TELNYX_TOKEN_HEADER),
-                        plivo=(request.headers.get(PLIVO_SIGNATURE_HEADER),
-                               request.headers.get(PLIVO_NONCE_HEADER),
-                               urlsplit(request.path).query))
-    if answer is None:
+    target = urlsplit(request.path)
+    path = server.settings.local_path(target.path)
+    answer = server.admit(path, target.query, request.headers.raw_items())
+    if isinstance(answer, Admitted):
+        connection.admitted = answer  # type: ignore[attr-defined]  # for _handle
         return None
     response = connection.respond(answer.status, "")
     response.body = answer.body
@@ -95,23 +82,20 @@ def _process_request(server: StreamServer, connection: ServerConnection,
     return response
 
 
-async def _handle(server: StreamServer, connection: ServerConnection) -> None:
+async def _handle(server: TransportHost, connection: ServerConnection) -> None:
     _limit_read_size(connection)
-    path = urlsplit(connection.request.path).path if connection.request else "/"
-    path = server.settings.local_path(path)
-    route = server.settings.route_for(path)
-    assert route is not None  # _process_request answered 404 otherwise
+    admitted: Admitted = connection.admitted  # type: ignore[attr-defined]
     server.call_began()
     try:
-        with structlog.contextvars.bound_contextvars(path=path):
-            await _Call(server, connection, route).run()
+        with structlog.contextvars.bound_contextvars(path=admitted.route.path):
+            await _Call(server, connection, admitted).run()
     finally:
         server.call_ended()
 
 
-def _http_aware_connection(server: StreamServer) -> type[ServerConnection]:
+def _http_aware_connection(server: TransportHost) -> type[ServerConnection]:
     """A websockets connection class whose first request goes through the server's
-    :class:`~streamsvc.web.front.HttpFront`: a WebSocket handshake reaches websockets
+    :class:`~streamsvc.server.front.HttpFront`: a WebSocket handshake reaches websockets
     unchanged, any other request is answered by the server's HTTP side (websockets' own
     parser takes no request body and answers no method but GET)."""
 
@@ -162,14 +146,13 @@ def _limit_read_size(connection: ServerConnection) -> None:
 class _Call(CallCore):
     """One websockets connection: receive loop, outbound writer task, timers."""
 
+    server: TransportHost
+
     __slots__ = ("closer", "connection", "kinds", "outgoing", "writer")
 
-    def __init__(self, server: StreamServer, connection: ServerConnection, route: Route) -> None:
-        request = connection.request
-        headers = {name.lower(): value
-                   for name, value in (request.headers if request else {}).items()}
-        headers[QUERY_HEADER] = urlsplit(request.path).query if request else ""
-        super().__init__(server, route, headers)
+    def __init__(self, server: TransportHost, connection: ServerConnection,
+                 admitted: Admitted) -> None:
+        super().__init__(server, admitted)
         self.connection = connection
         # Filled by the connection class of _http_aware_connection (one per message).
         self.kinds: collections.deque[bool] = getattr(connection, "binary_messages",
@@ -249,7 +232,7 @@ class _Call(CallCore):
             self.connection.transport.abort()
 
     def _closed_reason(self, exc: ConnectionClosed) -> StopReason:
-        if self.server._shutting_down:
+        if self.server.shutting_down:
             return "shutdown"
         if self.idle_closed:
             return "aborted"  # the peer went silent: it is gone

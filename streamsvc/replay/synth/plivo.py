@@ -1,5 +1,5 @@
 """Plivo-format sessions for ``streamsvc fixture synth --provider plivo``: the frames of a
-plan (:mod:`streamsvc.synth`) as Plivo sends them (camelCase, ``callId``/``streamId``/
+plan (:mod:`streamsvc.replay.synth`) as Plivo sends them (camelCase, ``callId``/``streamId``/
 ``accountId``, the context in ``extra_headers``, checkpoints reached as ``playedStream``, no
 stop message) and the outcome the service must report."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .fixtures import FixtureFrame
-from .synth import SessionPlan, expected_outcome, synthesize
+from streamsvc.replay.fixture import FixtureFrame
+from streamsvc.replay.synth.twilio import SessionPlan, expected_outcome, synthesize
 
 __all__ = ["plivo_expected", "synthesize_plivo"]
 

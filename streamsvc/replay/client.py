@@ -33,13 +33,13 @@ import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from . import wire
-from .exceptions import RemoteProtocolError
-from .fixtures import Fixture
-from .outcome import Outcome, differences, expect_for_copy, wait_for_outcomes
-from .providers import codec_for, vonage
-from .providers.acs_auth import ACS_ISSUER
-from .signature import SIGNATURE_HEADER, sign
+from streamsvc import wire
+from streamsvc.exceptions import RemoteProtocolError
+from streamsvc.providers import codec_for, vonage
+from streamsvc.providers.acs_auth import ACS_ISSUER
+from streamsvc.providers.signature import SIGNATURE_HEADER, sign
+from streamsvc.replay.check import Outcome, differences, expect_for_copy, wait_for_outcomes
+from streamsvc.replay.fixture import Fixture
 
 __all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_session"]
 
@@ -228,7 +228,7 @@ async def replay_session(
 def _starts_a_session(fixture: Fixture, headers: dict[str, str]) -> bool:
     """Whether the fixture sends a ``start`` (or its provider's opening message) that the
     service's own parser accepts."""
-    codec = codec_for(fixture.provider, {k.lower(): v for k, v in headers.items()})
+    codec = codec_for(fixture.provider, wire.Upgrade.of("/", "", headers.items()))
     for frame in fixture.frames:
         if frame.binary is not None:
             continue  # audio: never the opening message
@@ -427,7 +427,7 @@ async def replay(
     """Play every fixture ``concurrency`` times at once at ``url``; a fixture's own ``path``
     is not used: ``url`` names the route. With ``auth_token`` the handshakes are signed.
     With ``check`` each session's outcome is compared with its fixture's ``expect``
-    (:mod:`streamsvc.outcome`), through the server's JSON log when ``server_log`` is given."""
+    (:mod:`streamsvc.replay.check`), through the server's JSON log when ``server_log`` is given."""
     started = time.monotonic()
     headers = {**(headers or {}), **signature_headers(url, auth_token, public_url)}
     sessions = list(await asyncio.gather(*(

@@ -1,43 +1,37 @@
-"""The server: listens through a transport (:mod:`streamsvc.transports`), decides every
+"""The server: listens through a transport (:mod:`streamsvc.server.transports`), decides every
 handshake (:meth:`StreamServer.admit`) and every plain HTTP request on the stream port
 (:meth:`StreamServer.answer_http`: probes, metrics, webhooks), tracks the calls in progress
-and drains them on shutdown. What one stream connection does is :mod:`streamsvc.core`.
+and drains them on shutdown. What one stream connection does is :mod:`streamsvc.server.call`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import hmac
 import http
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Awaitable, Iterable
+from typing import Final
 
-import jwt
 import structlog
 from websockets.asyncio.server import Server
 
-from .bus import FleetNode
-from .config import HEALTH_PATH, METRICS_PATH, READY_PATH, Settings, provider_credentials
-from .context.store import MemoryContextStore
-from .context.twiml import KEEP_CALL_UP_TWIML
-from .live import LiveSession
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics, WorkerShare
-from .providers.acs_auth import AcsAuthenticator
-from .providers.plivo import signature_ok as plivo_signature_ok
-from .providers.vonage import jwt_problem as vonage_jwt_problem
-from .providers.vonage import token_matches as vonage_token_matches
-from .signature import signature_problem
-from .transports import websockets_transport
-from .web.acs_events import AcsEvents
-from .web.front import HttpFront
-from .web.webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
-from .web.webhooks import HttpRequest, HttpResponse, Webhooks
-
-if TYPE_CHECKING:
-    from .core import CallCore
+from streamsvc.config import HEALTH_PATH, METRICS_PATH, READY_PATH, Route, Settings
+from streamsvc.context.store import ContextStore, MemoryContextStore
+from streamsvc.context.twiml import KEEP_CALL_UP_TWIML
+from streamsvc.fleet.node import FleetNode
+from streamsvc.live import LiveSession
+from streamsvc.providers import AUTO, provider
+from streamsvc.providers.acs_auth import AcsAuthenticator
+from streamsvc.server.admission import Admitted, Refused, credentials_of, decide, route_auth
+from streamsvc.server.front import HttpFront
+from streamsvc.server.host import HostedCall, ShellCall
+from streamsvc.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from streamsvc.server.metrics import Metrics, WorkerShare
+from streamsvc.server.transports import websockets_transport
+from streamsvc.web.acs_events import AcsEvents
+from streamsvc.web.webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
+from streamsvc.web.webhooks import HttpRequest, HttpResponse, Webhooks
+from streamsvc.wire import Upgrade
 
 __all__ = ["HEALTH_PATH", "METRICS_PATH", "READY_PATH", "StreamServer"]
 
@@ -48,14 +42,6 @@ logger = structlog.get_logger("streamsvc.server")
 SHUTDOWN_RESERVE_S: Final = 4.0
 # How often a worker of `serve --workers N` publishes its metrics for the others.
 METRICS_SHARE_INTERVAL_S: Final = 1.0
-
-
-class ShellCall(Protocol):
-    """What :meth:`StreamServer.stop` needs of a connection a transport shell tracks."""
-
-    finished: asyncio.Future[None]  # resolved once the call's handlers have finished
-
-    def close_for_shutdown(self) -> None: ...
 
 
 class StreamServer:
@@ -87,11 +73,12 @@ class StreamServer:
         self._shutting_down = False
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
         self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
-        self.credentials = provider_credentials(settings)  # which providers are checked
-        self.contexts = MemoryContextStore()  # calls' context, webhook -> stream (ACS)
+        self.credentials = credentials_of(settings)  # set again once ACS keys are up
+        # Calls' context, from the webhook that learned it to the stream (ACS).
+        self.contexts: ContextStore = MemoryContextStore()
         # A fleet sharing Redis (redis_url): set by start().
         self.fleet: FleetNode | None = None
-        self.fleet_calls: dict[str, CallCore] = {}  # by stream_sid, while a fleet is set
+        self.fleet_calls: dict[str, HostedCall] = {}  # by stream_sid, while a fleet is set
         self.acs_events = AcsEvents(settings, self.contexts)
         self.metrics.acs_events = self.acs_events.outcomes
         self.metrics.acs_callbacks = self.acs_events.callbacks
@@ -113,19 +100,21 @@ class StreamServer:
         if s.acs_audience and any(route.provider in ("acs", "auto") for route in s.routes):
             self.acs_auth = AcsAuthenticator(s.acs_audience, s.acs_jwks_url)
             await self.acs_auth.start()
+            self.credentials = credentials_of(s, self.acs_auth)
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))
         if s.effective_transport == "picows":
-            from .transports import picows_transport  # only when it is installed
+            from streamsvc.server.transports import picows_transport  # only when it is installed
 
             self._fast_server = await picows_transport.serve(self)
             self.port = self._fast_server.sockets[0].getsockname()[1]
         else:
             self._server = await websockets_transport.serve(self)
             self.port = self._server.sockets[0].getsockname()[1]
+        auth = {route.path: route_auth(route, s) for route in s.routes}
         logger.info("server.listening", **self._where(), transport=s.effective_transport,
-                    signed=bool(s.auth_tokens))
+                    signed=any(check is not None for check in auth.values()), auth=auth)
         self._warn_about_default_twiml()
 
     def _where(self) -> dict[str, object]:
@@ -237,142 +226,38 @@ class StreamServer:
         finally:
             await self.stop()
 
-    def admit(self, path: str, signature: str | None, *, repeated_signature: bool = False,
-              authorization: str | None = None,
-              telnyx_token: str | None = None,
-              plivo: tuple[str | None, str | None, str] = (None, None, "")
-              ) -> HttpResponse | None:
-        """The refusal of a stream handshake for ``path`` (without the public prefix)
-        carrying ``signature`` (Twilio) or ``authorization`` (ACS's bearer token), logged
-        and counted, or None to accept it. Every transport asks this. A handshake with more
-        than one signature header is refused."""
-        refusal = self._refusal(path, signature, repeated_signature, authorization,
-                                telnyx_token, plivo)
-        if refusal is not None:
-            status, reason = refusal
-            self.metrics.handshakes_rejected[reason] += 1
-            logger.warning("handshake.rejected", reason=reason, status=int(status), path=path)
-            return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
-        return None
-
-    def _refusal(self, path: str, signature: str | None, repeated_signature: bool,
-                 authorization: str | None,
-                 telnyx_token: str | None = None,
-                 plivo: tuple[str | None, str | None, str] = (None, None, ""),
-                 ) -> tuple[http.HTTPStatus, str] | None:
+    def admit(self, path: str, query: str,
+              headers: Iterable[tuple[str, str]]) -> Admitted | HttpResponse:
+        """Decide a stream handshake for ``path`` (without the public prefix): the route's
+        provider's credential check on its headers (:mod:`streamsvc.server.admission`),
+        then room for the call. A refusal is logged, counted and returned as the HTTP
+        answer; every transport asks this."""
+        upgrade = Upgrade.of(path, query, headers)
         route = self.settings.route_for(path)
+        decision: Admitted | Refused
         if route is None:
-            return http.HTTPStatus.NOT_FOUND, "no_route"
-        credentials = (signature, repeated_signature, authorization, telnyx_token, plivo)
-        provider: str | None = route.provider
-        if provider == "auto":
-            provider = self._auto_provider(*credentials)
-            # When credentials are configured, an auto route takes none but those: a
-            # provider whose check is not configured would admit anything.
-            if (provider is not None and self._credentials_configured()
-                    and not self._credential_configured(provider)):
-                provider = None
-        if provider is None:
-            return http.HTTPStatus.FORBIDDEN, "missing_token"
-        refusal = self._credential_refusal(provider, path, *credentials)
-        if refusal is not None:
-            return refusal
-        if self.draining or self._shutting_down:
-            return http.HTTPStatus.SERVICE_UNAVAILABLE, "draining"
-        if self.active_calls >= self.settings.max_connections:
-            return http.HTTPStatus.SERVICE_UNAVAILABLE, "busy"
-        return None
-
-    def _credentials_configured(self) -> bool:
-        return any(configured for _, configured in self.credentials.values())
-
-    def _credential_configured(self, provider: str) -> bool:
-        """Whether streams of ``provider`` are checked for a credential."""
-        return self.credentials.get(provider, ("", False))[1]
-
-    def _auto_provider(self, signature: str | None, repeated_signature: bool,
-                       authorization: str | None, telnyx_token: str | None,
-                       plivo: tuple[str | None, str | None, str]) -> str | None:
-        """On a ``provider = "auto"`` route, whose credential the upgrade carries (its
-        provider's check applies); "twilio" (no check) when no provider has one configured,
-        None when one has and the upgrade carries none (refused)."""
-        bearer = _bearer(authorization)
-        if signature or repeated_signature:
-            return "twilio"
-        if telnyx_token:
-            return "telnyx"
-        if plivo[0] or plivo[1]:
-            return "plivo"
-        if _basic(authorization):
-            return "exotel"
-        # ACS signs JWTs (RS256, three dot-separated parts); Vonage an HS256 JWT, or sends
-        # the route's custom value (as a bearer token or not); SignalWire a plain token.
-        if bearer and self.acs_auth and bearer.count(".") == 2 and (
-                _jwt_algorithm(bearer) != "HS256"):
-            return "acs"
-        if (authorization and self._credential_configured("vonage")
-                and self._vonage_problem(authorization) is None):
-            return "vonage"
-        if bearer:
-            return "signalwire"
-        return None if self._credentials_configured() else "twilio"
-
-    def _vonage_problem(self, authorization: str | None) -> str | None:
-        """Why a Vonage upgrade's ``Authorization`` is refused (None: it is not, or no
-        Vonage credential is configured): a JWT signed with ``vonage_signature_secret``
-        or the ``vonage_token`` value are accepted."""
-        s = self.settings
-        if not self._credential_configured("vonage"):
-            return None
-        if not authorization:
-            return "missing_token"
-        if s.vonage_signature_secret and vonage_jwt_problem(s.vonage_signature_secret,
-                                                            authorization) is None:
-            return None
-        if s.vonage_token and vonage_token_matches(s.vonage_token, authorization):
-            return None
-        return "bad_token"
-
-    def _credential_refusal(self, provider: str, path: str, signature: str | None,
-                            repeated_signature: bool, authorization: str | None,
-                            telnyx_token: str | None,
-                            plivo: tuple[str | None, str | None, str],
-                            ) -> tuple[http.HTTPStatus, str] | None:
-        """Why ``provider``'s credential check refuses this upgrade, or None."""
-        forbidden = http.HTTPStatus.FORBIDDEN
-        if provider == "acs":
-            if self.acs_auth and (problem := self.acs_auth.problem(authorization)):
-                return forbidden, problem
-        elif provider == "plivo":
-            token = self.settings.plivo_auth_token
-            if token:
-                plivo_signature, nonce, query = plivo
-                base = self.settings.public_base("ws")
-                url = f"{base}{path}" + (f"?{query}" if query else "")
-                if not plivo_signature or not nonce:
-                    return forbidden, "missing_signature"
-                if not plivo_signature_ok(token, url, plivo_signature, nonce):
-                    return forbidden, "bad_signature"
-        elif provider == "vonage":
-            if problem := self._vonage_problem(authorization):
-                return forbidden, problem
-        elif provider in ("telnyx", "signalwire", "exotel"):
-            if provider == "telnyx":
-                expected, given = self.settings.telnyx_stream_token, telnyx_token
-            elif provider == "exotel":
-                expected, given = self.settings.exotel_basic_auth, _basic(authorization)
+            decision = Refused(http.HTTPStatus.NOT_FOUND, "no_route")
+        else:
+            decision = decide(route, upgrade, self.credentials)
+        if isinstance(decision, Admitted):
+            if self.draining or self._shutting_down:
+                decision = Refused(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining")
+            elif self.active_calls >= self.settings.max_connections:
+                decision = Refused(http.HTTPStatus.SERVICE_UNAVAILABLE, "busy")
             else:
-                expected, given = self.settings.signalwire_token, _bearer(authorization)
-            if expected and not given:
-                return forbidden, "missing_token"
-            if expected and not hmac.compare_digest((given or "").encode(),
-                                                    expected.encode()):
-                return forbidden, "bad_token"
-        elif self.settings.auth_tokens and repeated_signature:
-            return forbidden, "bad_signature"
-        elif self.settings.auth_tokens and (problem := self._signature_problem(signature, path)):
-            return forbidden, problem
-        return None
+                return decision
+        status, reason = decision.status, decision.reason
+        self.metrics.handshakes_rejected[reason] += 1
+        fields: dict[str, object] = {}
+        if route is not None and status is http.HTTPStatus.FORBIDDEN:
+            fields = {"provider": route.provider, "credential": _credential_hint(route)}
+        logger.warning("handshake.rejected", reason=reason, status=int(status), path=path,
+                       **fields)
+        return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
+
+    def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
+        """The budget report of the webhook that started ``call_sid``'s stream, once."""
+        return self.webhooks.pop_context_report(call_sid)
 
     def probe(self, path: str) -> HttpResponse | None:
         """Answers for the probes and the metrics, or None for other paths."""
@@ -448,13 +333,6 @@ class StreamServer:
                 settings.status_callback_path, settings.acs_events_path,
                 settings.acs_callback_path, HEALTH_PATH, READY_PATH, METRICS_PATH]
 
-    def _signature_problem(self, signature: str | None, path: str) -> str | None:
-        """Why the handshake's X-Twilio-Signature is not acceptable, or None if it is. The
-        URL is the configured public origin plus the request path (shared/protocol.md)."""
-        base = self.settings.public_base("ws")
-        assert base is not None  # load_settings requires public_url with a token
-        return signature_problem(signature, base + path, self.settings.auth_tokens)
-
     def call_began(self) -> None:
         self.metrics.active_calls += 1
         self._idle.clear()
@@ -476,30 +354,9 @@ async def _publish(share: WorkerShare) -> None:
         await asyncio.sleep(METRICS_SHARE_INTERVAL_S)
 
 
-def _basic(authorization: str | None) -> str | None:
-    """The ``user:password`` of an ``Authorization: Basic`` header, or None."""
-    if not authorization:
-        return None
-    scheme, _, encoded = authorization.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8") or None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _jwt_algorithm(token: str) -> str | None:
-    """The ``alg`` a JWT's header names (unverified), or None."""
-    try:
-        return str(jwt.get_unverified_header(token).get("alg"))
-    except jwt.InvalidTokenError:
-        return None
-
-
-def _bearer(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or None."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+def _credential_hint(route: Route) -> str:
+    """Where the credential a route's upgrades need is set (a refusal's log line)."""
+    row = provider(route.provider)
+    if row is AUTO:
+        return "the providers' stream credentials"
+    return row.credential_env

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 from xml.etree import ElementTree
 
-from .fixtures import Fixture, FixtureFrame
-from .replay import SessionResult, replay_session, signature_headers
-from .signature import SIGNATURE_HEADER, sign
+from streamsvc.providers.signature import SIGNATURE_HEADER, sign
+from streamsvc.replay.client import SessionResult, replay_session, signature_headers
+from streamsvc.replay.fixture import Fixture, FixtureFrame
 
 __all__ = ["CallLeg", "StreamVerb", "replay_call", "stream_verb"]
 

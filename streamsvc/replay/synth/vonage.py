@@ -9,9 +9,9 @@ import json
 import struct
 from typing import Any, Final
 
-from .fixtures import FixtureFrame
-from .providers.vonage import CONNECTED, FRAME_MS, content_type
-from .synth import SessionPlan, expected_outcome, sent_frames
+from streamsvc.providers.vonage import CONNECTED, FRAME_MS, content_type
+from streamsvc.replay.fixture import FixtureFrame
+from streamsvc.replay.synth.twilio import SessionPlan, expected_outcome, sent_frames
 
 __all__ = ["DTMF_DURATION_MS", "synthesize_vonage", "vonage_expected", "vonage_headers"]
 

@@ -2,7 +2,7 @@
 
 :class:`CallCore` feeds each message to the stream's :class:`~streamsvc.live.LiveSession`
 and the route's handler chain, logs the start and the summary, and hands what the session
-queues to the transport. A transport shell (:mod:`streamsvc.transports`) subclasses it with
+queues to the transport. A transport shell (:mod:`streamsvc.server.transports`) subclasses it with
 its own ``send_now``, ``outbound_full`` and timers.
 """
 
@@ -11,24 +11,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import Final
 
 import msgspec
 import structlog
 
-from . import wire
-from .bus import FleetNode, Lookup
-from .chain import HandlerChain
-from .config import Route
-from .exceptions import LocalProtocolError
-from .handlers import RawFrame
-from .live import LiveSession
-from .providers import codec_for
-from .session import FRAME_MS, BadFrame, State, StopReason
-
-if TYPE_CHECKING:
-    from .server import StreamServer
+from streamsvc import wire
+from streamsvc.chain import HandlerChain
+from streamsvc.exceptions import LocalProtocolError
+from streamsvc.fleet.audio import AudioBatcher
+from streamsvc.fleet.node import FleetNode, Lookup
+from streamsvc.handlers import RawFrame
+from streamsvc.live import LiveSession
+from streamsvc.providers import CodecOptions
+from streamsvc.server.admission import Admitted
+from streamsvc.server.host import CallHost
+from streamsvc.session import BadFrame, State, StopReason
 
 __all__ = ["CLOSE_GRACE_S", "CallCore"]
 
@@ -37,8 +36,6 @@ logger = structlog.get_logger("streamsvc.server")
 # Events held for the handlers while a fleet looks up the call's context (bounded by
 # redis_timeout_ms: 1 s at most, 100 frames of two tracks).
 MAX_HELD_EVENTS: Final = 1000
-# Published audio batches between two refreshes of the audio key's expiry.
-AUDIO_EXPIRY_EVERY: Final = 300
 # Bad frames logged individually per call; the rest are only counted.
 BAD_FRAMES_LOGGED: Final = 5
 # Frames before `start` kept for handlers that record raw frames (connected, start, a few
@@ -79,19 +76,18 @@ class CallCore:
         "session",
     )
 
-    def __init__(self, server: StreamServer, route: Route,
-                 headers: Mapping[str, str]) -> None:
+    def __init__(self, server: CallHost, admitted: Admitted) -> None:
         self.server = server
-        self.route = route
+        self.route = route = admitted.route
         settings = server.settings
+        options = CodecOptions(unmixed=route.unmixed,
+                               l16_little_endian=settings.signalwire_l16_little_endian)
         self.session = LiveSession(
             wake=self._flush,
             path=route.path,
             bidirectional=route.bidirectional,
             parameter_budget_bytes=settings.parameter_budget_bytes,
-            codec=codec_for(route.provider, headers, unmixed=route.unmixed,
-                            context=server.contexts.get,
-                            l16_little_endian=settings.signalwire_l16_little_endian),
+            codec=admitted.provider.codec(admitted.upgrade, options),
         )
         self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
         self.connected_at = time.monotonic()
@@ -202,7 +198,7 @@ class CallCore:
         )
         fleet = self.server.fleet
         if fleet is None:
-            self._started(Lookup())
+            self._started(self._local_lookup())
             return
         # Until the lookup is done (within redis_timeout_ms) what handlers would get waits.
         self._held = []
@@ -223,6 +219,14 @@ class CallCore:
         if session.bidirectional:
             self._flush_quietly()
 
+    def _local_lookup(self) -> Lookup:
+        """What this process's context store holds for a call whose context does not travel
+        on the wire (ACS: stored by its IncomingCall under the correlation id)."""
+        codec = self.session.codec
+        if codec.context_on_wire or codec.correlation_id is None:
+            return Lookup()
+        return Lookup(parameters=self.server.contexts.get(codec.correlation_id))
+
     def _hold_media(self, media: wire.Media) -> None:
         if self._held is not None and len(self._held) < MAX_HELD_EVENTS:
             self._held.append(media)
@@ -241,8 +245,8 @@ class CallCore:
         session.context = lookup.context
         session.resumed_from = lookup.resumed_from
         if (lookup.parameters and not session.custom_parameters
-                and session.codec.provider == "acs"):
-            # ACS carries no parameters on the wire: the IncomingCall's (which may have
+                and not session.codec.context_on_wire):
+            # The stream carries no parameters: those its webhook stored (which may have
             # reached another instance) are the stream's.
             session.set_custom_parameters(lookup.parameters)
         media_format = session.media_format
@@ -274,7 +278,7 @@ class CallCore:
             logger.warning("stream.duplicate_stream_sid")
         self.server.streams[session.stream_sid] = session
         self.server.metrics.calls_started += 1
-        self.context_budget = (self.server.webhooks.pop_context_report(session.call_sid)
+        self.context_budget = (self.server.pop_context_report(session.call_sid)
                                or lookup.budget)
         fleet = self.server.fleet
         if fleet is not None:
@@ -383,56 +387,6 @@ class CallCore:
         """Close the stream (1001) for another instance to resume the call (a drain in a
         fleet, on a bidirectional route)."""
         raise NotImplementedError
-
-
-class AudioBatcher:
-    """Publishes a stream's audio (routes with ``publish_audio``) as PCM16 batches of
-    ``batch_ms`` per track to ``streamsvc:audio:<stream_sid>``."""
-
-    __slots__ = ("batch_ms", "batches", "fleet", "pending", "session")
-
-    def __init__(self, fleet: FleetNode, session: LiveSession, batch_ms: int) -> None:
-        self.fleet = fleet
-        self.session = session
-        self.batch_ms = batch_ms
-        self.pending: dict[str, tuple[int, int, list[bytes]]] = {}  # track: first, last, audio
-        self.batches = 0
-
-    def wrap(self, on_media: Callable[[wire.Media], None]) -> Callable[[wire.Media], None]:
-        def both(media: wire.Media) -> None:
-            on_media(media)
-            self.add(media)
-        return both
-
-    def add(self, media: wire.Media) -> None:
-        body = media.media
-        track, timestamp = body.track, body.timestamp
-        entry = self.pending.get(track)
-        if entry is None:
-            self.pending[track] = (timestamp, timestamp, [self.session.pcm16(media)])
-            return
-        first, _, pieces = entry
-        pieces.append(self.session.pcm16(media))
-        if timestamp + FRAME_MS - first >= self.batch_ms or timestamp < first:
-            del self.pending[track]
-            self._send(track, first, pieces)
-        else:
-            self.pending[track] = (first, timestamp, pieces)
-
-    def flush(self) -> None:
-        for track, (first, _, pieces) in self.pending.items():
-            self._send(track, first, pieces, expire=True)
-        self.pending.clear()
-
-    def _send(self, track: str, first: int, pieces: list[bytes], *,
-              expire: bool = False) -> None:
-        session = self.session
-        assert session.stream_sid is not None
-        # The key's expiry is set with the first batch, then about once a minute.
-        expire = expire or self.batches % AUDIO_EXPIRY_EVERY == 0
-        self.batches += 1
-        self.fleet.publish_audio(session.stream_sid, track, first, session.sample_rate,
-                                 b"".join(pieces), expire=expire)
 
 
 def _ignore(media: wire.Media) -> None:

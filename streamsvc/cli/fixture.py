@@ -1,25 +1,94 @@
-"""``streamsvc fixture synth``: fixture sessions from WAV audio, in any provider's format, with
-the expected outcome in the header (:mod:`streamsvc.synth`, :mod:`streamsvc.synth_acs`).
+"""``streamsvc fixture synth``: fixture sessions from WAV audio, in any provider's format,
+with the expected outcome in the header (:mod:`streamsvc.replay.synth`).
 Also the small parsers of the command line's ``NAME=VALUE``, ``D@Ts`` and ``I-J`` lists."""
 
 from __future__ import annotations
 
 import argparse
 import secrets
+import sys
 import uuid
 import wave
 from pathlib import Path
 from typing import Any
 
-from .fixtures import FixtureFrame, dump_fixture
-from .synth import SessionPlan, expected_outcome, read_wav, synthesize
-from .synth_acs import AcsPlan, acs_header, synthesize_acs
-from .synth_exotel import exotel_expected, synthesize_exotel
-from .synth_plivo import plivo_expected, synthesize_plivo
-from .synth_telnyx import synthesize_telnyx, telnyx_expected
-from .synth_vonage import synthesize_vonage, vonage_expected
+from streamsvc.providers import PROVIDERS
+from streamsvc.replay.fixture import FixtureFrame, dump_fixture
+from streamsvc.replay.synth import SessionPlan, expected_outcome, read_wav, synthesize
+from streamsvc.replay.synth.acs import AcsPlan, acs_header, synthesize_acs
+from streamsvc.replay.synth.exotel import exotel_expected, synthesize_exotel
+from streamsvc.replay.synth.plivo import plivo_expected, synthesize_plivo
+from streamsvc.replay.synth.telnyx import synthesize_telnyx, telnyx_expected
+from streamsvc.replay.synth.vonage import synthesize_vonage, vonage_expected
 
-__all__ = ["split_pair", "synth"]
+__all__ = ["add_parser", "run", "split_pair", "synth"]
+
+
+def add_parser(commands: Any) -> None:
+    fixture = commands.add_parser("fixture", help="make fixture sessions")
+    fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True,
+                                              metavar="COMMAND")
+    synth = fixture_commands.add_parser(
+        "synth", help="build a Twilio-faithful session from WAV audio",
+        description="Build a fixture from audio: any WAV the standard library reads, converted "
+        "to 8 kHz mu-law in 20 ms frames, first timestamp not 0, numbers as strings, both "
+        "tracks interleaved when --outbound is given. The header carries the expected outcome.",
+    )
+    synth.add_argument("--provider",
+                       choices=[name for name in PROVIDERS if name != "auto"],
+                       default="twilio",
+                       help="whose frames to write (default twilio); acs: AudioMetadata, "
+                       "AudioData in PCM16, DtmfData, no stop; telnyx: snake_case frames "
+                       "with stream_id and the call control id (--call-sid, --stream-sid); "
+                       "signalwire: Twilio's frames (PCMU), marked as SignalWire's; exotel: "
+                       "raw PCM16 8 kHz in 100 ms messages, snake_case; plivo: camelCase, "
+                       "--param as extra_headers, marks as playedStream, no stop; "
+                       "vonage: websocket:connected with --param and call_uuid (--call-sid) "
+                       "as the NCCO headers, binary PCM16 at --sample-rate, marks as "
+                       "websocket:notify, no stop")
+    synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
+    synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
+                       help="acs: another participant's audio; makes the stream unmixed "
+                       "(each participant a track; --inbound is 8:acs:caller)")
+    synth.add_argument("--sample-rate", type=int, choices=[8000, 16000, 24000],
+                       default=16000,
+                       help="acs (16000 or 24000), vonage: the stream's rate (default 16000)")
+    synth.add_argument("--client-state", metavar="TEXT",
+                       help="telnyx: the client_state the start carries (sent base64)")
+    synth.add_argument("--correlation-id", metavar="ID",
+                       help="acs: the x-ms-call-correlation-id upgrade header "
+                       "(default: random)")
+    synth.add_argument("--outbound", metavar="WAV", help="the other party's audio "
+                       "(makes a both_tracks stream)")
+    synth.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a custom parameter (repeatable)")
+    synth.add_argument("--no-custom-parameters", action="store_true",
+                       help="leave the customParameters key out of start altogether")
+    synth.add_argument("--dtmf", default="", metavar="D@Ts,...",
+                       help="key presses and their times, e.g. 4@1.2s,5@2.0s")
+    synth.add_argument("--mark", default="", metavar="NAME@Ts,...",
+                       help="mark echoes and their times, e.g. greeting@0.8s")
+    synth.add_argument("--drop", default="", metavar="I-J,...",
+                       help="frame indexes never sent, e.g. 50-52,90")
+    synth.add_argument("--swap", default="", metavar="I,...",
+                       help="frame I is sent after frame I+1, e.g. 120")
+    synth.add_argument("--call-sid", metavar="SID",
+                       help="the call's CallSid, e.g. the one a voice webhook was given; "
+                       "acs: the call connection id (default: random)")
+    synth.add_argument("--stream-sid", metavar="SID",
+                       help="the StreamSid; acs: the subscription id (default: random)")
+    synth.add_argument("--account-sid", metavar="SID", help="the AccountSid (default: random)")
+    synth.add_argument("--path", default="/stream", help="URL path recorded in the header")
+    synth.add_argument("--description", default="", help="free text for the header")
+    synth.add_argument("-o", "--output", required=True, metavar="FILE")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    try:
+        return synth(args)
+    except ValueError as exc:
+        print(f"streamsvc fixture synth: {exc}", file=sys.stderr)
+        return 2
 
 
 def synth(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """Telnyx-format sessions for ``streamsvc fixture synth --provider telnyx``: the frames of a
-Twilio-shaped plan (:mod:`streamsvc.synth`) as Telnyx sends them (snake_case, ``stream_id``,
+Twilio-shaped plan (:mod:`streamsvc.replay.synth`) as Telnyx sends them (snake_case, ``stream_id``,
 the call control id, ``client_state`` base64) and the outcome the service must report."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import uuid
 from typing import Any
 
-from .fixtures import FixtureFrame
-from .synth import SessionPlan, expected_outcome, synthesize
+from streamsvc.replay.fixture import FixtureFrame
+from streamsvc.replay.synth.twilio import SessionPlan, expected_outcome, synthesize
 
 __all__ = ["synthesize_telnyx", "telnyx_expected"]
 

@@ -1,0 +1,201 @@
+"""The credentials a stream's upgrade is checked against, and each provider's check: a pure
+function of the upgrade (:class:`~streamsvc.wire.Upgrade`) and :class:`Credentials`.
+
+A check returns the reason it refuses (``missing_token``, ``bad_token``,
+``missing_signature``, ``bad_signature``) or None. A credential header sent more than once
+is refused as a bad credential: which copy a proxy or a parser would take is not ours to
+guess. The provider registry (:mod:`streamsvc.providers`) names each provider's check.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import jwt
+
+from streamsvc.providers import plivo, vonage
+from streamsvc.providers.signature import signature_problem
+from streamsvc.wire import Upgrade
+
+__all__ = [
+    "AcsTokenCheck",
+    "Credentials",
+    "acs_problem",
+    "basic",
+    "bearer",
+    "exotel_problem",
+    "jwt_algorithm",
+    "plivo_problem",
+    "signalwire_problem",
+    "telnyx_problem",
+    "twilio_problem",
+    "vonage_problem",
+]
+
+TWILIO_SIGNATURE: Final = "x-twilio-signature"
+TELNYX_TOKEN: Final = "x-telnyx-streaming-auth-token"
+AUTHORIZATION: Final = "authorization"
+
+
+class AcsTokenCheck(Protocol):
+    """ACS's bearer-token check (:class:`~streamsvc.providers.acs_auth.AcsAuthenticator`,
+    which keeps ACS's signing keys fresh)."""
+
+    def problem(self, authorization: str | None) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What the upgrades are checked against; a provider whose credential is unset is not
+    checked (its row's ``configured`` is False). Built by the server from its settings."""
+
+    public_ws_base: str | None = None  # the ws(s):// base signatures are made over
+    # Named as the settings are (a registry row's ``settings`` name them).
+    auth_token: str | None = None
+    auth_token_previous: str | None = None
+    acs_audience: str | None = None
+    acs: AcsTokenCheck | None = None  # checks tokens for acs_audience
+    telnyx_stream_token: str | None = None
+    signalwire_token: str | None = None
+    exotel_basic_auth: str | None = None
+    plivo_auth_token: str | None = None
+    vonage_token: str | None = None
+    vonage_signature_secret: str | None = None
+
+
+class _Repeated(Exception):
+    """A credential header came more than once."""
+
+
+def _single(upgrade: Upgrade, name: str) -> str | None:
+    values = upgrade.all(name)
+    if len(values) > 1:
+        raise _Repeated(name)
+    return values[0] if values else None
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def basic(authorization: str | None) -> str | None:
+    """The ``user:password`` of an ``Authorization: Basic`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8") or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def jwt_algorithm(token: str) -> str | None:
+    """The ``alg`` a JWT's header names (unverified), or None."""
+    try:
+        return str(jwt.get_unverified_header(token).get("alg"))
+    except jwt.InvalidTokenError:
+        return None
+
+
+def _url(credentials: Credentials, upgrade: Upgrade, *, query: bool = False) -> str:
+    base = credentials.public_ws_base
+    assert base is not None  # load_settings requires public_url with a signing token
+    return base + upgrade.path + (f"?{upgrade.query}" if query and upgrade.query else "")
+
+
+def twilio_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """X-Twilio-Signature over the public URL of the path (``shared/protocol.md``)."""
+    try:
+        signature = _single(upgrade, TWILIO_SIGNATURE)
+    except _Repeated:
+        return "bad_signature"
+    tokens = [t for t in (credentials.auth_token, credentials.auth_token_previous) if t]
+    return signature_problem(signature, _url(credentials, upgrade), tokens)
+
+
+def acs_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """An ACS-signed RS256 bearer token for the resource (``acs_audience``)."""
+    if credentials.acs is None:  # no route of ACS's: nothing admits its tokens
+        return "bad_token"
+    try:
+        return credentials.acs.problem(_single(upgrade, AUTHORIZATION))
+    except _Repeated:
+        return "bad_token"
+
+
+def _token_problem(expected: str | None, given: str | None) -> str | None:
+    if not given:
+        return "missing_token"
+    if not hmac.compare_digest(given.encode(), (expected or "").encode()):
+        return "bad_token"
+    return None
+
+
+def telnyx_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """``x-telnyx-streaming-auth-token`` is the ``stream_auth_token`` given to Telnyx."""
+    try:
+        given = _single(upgrade, TELNYX_TOKEN)
+    except _Repeated:
+        return "bad_token"
+    return _token_problem(credentials.telnyx_stream_token, given)
+
+
+def signalwire_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """``Authorization: Bearer`` with the ``<Stream authBearerToken>`` SignalWire was given."""
+    try:
+        given = bearer(_single(upgrade, AUTHORIZATION))
+    except _Repeated:
+        return "bad_token"
+    return _token_problem(credentials.signalwire_token, given)
+
+
+def exotel_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """``Authorization: Basic`` with the applet URL's ``KEY:TOKEN``."""
+    try:
+        given = basic(_single(upgrade, AUTHORIZATION))
+    except _Repeated:
+        return "bad_token"
+    return _token_problem(credentials.exotel_basic_auth, given)
+
+
+def plivo_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """``X-Plivo-Signature-V3`` and its nonce over the public URL with its query."""
+    try:
+        signature = _single(upgrade, plivo.SIGNATURE_V3_HEADER)
+        nonce = _single(upgrade, plivo.NONCE_HEADER)
+    except _Repeated:
+        return "bad_signature"
+    if not signature or not nonce:
+        return "missing_signature"
+    assert credentials.plivo_auth_token is not None
+    if not plivo.signature_ok(credentials.plivo_auth_token,
+                              _url(credentials, upgrade, query=True), signature, nonce):
+        return "bad_signature"
+    return None
+
+
+def vonage_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """A JWT signed with ``vonage_signature_secret``, or the ``vonage_token`` value (as it
+    is or as a bearer token)."""
+    try:
+        authorization = _single(upgrade, AUTHORIZATION)
+    except _Repeated:
+        return "bad_token"
+    if not authorization:
+        return "missing_token"
+    secret = credentials.vonage_signature_secret
+    if secret and vonage.jwt_problem(secret, authorization) is None:
+        return None
+    token = credentials.vonage_token
+    if token and vonage.token_matches(token, authorization):
+        return None
+    return "bad_token"

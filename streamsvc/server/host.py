@@ -1,0 +1,80 @@
+"""The narrow interface a stream connection needs from the server that hosts it.
+
+:class:`~streamsvc.server.call.CallCore` and the transport shells
+(:mod:`streamsvc.server.transports`) are written against these protocols, not against
+:class:`~streamsvc.server.stream_server.StreamServer`, so the server can import its
+transports without the transports importing the server back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Protocol
+
+from streamsvc.config import Settings
+from streamsvc.context.store import ContextStore
+from streamsvc.fleet.node import FleetNode
+from streamsvc.live import LiveSession
+from streamsvc.server.admission import Admitted
+from streamsvc.server.front import HttpFront
+from streamsvc.server.metrics import Metrics
+from streamsvc.web.webhooks import HttpResponse
+
+__all__ = ["CallHost", "HostedCall", "ShellCall", "TransportHost"]
+
+
+class HostedCall(Protocol):
+    """What the host keeps of a stream in progress (in a fleet: to hand it over)."""
+
+    @property
+    def session(self) -> LiveSession: ...
+
+    def hand_over(self) -> None:
+        """Close the stream (1001) for another instance to resume the call."""
+
+
+class ShellCall(Protocol):
+    """What the host's shutdown needs of a connection a transport shell tracks."""
+
+    finished: asyncio.Future[None]  # resolved once the call's handlers have finished
+
+    def close_for_shutdown(self) -> None: ...
+
+
+class CallHost(Protocol):
+    """What one call needs of its host: the settings, the calls in progress, the metrics,
+    the context a webhook left for the call, the fleet (or None)."""
+
+    settings: Settings
+    metrics: Metrics
+    contexts: ContextStore
+    fleet: FleetNode | None
+    stop_deadline: float | None  # loop time by which a drain must be done
+    streams: dict[str, LiveSession]  # by stream_sid
+    fleet_calls: dict[str, HostedCall]  # by stream_sid, while a fleet is set
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
+        """The budget report of the webhook that started ``call_sid``'s stream, once."""
+
+
+class TransportHost(CallHost, Protocol):
+    """What a transport shell needs besides: the handshake decision, the HTTP front, the
+    count of calls in progress and the shutdown's state."""
+
+    picows_calls: set[ShellCall]
+
+    def admit(self, path: str, query: str,
+              headers: Iterable[tuple[str, str]]) -> Admitted | HttpResponse:
+        """The stream handshake admitted, or the HTTP answer refusing it."""
+
+    def http_front(self) -> HttpFront: ...
+
+    def call_began(self) -> None: ...
+
+    def call_ended(self) -> None: ...
+
+    def close_unread(self, transport: asyncio.WriteTransport) -> None: ...
