@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from redis.asyncio.connection import parse_url as redis_parse_url
+
 from streamsvc.exceptions import ConfigError
 from streamsvc.providers import REGISTRY
 from streamsvc.routes import DEFAULT_ROUTES, Route, check_keys, parse_routes, table
@@ -434,10 +436,8 @@ def _check_security(settings: Settings) -> None:
         raise ConfigError("public_url", "is needed to check signatures when an auth token "
                           "is set (Twilio signs the URL it was given, not the Host header)")
     _check_paths(settings)
-    if settings.redis_url is not None and urlsplit(settings.redis_url).scheme not in (
-            "redis", "rediss", "unix"):
-        raise ConfigError("redis_url", "must be redis://host:port/db, rediss:// (TLS) or "
-                          "unix:///path/to/redis.sock")
+    if settings.redis_url is not None and (problem := redis_url_problem(settings.redis_url)):
+        raise ConfigError("redis_url", problem)
     if not settings.events_stream:
         raise ConfigError("events_stream", "must name a Redis stream")
     if settings.acs_route is not None and (settings.acs_answer_route is None
@@ -480,6 +480,22 @@ def provider_credentials(settings: Settings) -> dict[str, tuple[str, bool]]:
     provider registry's rows)."""
     return {row.name: (row.credential_env, row.configured(settings))
             for row in REGISTRY if row.check is not None}
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL a fleet can use, in one line, or None."""
+    expected = "must be redis://host:port/db, rediss:// (TLS) or unix:///path/to/redis.sock"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError on a port that is not a number
+        redis_parse_url(url)
+    except ValueError as exc:
+        return f"{expected}: {exc}"
+    if parts.scheme in ("redis", "rediss") and not parts.hostname:
+        return f"{expected}: no host in {parts.scheme}:// URL"
+    if parts.scheme == "unix" and not parts.path:
+        return f"{expected}: no socket path"
+    return None
 
 
 def _check_paths(settings: Settings) -> None:

@@ -483,6 +483,8 @@ class Session:
     def _summarize(self, reason: StopReason) -> CallSummary:
         stats = self.track_stats
         last_ms = max((s.last_timestamp_ms + s.frame_ms for s in stats.values()), default=0)
+        if self.codec.wall_clock_timestamps and stats:  # a moment, not an offset
+            last_ms -= min(s.first_timestamp_ms for s in stats.values())
         return CallSummary(
             reason=reason,
             frames={track: s.frames for track, s in stats.items()},

@@ -433,6 +433,13 @@ class Codec(Protocol):
         return FRAME_MS
 
     @property
+    def wall_clock_timestamps(self) -> bool:
+        """Media timestamps are wall-clock time (ACS: milliseconds since the Unix epoch),
+        not milliseconds since the stream started: a call's duration is then measured from
+        its earliest frame."""
+        return False
+
+    @property
     def chunk_bytes(self) -> int | None:
         """Outbound audio is sent in multiples of this many bytes, or None: any length."""
         return None

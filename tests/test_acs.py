@@ -168,6 +168,14 @@ def acs_session(*, unmixed: bool = False) -> Session:
     return session
 
 
+def test_an_acs_calls_duration_is_its_length_not_a_wall_clock_moment() -> None:
+    """ACS timestamps are ISO 8601 wall-clock times: 60 frames of 20 ms last 1,200 ms."""
+    session = acs_session()
+    for offset in range(0, 1200, 20):
+        session.receive_message(audio(offset))
+    assert 1200 == session.close("stop").duration_ms
+
+
 def test_gaps_reordering_and_duplicates_are_counted_from_the_timestamps() -> None:
     session = acs_session()
     for offset in (0, 20, 80, 60, 100, 100):  # 40 missing, 60 late, 100 twice

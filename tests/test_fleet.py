@@ -357,6 +357,34 @@ def test_redis_going_away_loses_no_call_and_publishing_resumes(tmp_path: Path) -
         store.stop()
 
 
+def test_an_unreachable_redis_is_said_at_start_and_its_return_without_any_call(
+        tmp_path: Path) -> None:
+    """A PING at start: no Redis yet means bus.unavailable and streamsvc_bus_up 0 before
+    any call; Redis coming up is noticed without a write (bus.recovered, bus_up 1)."""
+    store = RedisServer(tmp_path)
+    service = Service(tmp_path, "early", port=free_port(), config=CONFIG,
+                      env=environment(store.url))
+    try:
+        service.wait_for("bus.unavailable")
+        assert 0 == metric(service.metrics(), "streamsvc_bus_up")
+        store.start()
+        service.wait_for("bus.recovered", timeout_s=15)
+        assert 1 == metric(service.metrics(), "streamsvc_bus_up")
+    finally:
+        assert 0 == service.stop()
+        store.stop()
+
+
+@pytest.mark.parametrize("command", [["serve"], ["events", "--group", "g"]])
+def test_a_malformed_redis_url_is_one_line_and_exit_2(command: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "streamsvc", *command, "--redis-url",
+                           "redis:/bad"], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert 2 == done.returncode
+    assert 1 == len(done.stderr.strip().splitlines()), done.stderr
+    assert "redis" in done.stderr
+
+
 def test_a_drained_connect_call_moves_to_the_other_instance(redis_server: RedisServer,
                                                            tmp_path: Path) -> None:
     ports = [free_port(), free_port()]

@@ -127,6 +127,17 @@ def test_a_parameter_whose_name_alone_does_not_fit_is_dropped_not_truncated() ->
         selection.parameters, selection.dropped, selection.truncated)
 
 
+def test_each_parameter_is_cut_to_twilios_500_character_limit_and_reported() -> None:
+    """Twilio: a <Parameter>'s name and value together under 500 characters, whatever the
+    byte budget; a name that long leaves no room and is dropped."""
+    mapping = ContextMapping(budget_bytes=10_000, webhook_fields=())
+    fields = {"note": "n" * 600, "x" * 499: "v", "ok": "fine"}
+    selection = select_parameters(fields, {}, mapping)
+    assert {"note": "n" * 495, "ok": "fine"} == selection.parameters
+    assert (("x" * 499,), ("note",)) == (selection.dropped, selection.truncated)
+    assert all(len(name) + len(value) < 500 for name, value in selection.parameters.items())
+
+
 @given(st.dictionaries(st.text(min_size=1, max_size=12), st.text(max_size=60), max_size=12),
        st.integers(min_value=0, max_value=300))
 def test_the_budget_is_never_exceeded_and_everything_is_accounted_for(

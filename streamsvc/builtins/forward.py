@@ -2,7 +2,8 @@
 an agent, a recorder elsewhere), one connection per call.
 
 Options (``[handlers.forward]``): ``url`` (``ws://`` or ``wss://``, required), ``audio``
-(``pcm16``: 16-bit little-endian PCM at the stream's rate, the default; or ``native``: the
+(``pcm16``: 16-bit little-endian PCM at the stream's rate on every provider, the default,
+decoded as :meth:`~streamsvc.session.Session.pcm16` decodes it; or ``native``: the
 payload bytes as they came, e.g. mu-law), ``tracks`` (default ``["inbound"]``),
 ``headers`` (added to the handshake, e.g. ``{Authorization = "Bearer ..."}``),
 ``max_queue_frames`` (audio frames held while the service is slow or away, default 500:
@@ -13,7 +14,9 @@ connection is closed, default 2).
 What the service receives, in order:
 
 * a text message ``{"event": "start", "call_sid", "stream_sid", "account_sid", "tracks",
-  "media_format", "custom_parameters", "audio": {"encoding", "sample_rate"}}``, again after
+  "media_format", "custom_parameters", "audio": {"encoding", "sample_rate",
+  "native_encoding"}}`` (``sample_rate``: the stream's own; ``native_encoding``: what
+  ``native`` sends, ``mulaw`` or ``pcm16``), again after
   every reconnection;
 * each audio frame of the chosen tracks as one **binary** message (20 ms); with several
   tracks, each is preceded by a text ``{"event": "track", "track": ...}`` when it changes;
@@ -44,7 +47,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from streamsvc import wire
-from streamsvc.audio import mulaw_to_pcm16
 from streamsvc.handlers import AsyncHandler
 from streamsvc.live import LiveSession
 from streamsvc.session import CallSummary
@@ -90,6 +92,7 @@ class ForwardHandler(AsyncHandler):
         self.start_message = ""
         self.last_track: str | None = None
         self.sender: asyncio.Task[None] | None = None
+        self.session: LiveSession | None = None  # set by on_start, before any on_media
         self.away = False  # the latest connection attempt failed
         self.frames_sent = 0
         self.dropped_frames = 0
@@ -114,8 +117,10 @@ class ForwardHandler(AsyncHandler):
                              "channels": media_format.channels} if media_format else None,
             "custom_parameters": dict(session.custom_parameters),
             "audio": {"encoding": "pcm16" if self.pcm16 else "native",
-                      "sample_rate": sample_rate},
+                      "sample_rate": sample_rate,
+                      "native_encoding": session.codec.native_encoding},
         }).decode()
+        self.session = session
         self.sender = asyncio.get_running_loop().create_task(self._send_forever())
 
     def on_media(self, frame: wire.Media) -> None:
@@ -129,7 +134,11 @@ class ForwardHandler(AsyncHandler):
             self.last_track = frame.track
             self._queue(orjson.dumps({"event": "track", "track": frame.track}).decode())
         self.queued_frames += 1
-        self._queue(mulaw_to_pcm16(frame.payload) if self.pcm16 else frame.payload)
+        if self.pcm16:  # PCM16 at the stream's rate whatever the provider sends
+            assert self.session is not None  # the chain runs on_start first
+            self._queue(self.session.pcm16(frame))
+        else:
+            self._queue(frame.payload)
 
     async def on_dtmf(self, event: wire.Dtmf) -> None:
         self._queue(orjson.dumps({"event": "dtmf", "digit": event.digit}).decode())

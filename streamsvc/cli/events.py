@@ -11,6 +11,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from streamsvc.config import redis_url_problem
 from streamsvc.fleet import EVENTS_STREAM, Consumer, Entry
 from streamsvc.fleet.client import DEFAULT_CLAIM_IDLE_MS
 from streamsvc.logs import configure_logging
@@ -48,6 +49,9 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
     if not args.redis_url:
         parser.error("events needs --redis-url or STREAMSVC_REDIS_URL")
+    if problem := redis_url_problem(args.redis_url):
+        print(f"streamsvc events: --redis-url {problem}", file=sys.stderr)
+        return 2
     configure_logging(level="warning", log_format="json", stream=sys.stderr.buffer)
 
     def show(entry: Entry) -> None:

@@ -26,8 +26,10 @@ their order; then query parameters, SIP headers and custom fields, each sorted b
 ``webhook_fields`` in their order). Each costs the UTF-8 bytes of its name and value. A
 parameter that fits is kept whole; the first one that does not is truncated to the bytes
 left, never splitting a UTF-8 character, if at least its name and one character fit;
-every parameter after that, and one that cannot be truncated, is dropped. What was dropped
-or truncated is reported.
+every parameter after that, and one that cannot be truncated, is dropped. Before that,
+Twilio's own rule for each parameter applies: name and value together under 500 characters
+(:data:`MAX_PARAMETER_CHARS`), a longer value cut to fit, a name that long dropped. What
+was dropped or truncated is reported.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ __all__ = [
 ]
 
 DEFAULT_BUDGET_BYTES: Final = 800
+# Twilio: each <Parameter>'s name and value together must be under 500 characters.
+MAX_PARAMETER_CHARS: Final = 499
 SIP_HEADER_PREFIX: Final = "SipHeader_X-"
 
 # Fields Twilio itself puts in a voice webhook request (its "request parameters"); anything
@@ -186,11 +190,18 @@ def select_parameters(fields: Mapping[str, str], query: Mapping[str, str],
     truncated: list[str] = []
     left = mapping.budget_bytes
     full = False
-    for name, value in candidates(fields, query, mapping):
+    for name, whole in candidates(fields, query, mapping):
+        value = whole[: max(0, MAX_PARAMETER_CHARS - len(name))]
+        if (not value and whole) or len(name) >= MAX_PARAMETER_CHARS:
+            dropped.append(name)  # Twilio's per-parameter limit leaves nothing of it
+            continue
+        cut = value != whole
         cost = _size(name, value)
         if not full and cost <= left:
             kept[name] = value
             left -= cost
+            if cut:
+                truncated.append(name)
             continue
         if not full:
             full = True

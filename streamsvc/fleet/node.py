@@ -120,6 +120,13 @@ class FleetNode:
     # -- life ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Ask Redis once (a PING, bounded by ``redis_timeout_ms``): unreachable, the
+        instance serves calls without the fleet, says so (``bus.unavailable``,
+        ``streamsvc_bus_up 0``) and keeps asking until Redis answers."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), self.timeout_s)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._went_down(exc)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._drain(), name="bus:drain"),
                        loop.create_task(self._refresh_registry(), name="bus:registry"),
@@ -233,9 +240,36 @@ class FleetNode:
         logger.warning("bus.dropped_at_stop", entries=len(self.buffer), reason=why)
         self.buffer.clear()
 
+    def _went_down(self, exc: BaseException) -> None:
+        self.errors += 1
+        if self.outage_since is None:
+            self.outage_since = time.time()
+            self._dropped_in_outage = 0
+            logger.warning("bus.unavailable", error=str(exc) or type(exc).__name__,
+                           buffered=len(self.buffer), buffer_limit=self.settings.bus_buffer)
+
+    def _came_back(self) -> None:
+        if self.outage_since is not None:
+            logger.info("bus.recovered", outage_s=round(time.time() - self.outage_since, 3),
+                        dropped=self._dropped_in_outage, buffered=len(self.buffer))
+            self.outage_since = None
+
     async def _drain(self) -> None:
         backoff = RETRY_FIRST_S
         while True:
+            if not self.buffer and self.outage_since is not None:
+                # Down with nothing to write: ask until Redis answers, so that the
+                # metrics say the truth before the next write does.
+                try:
+                    await asyncio.wait_for(self.redis.ping(), 5.0)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    self._went_down(exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RETRY_MAX_S)
+                    continue
+                backoff = RETRY_FIRST_S
+                self._came_back()
+                continue
             if not self.buffer:
                 self._wake.clear()
                 await self._wake.wait()
@@ -244,13 +278,7 @@ class FleetNode:
             try:
                 results = await asyncio.wait_for(self._write(batch), 5.0)
             except (RedisError, OSError, TimeoutError) as exc:
-                self.errors += 1
-                if self.outage_since is None:
-                    self.outage_since = time.time()
-                    self._dropped_in_outage = 0
-                    logger.warning("bus.unavailable", error=str(exc) or type(exc).__name__,
-                                   buffered=len(self.buffer),
-                                   buffer_limit=self.settings.bus_buffer)
+                self._went_down(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 continue
@@ -267,10 +295,7 @@ class FleetNode:
                         self.published += 1
                     else:
                         self.audio_published += 1
-            if self.outage_since is not None:
-                logger.info("bus.recovered", outage_s=round(time.time() - self.outage_since, 3),
-                            dropped=self._dropped_in_outage, buffered=len(self.buffer))
-                self.outage_since = None
+            self._came_back()
 
     async def _write(self, batch: list[_Op]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -109,6 +109,8 @@ class AcsCodec(common.Codec):
     # ACS carries no parameters on the wire: the call's context is the one its IncomingCall
     # stored under the correlation id (the call core reads it from the context store).
     context_on_wire: Final = False
+    # AudioData timestamps are ISO 8601 wall-clock times.
+    wall_clock_timestamps: Final = True
 
     def __init__(self, headers: Mapping[str, str], *, unmixed: bool = False) -> None:
         self.call_connection_id = headers.get(CALL_CONNECTION_HEADER) or None

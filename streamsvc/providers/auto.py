@@ -131,6 +131,10 @@ class AutoCodec(common.Codec):
         return self.chosen.frame_ms if self.chosen else common.FRAME_MS
 
     @property
+    def wall_clock_timestamps(self) -> bool:
+        return self.chosen.wall_clock_timestamps if self.chosen else False
+
+    @property
     def chunk_bytes(self) -> int | None:
         return self.chosen.chunk_bytes if self.chosen else None
 
