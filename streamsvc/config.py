@@ -452,6 +452,18 @@ def _check_security(settings: Settings) -> None:
         raise ConfigError("acs_audience", f"{settings.host!r} is reachable from other "
                           "machines but ACS routes check no token: set "
                           "STREAMSVC_ACS_AUDIENCE to the ACS resource id, or pass --insecure")
+    if exposed and settings.vonage_token and not settings.vonage_signature_secret and any(
+            r.provider == "vonage" for r in settings.routes):
+        raise ConfigError("vonage_signature_secret", f"{settings.host!r} is reachable from "
+                          "other machines and vonage_token is set, but the answer URL cannot "
+                          "tell Vonage's requests from a stranger's without "
+                          "VONAGE_SIGNATURE_SECRET; set it, or pass --insecure")
+    if exposed and settings.acs_connection_string and not settings.acs_events_secret:
+        raise ConfigError("acs_events_secret", f"{settings.host!r} is reachable from other "
+                          "machines and acs_connection_string answers calls, but "
+                          f"{settings.acs_events_path} would take IncomingCall events from "
+                          "anyone: set STREAMSVC_ACS_EVENTS_SECRET (the ?secret= of the Event "
+                          "Grid subscription), or pass --insecure")
     if not settings.auth_tokens and exposed and any(r.provider == "twilio"
                                                     for r in settings.routes):
         raise ConfigError("host", f"{settings.host!r} is reachable from other machines but no "

@@ -143,7 +143,57 @@ def test_a_session_that_never_sent_a_valid_start_failed(server: Server,
     done = streamsvc("replay", str(startless), "--url", server.url("/stream"), "--speed", "0")
     assert 1 == done.returncode
     assert "ok: 0  failed: 1" in done.stdout
-    assert "no start message the service accepts" in done.stdout
+    assert "no start message" in done.stdout
+
+
+def test_a_providers_session_at_another_providers_route_fails_even_without_the_log(
+        server: Server) -> None:
+    """The server cannot read a Telnyx start on a Twilio route: it closes the stream (1008)
+    after MAX_BAD_FRAMES_BEFORE_START frames instead of waiting, so the client knows."""
+    done = streamsvc("replay", "fixtures/telnyx_params.jsonl", "--url", server.url("/stream"),
+                     "--speed", "0", "--check")
+    assert 1 == done.returncode, done.stdout
+    assert "ok: 0  failed: 1" in done.stdout
+    assert "1008" in done.stdout
+    assert '"stream.no_start"' in server.log.read_text()
+
+
+def test_only_lines_written_after_the_replay_began_count(server: Server,
+                                                         tmp_path: Path) -> None:
+    first = streamsvc("replay", "fixtures/inbound_params.jsonl", "--url",
+                      server.url("/stream"), "--speed", "0", "--check", "--log",
+                      str(server.log))
+    assert 0 == first.returncode, first.stdout
+    other = Server(tmp_path / "other.log", {})
+    try:  # the same call again, to another server, checked against the first one's log
+        stale = streamsvc("replay", "fixtures/inbound_params.jsonl", "--url",
+                          other.url("/stream"), "--speed", "0", "--check", "--log",
+                          str(server.log))
+    finally:
+        other.stop()
+    assert 1 == stale.returncode, stale.stdout
+    assert "no stream.started line" in stale.stdout
+
+
+def test_a_stream_whose_handler_failed_never_checks_out(tmp_path: Path) -> None:
+    (tmp_path / "failing_handler.py").write_text(
+        "from streamsvc import Handler\n\n"
+        "class Failing(Handler):\n"
+        "    def on_media(self, frame):\n"
+        "        raise RuntimeError('always')\n", encoding="utf-8")
+    config = tmp_path / "streamsvc.toml"
+    config.write_text('[[routes]]\npath = "/stream"\nhandlers = ["failing_handler:Failing"]\n',
+                      encoding="utf-8")
+    failing = Server(tmp_path / "failing.log", {"STREAMSVC_CONFIG": str(config),
+                                                "PYTHONPATH": str(tmp_path)})
+    try:
+        done = streamsvc("replay", "fixtures/inbound_params.jsonl", "--url",
+                         failing.url("/stream"), "--speed", "0", "--check", "--log",
+                         str(failing.log))
+    finally:
+        failing.stop()
+    assert 1 == done.returncode, done.stdout + failing.log.read_text()[-2000:]
+    assert "handler_errors" in done.stdout
 
 
 def test_a_refused_signature_says_what_is_missing(tmp_path: Path) -> None:

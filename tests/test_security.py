@@ -147,7 +147,7 @@ def test_a_malformed_secret_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     ("signalwire", {"STREAMSVC_SIGNALWIRE_TOKEN": "t"}),
     ("exotel", {"STREAMSVC_EXOTEL_BASIC_AUTH": "k:t"}),
     ("plivo", {"PLIVO_AUTH_TOKEN": "t", "STREAMSVC_PUBLIC_URL": PUBLIC}),
-    ("vonage", {"STREAMSVC_VONAGE_TOKEN": "t"}),
+    ("vonage", {"VONAGE_SIGNATURE_SECRET": "s"}),
     ("auto", {"STREAMSVC_VONAGE_TOKEN": "t"})])
 def test_a_public_host_needs_each_routes_provider_credential(
         tmp_path: Path, provider: str, credential: dict[str, str]) -> None:
@@ -158,3 +158,27 @@ def test_a_public_host_needs_each_routes_provider_credential(
         load_settings(env=env)
     load_settings(env={**env, **credential})
     load_settings(env={**env, "STREAMSVC_INSECURE": "true"})
+
+
+def test_a_public_vonage_route_with_a_custom_token_needs_the_signature_secret(
+        tmp_path: Path) -> None:
+    """The answer URL could not tell Vonage from a stranger asking for the token."""
+    config = tmp_path / "c.toml"
+    config.write_text('[[routes]]\npath = "/v"\nprovider = "vonage"\n')
+    env = {"STREAMSVC_CONFIG": str(config), "STREAMSVC_HOST": "0.0.0.0",
+           "STREAMSVC_VONAGE_TOKEN": "t"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=env)
+    assert "vonage_signature_secret" == caught.value.key
+    load_settings(env={**env, "VONAGE_SIGNATURE_SECRET": "s"})
+    load_settings(env={**env, "STREAMSVC_INSECURE": "true"})
+
+
+def test_a_public_host_that_answers_acs_calls_needs_the_events_secret() -> None:
+    env = {"STREAMSVC_HOST": "0.0.0.0", "TWILIO_AUTH_TOKEN": TOKEN,
+           "STREAMSVC_PUBLIC_URL": PUBLIC,
+           "ACS_CONNECTION_STRING": "endpoint=https://x.communication.azure.com/;accesskey=a2V5"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=env)
+    assert "acs_events_secret" == caught.value.key
+    load_settings(env={**env, "STREAMSVC_ACS_EVENTS_SECRET": "s"})

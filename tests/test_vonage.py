@@ -421,6 +421,26 @@ async def test_the_answer_url_takes_a_post_and_refuses_an_unsigned_request(
     assert "missing_token" == events(logs, "webhook.rejected")[0]["reason"]
 
 
+@pytest.mark.parametrize("transport", ["websockets"])
+async def test_the_answer_url_never_hands_the_custom_token_to_an_unsigned_request(
+        transport: str, logs: LogEvents) -> None:
+    """With vonage_token and no signature secret nothing tells Vonage from a stranger:
+    every answer request is refused, and the token is in no answer."""
+    server = StreamServer(Settings(
+        port=0, transport=transport, public_url="wss://voice.example.com",
+        vonage_token="vonage-custom-value",
+        routes=(Route("/vonage", (HandlerSpec("log", LogHandler),), provider="vonage"),)))
+    await server.start()
+    try:
+        status, _, body = await asyncio.to_thread(answer, server.port, "/twiml?uuid=U-1",
+                                                  signed=False)
+    finally:
+        await server.stop()
+    assert 403 == status
+    assert b"vonage-custom-value" not in body
+    assert "unsigned_answer_request" == events(logs, "webhook.rejected")[0]["reason"]
+
+
 def test_ncco_headers_stay_within_vonages_512_bytes() -> None:
     document, left_out = ncco("wss://h/v", {"uuid": "U-1"},
                               {"a": "x" * 300, "b": "y" * 300, "c": "z"}, authorization=None)

@@ -6,7 +6,8 @@ service's own parser accepts) is always checked. Given the server's JSON log (``
 FILE``, the lines ``streamsvc serve`` writes on stdout), the ``stream.started`` and
 ``stream.stopped`` lines of each replayed stream are compared field by field with
 ``expect``: ids, tracks, custom parameters, frame, gap and out-of-order counts, bad frames,
-ignored events, DTMF digits and the stop reason.
+ignored events, DTMF digits and the stop reason; only lines written after the replay began
+count, and a stream whose handlers failed (``handler_errors``) never matches.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["CHECKED_FIELDS", "Outcome", "differences", "expect_for_copy", "read_outcomes",
-           "wait_for_outcomes"]
+__all__ = ["CHECKED_FIELDS", "Outcome", "differences", "expect_for_copy", "log_size",
+           "read_outcomes", "wait_for_outcomes"]
 
 # Which log line reports each field of a fixture's `expect`.
 CHECKED_FIELDS: Final[Mapping[str, str]] = {
@@ -55,13 +56,26 @@ def expect_for_copy(expect: Mapping[str, Any],
     return adjusted
 
 
-def read_outcomes(log: Path, key: str = "stream_sid") -> dict[str, Outcome]:
+def log_size(log: Path) -> int:
+    """Bytes ``log`` holds now (0 when it does not exist yet): where a replay's lines
+    begin."""
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def read_outcomes(log: Path, key: str = "stream_sid", *,
+                  since: int = 0) -> dict[str, Outcome]:
     """The ``stream.started`` and ``stream.stopped`` lines of a server log, by stream_sid
-    (or by another field of theirs: ``call_sid``). Lines that are not JSON objects are
-    skipped (a log may mix in other output)."""
+    (or by another field of theirs: ``call_sid``), written after its first ``since`` bytes
+    (an earlier run's lines for the same ids never count). Lines that are not JSON objects
+    are skipped (a log may mix in other output)."""
     outcomes: dict[str, Outcome] = {}
     try:
-        text = log.read_bytes()
+        with log.open("rb") as file:
+            file.seek(since)
+            text = file.read()
     except OSError:
         return outcomes
     for line in text.splitlines():
@@ -78,13 +92,13 @@ def read_outcomes(log: Path, key: str = "stream_sid") -> dict[str, Outcome]:
 
 
 async def wait_for_outcomes(log: Path, stream_sids: set[str], timeout_s: float = 10.0, *,
-                            key: str = "stream_sid") -> dict[str, Outcome]:
-    """Read ``log`` until every stream in ``stream_sids`` (values of ``key``) has its
-    ``stream.stopped`` line (the server writes it once the call's handlers have finished),
-    or ``timeout_s``."""
+                            key: str = "stream_sid", since: int = 0) -> dict[str, Outcome]:
+    """Read ``log`` (past its first ``since`` bytes) until every stream in ``stream_sids``
+    (values of ``key``) has its ``stream.stopped`` line (the server writes it once the
+    call's handlers have finished), or ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        outcomes = read_outcomes(log, key)
+        outcomes = read_outcomes(log, key, since=since)
         done = {sid for sid in stream_sids if "stream.stopped" in outcomes.get(sid, {})}
         if done == stream_sids or time.monotonic() > deadline:
             return outcomes
@@ -108,6 +122,9 @@ def differences(expect: Mapping[str, Any], outcome: Outcome | None) -> list[str]
         reported = line.get(key)
         if reported != expected:
             found.append(f"{key}: expected {_show(expected)}, server reported {_show(reported)}")
+    failed = (outcome.get("stream.stopped") or {}).get("handler_errors")
+    if failed:  # whatever the expect says: a handler that failed is a failed call
+        found.append(f"handler_errors: the server reported {_show(failed)}")
     return found
 
 

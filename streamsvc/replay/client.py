@@ -34,11 +34,17 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from streamsvc import wire
-from streamsvc.exceptions import RemoteProtocolError
+from streamsvc.exceptions import CLOSE_POLICY_VIOLATION, RemoteProtocolError
 from streamsvc.providers import codec_for, vonage
 from streamsvc.providers.acs_auth import ACS_ISSUER
 from streamsvc.providers.signature import SIGNATURE_HEADER, sign
-from streamsvc.replay.check import Outcome, differences, expect_for_copy, wait_for_outcomes
+from streamsvc.replay.check import (
+    Outcome,
+    differences,
+    expect_for_copy,
+    log_size,
+    wait_for_outcomes,
+)
 from streamsvc.replay.fixture import Fixture
 
 __all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_session"]
@@ -211,7 +217,9 @@ async def replay_session(
             result.close_code = connection.close_code
             result.ok = connection.close_code in (1000, None)
             if not result.ok:
-                result.error = f"server closed with {connection.close_code}"
+                result.error = (f"server closed with {connection.close_code}"
+                                + _no_start(connection.close_code, connection.close_reason,
+                                            fixture.provider))
             elif not _starts_a_session(fixture, upgrade):
                 result.ok = False
                 result.error = "no start message the service accepts: no session began"
@@ -221,7 +229,9 @@ async def replay_session(
         result.error = f"cannot connect: {exc}"
     except ConnectionClosed as exc:
         result.close_code = exc.rcvd.code if exc.rcvd else None
-        result.error = f"server closed the stream early ({result.close_code})"
+        result.error = (f"server closed the stream early ({result.close_code})"
+                        + _no_start(result.close_code, exc.rcvd.reason if exc.rcvd else None,
+                                    fixture.provider))
     return result
 
 
@@ -268,6 +278,15 @@ def _replaced(headers: dict[str, str], replacements: list[tuple[str, str]]) -> d
     for old, new in replacements:
         headers = {name: new if value == old else value for name, value in headers.items()}
     return headers
+
+
+def _no_start(code: int | None, reason: str | None, provider: str) -> str:
+    """When the server closed because it could read no start: its reason, and the likely
+    cause (a route of another provider); else nothing."""
+    if code != CLOSE_POLICY_VIOLATION or not (reason or "").startswith("no start message"):
+        return ""
+    return f': {reason} (a {provider} session: is --url a route with provider = "{provider}"?)'
+
 
 
 def _rejected(status: int, url: str, headers: dict[str, str]) -> str:
@@ -429,6 +448,7 @@ async def replay(
     With ``check`` each session's outcome is compared with its fixture's ``expect``
     (:mod:`streamsvc.replay.check`), through the server's JSON log when ``server_log`` is given."""
     started = time.monotonic()
+    since = log_size(server_log) if server_log is not None else 0
     headers = {**(headers or {}), **signature_headers(url, auth_token, public_url)}
     sessions = list(await asyncio.gather(*(
         replay_session(fixture, url, speed=speed, copy=copy, headers=headers,
@@ -437,20 +457,21 @@ async def replay(
         for copy in range(concurrency)
     )))
     if check:
-        await _check(sessions, server_log)
+        await _check(sessions, server_log, since)
     return ReplayReport(sessions, time.monotonic() - started, checked=check)
 
 
-async def _check(sessions: list[SessionResult], server_log: Path | None) -> None:
+async def _check(sessions: list[SessionResult], server_log: Path | None, since: int) -> None:
     outcomes: dict[str, Outcome] = {}
     if server_log is not None:
         # A stream is found by its stream_sid, or (Vonage sends none: the service makes
         # it) by its call's id.
         sids = {s.stream_sid for s in sessions if s.ok and s.stream_sid}
         calls = {s.call_sid for s in sessions if s.ok and not s.stream_sid and s.call_sid}
-        outcomes = await wait_for_outcomes(server_log, sids)
+        outcomes = await wait_for_outcomes(server_log, sids, since=since)
         if calls:
-            outcomes.update(await wait_for_outcomes(server_log, calls, key="call_sid"))
+            outcomes.update(await wait_for_outcomes(server_log, calls, key="call_sid",
+                                                    since=since))
     for session in sessions:
         if not session.expect:
             session.differences.append("the fixture's header has no expect to check against")

@@ -41,6 +41,10 @@ BAD_FRAMES_LOGGED: Final = 5
 # Frames before `start` kept for handlers that record raw frames (connected, start, a few
 # bad ones); later ones are not kept: the start timeout bounds how many can come.
 EARLY_FRAMES_KEPT: Final = 16
+# Bad frames before a valid start after which none is expected any more (a provider sends
+# its start first, or after one or two greetings): the stream is closed (1008) instead of
+# waiting for start_timeout_s, so that its sender learns at once (replay --check).
+MAX_BAD_FRAMES_BEFORE_START: Final = 20
 # How long a connection the service closes gets (to flush, to answer the close handshake)
 # before the TCP connection is dropped.
 CLOSE_GRACE_S: Final = 1.0
@@ -134,6 +138,18 @@ class CallCore:
     def log_start_timeout(self) -> None:
         logger.warning("stream.start_timeout", timeout_s=self.server.settings.start_timeout_s,
                        bad_frames=self.session.bad_frames)
+
+    def no_start_coming(self) -> str | None:
+        """The close reason when :data:`MAX_BAD_FRAMES_BEFORE_START` frames came and none
+        was a start this route's provider can read (logged as ``stream.no_start``), or
+        None."""
+        session = self.session
+        if (session.state is not State.AWAITING_START
+                or session.bad_frames < MAX_BAD_FRAMES_BEFORE_START):
+            return None
+        provider = self.route.provider
+        logger.warning("stream.no_start", bad_frames=session.bad_frames, provider=provider)
+        return f"no start message: {session.bad_frames} frames a {provider} route cannot read"
 
     def log_closed_before_start(self, reason: StopReason) -> None:
         logger.info("stream.closed_before_start", reason=reason,

@@ -9,8 +9,10 @@ uuid: the stream's ``call_sid``), ``from``, ``to``, then the answer URL's own qu
 parameters (the call's context), within Vonage's 512 bytes (what does not fit is left
 out, named in the ``ncco.headers_over_budget`` warning); ``authorization`` is
 ``{"type":"vonage"}`` when ``vonage_signature_secret`` is set (Vonage then signs the
-upgrade) or the custom ``vonage_token``. With ``vonage_signature_secret`` set, the answer
-request itself must carry Vonage's signed-webhook JWT (``Authorization: Bearer``).
+upgrade). With ``vonage_signature_secret`` set, the answer request itself must carry
+Vonage's signed-webhook JWT (``Authorization: Bearer``). The custom ``vonage_token`` is never
+put in an NCCO: with it and no signature secret the answer URL refuses every request (403
+``unsigned_answer_request``), since anyone could ask for the credential.
 """
 
 from __future__ import annotations

@@ -239,17 +239,21 @@ class Webhooks:
         """Vonage's answer URL: an NCCO connecting the call to the route
         (:mod:`streamsvc.web.ncco`)."""
         settings = self.settings
-        secret, token = settings.vonage_signature_secret, settings.vonage_token
+        secret = settings.vonage_signature_secret
         if secret and (problem := vonage_jwt_problem(secret,
                                                      request.headers.get("authorization"))):
             return self.refuse(http.HTTPStatus.FORBIDDEN, problem, request)
+        if settings.vonage_token and not secret:
+            # The NCCO would carry the stream credential to whoever asks: only a request
+            # Vonage signed (vonage_signature_secret) may get one.
+            return self.refuse(http.HTTPStatus.FORBIDDEN, "unsigned_answer_request", request)
         origin = settings.public_base("ws")
         if origin is None:
             return self._no_public_url("Vonage")
         query = dict(parse_qsl(request.query, keep_blank_values=True))
         fields = answer_fields(query, request.body, request.method)
-        authorization = ({"type": "vonage"} if secret else
-                         {"type": "custom", "value": f"Bearer {token}"} if token else None)
+        # Vonage signs the upgrade with the same secret: no credential in the NCCO at all.
+        authorization = {"type": "vonage"} if secret else None
         document, left_out = ncco(origin + route.path, fields, query,
                                   authorization=authorization)
         headers = document[0]["endpoint"][0]["headers"]

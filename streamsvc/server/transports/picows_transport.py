@@ -257,6 +257,10 @@ class _PicowsCall(CallCore):
         self.receive(payload, binary)
         if self.session.state is State.STOPPED:
             self._close(WSCloseCode.OK, "", "stop")
+        elif self.session.state is State.AWAITING_START and (reason := self.no_start_coming()):
+            self.timed_out_before_start = True  # said by no_start_coming
+            self._close(WSCloseCode(CLOSE_POLICY_VIOLATION), reason, "error",
+                        await_answer=True)
 
     def frame(self, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -309,11 +313,16 @@ class _PicowsCall(CallCore):
 
     # -- ending -----------------------------------------------------------------------
 
-    def _close(self, code: WSCloseCode, reason: str, why: StopReason) -> None:
+    def _close(self, code: WSCloseCode, reason: str, why: StopReason, *,
+               await_answer: bool = False) -> None:
+        """Close with ``code``; ``await_answer``: keep reading (and ignoring) until the
+        peer answers the close, so that what it is still sending cannot make the kernel
+        reset the connection before the peer reads why (RFC 6455 7.1.1)."""
         if self.closing_reason is None:
             self.closing_reason = why
         self.transport.send_close(code, reason.encode())
-        self.transport.disconnect()
+        if not await_answer:
+            self.transport.disconnect()
         # A graceful close waits for the socket's buffer to drain; a peer that no longer
         # reads would hold it (and a shutdown) forever: drop it after a grace period.
         self.timers.append(asyncio.get_running_loop().call_later(

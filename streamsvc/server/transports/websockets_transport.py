@@ -195,6 +195,9 @@ class _Call(CallCore):
                 while self.session.state is State.AWAITING_START:
                     frame = await self.connection.recv(decode=False)
                     self.receive(frame, kinds.popleft() if kinds else False)
+                    if reason := self.no_start_coming():
+                        await self.connection.close(CLOSE_POLICY_VIOLATION, reason)
+                        return False
         except TimeoutError:
             self.log_start_timeout()
             await self.connection.close(CLOSE_POLICY_VIOLATION, "no start message in time")
