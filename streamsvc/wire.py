@@ -47,6 +47,7 @@ __all__ = [
     "Stop",
     "UnknownEvent",
     "Upgrade",
+    "loose_int",
     "parse",
     "parse_media",
     "serialize_clear",
@@ -281,6 +282,27 @@ class _NoEvent(msgspec.Struct, tag="", tag_field="event"):
 _media_decoder: Final = msgspec.json.Decoder(Media | _NoEvent, strict=False)
 
 
+def loose_int(value: object) -> int | None:
+    """A number a message carries in a field the service does not use (a start's
+    sequence number): the number when it is one (``12``, ``"12"``), else None, never an
+    error."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**53:
+        return value
+    if isinstance(value, str) and value.isdigit() and len(value) <= 16:
+        return int(value)
+    return None
+
+
+def _lenient_start(message: dict[str, object]) -> dict[str, object]:
+    """A ``start`` without the top-level fields the service does not use when they hold
+    what the event cannot (the sequence number, the repeated stream id)."""
+    if "sequenceNumber" in message:
+        message = {**message, "sequenceNumber": loose_int(message["sequenceNumber"])}
+    if not isinstance(message.get("streamSid"), str | None):
+        message = {key: value for key, value in message.items() if key != "streamSid"}
+    return message
+
+
 def parse(frame: bytes | str) -> Event:
     """Parse one inbound text frame (raw bytes or str) into a typed event.
 
@@ -294,6 +316,8 @@ def parse(frame: bytes | str) -> Event:
         return UnknownEvent(name)
     if event_type is Media:
         message = _known_media_keys(message)
+    elif event_type is Start:
+        message = _lenient_start(message)
     try:
         return msgspec.convert(message, event_type, strict=False)
     except msgspec.ValidationError as exc:

@@ -53,6 +53,65 @@ def test_the_start_and_the_url_query_give_the_context() -> None:
     assert {"lang": "hi", "tier": "platinum"} == dict(session.custom_parameters)
 
 
+def start_with(media_format: dict[str, object]) -> str:
+    return json.dumps({"event": "start", "stream_sid": "MZ1",
+                       "start": {"stream_sid": "MZ1", "call_sid": "CA1",
+                                 "media_format": media_format}})
+
+
+@pytest.mark.parametrize(("media_format", "query", "rate", "encoding"), [
+    pytest.param({"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"}, "",
+                 8000, "pcm16", id="current"),
+    pytest.param({"encoding": "base64", "sample_rate": "8000", "bit_rate": "128kbps"}, "",
+                 8000, "pcm16", id="older"),
+    pytest.param({"encoding": "base64", "sample_rate": 16000, "bit_rate": 256}, "",
+                 16000, "pcm16", id="older-numbers"),
+    pytest.param({"encoding": "audio/x-mulaw;rate=8000"}, "", 8000, "mulaw",
+                 id="extension-mulaw"),
+    pytest.param({"encoding": "audio/L16;rate=16000"}, "", 16000, "pcm16", id="extension-l16"),
+    pytest.param({"encoding": "audio/x-raw"}, "sample-rate=24000", 24000, "pcm16",
+                 id="rate-from-the-url"),
+    pytest.param({"bit_rate": {"odd": ["type"]}, "encoding": 7}, "", 8000, "pcm16",
+                 id="odd-unused-fields"),
+])
+def test_every_documented_media_format_starts_the_stream(
+        media_format: dict[str, object], query: str, rate: int, encoding: str) -> None:
+    session = Session(codec=ExotelCodec(query))
+    session.receive_message(start_with(media_format))
+    assert [wire.Start] == [type(event) for event in session.events_received()]
+    assert (rate, encoding) == (session.sample_rate, session.codec.native_encoding)
+
+
+def test_mulaw_audio_is_decoded_and_its_frames_measured_one_byte_a_sample() -> None:
+    session = Session(codec=ExotelCodec())
+    session.receive_message(start_with({"encoding": "audio/x-mulaw;rate=8000"}))
+    session.events_received()
+    session.receive_message(json.dumps({
+        "event": "media", "stream_sid": "MZ1",
+        "media": {"chunk": "1", "timestamp": "0",
+                  "payload": base64.b64encode(b"\xff" * 800).decode()}}))
+    [frame] = session.events_received()
+    assert isinstance(frame, wire.Media)
+    assert (100, bytes(1600)) == (session.codec.frame_ms, session.pcm16(frame))
+
+
+def test_both_tracks_come_with_a_track_on_each_message() -> None:
+    session = Session(codec=ExotelCodec())
+    session.receive_message(start())
+    for chunk, track in ((1, "inbound"), (1, "outbound"), (2, "inbound"), (2, "outbound")):
+        message = json.loads(media(chunk))
+        message["media"]["track"] = track
+        session.receive_message(json.dumps(message))
+    assert {"inbound": 2, "outbound": 2} == session.close("stop").frames
+
+
+@pytest.mark.parametrize("rate", ["0", "100000000", "8k"])
+def test_a_rate_the_service_cannot_take_refuses_the_start(rate: str) -> None:
+    session = Session(codec=ExotelCodec())
+    session.receive_message(start_with({"encoding": "audio/x-raw", "sample_rate": rate}))
+    assert 1 == session.bad_frames
+
+
 def test_100_ms_messages_are_counted_as_frames_and_gaps_in_100_ms_slots() -> None:
     session = Session(codec=ExotelCodec())
     session.receive_message(start())

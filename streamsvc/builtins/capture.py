@@ -86,6 +86,8 @@ def _header(session: Session, summary: CallSummary) -> dict[str, Any]:
         "streamsvc_fixture": FIXTURE_VERSION,
         "description": f"Captured on {session.path} at {captured_at}",
         "path": session.path,
+        # Replayed as the provider that sent it (a fixture without one is Twilio's).
+        "provider": session.codec.provider,
         "captured_at": captured_at,
         "expect": {
             "call_sid": session.call_sid,

@@ -1,9 +1,10 @@
 """Built-in ``echo`` (bidirectional routes): plays the caller's audio back after a delay.
 
-Options (``[handlers.echo]``): ``delay_ms`` (default 500, whole 20 ms frames),
-``mark_every_ms`` (a mark ``echo-N`` after each this much echoed audio, default 1000; 0 for
-none). The end-to-end check of the outbound path: audio, marks and their echoes. Reported in
-the call summary (``handlers.echo``): frames echoed, marks sent, played and cleared.
+Options (``[handlers.echo]``): ``delay_ms`` (default 500, in whole frames of the stream:
+20 ms, or Exotel's 100 ms), ``mark_every_ms`` (a mark ``echo-N`` after each this much
+echoed audio, default 1000; 0 for none). The end-to-end check of the outbound path: audio,
+marks and their echoes. Reported in the call summary (``handlers.echo``): frames echoed,
+marks sent, played and cleared.
 """
 
 from __future__ import annotations
@@ -19,17 +20,15 @@ from streamsvc.live import LiveSession, MarkResult
 
 __all__ = ["EchoHandler"]
 
-FRAME_MS = 20
-
-
 class EchoHandler(Handler):
     """Echoes inbound audio (see the module docstring)."""
 
     def __init__(self, *, delay_ms: int = 500, mark_every_ms: int = 1000) -> None:
         if delay_ms < 0 or mark_every_ms < 0:
             raise ValueError("delay_ms and mark_every_ms must be >= 0")
-        self.delay_frames = delay_ms // FRAME_MS
-        self.mark_every = mark_every_ms // FRAME_MS
+        self.delay_ms, self.mark_every_ms = delay_ms, mark_every_ms
+        self.delay_frames = 0  # both in the stream's frames, set by on_start
+        self.mark_every = 0
         self.session: LiveSession | None = None
         self.held: collections.deque[bytes] = collections.deque()
         self.frames_echoed = 0
@@ -37,6 +36,9 @@ class EchoHandler(Handler):
 
     def on_start(self, session: LiveSession) -> None:
         self.session = session
+        frame_ms = session.codec.frame_ms
+        self.delay_frames = self.delay_ms // frame_ms
+        self.mark_every = max(1, self.mark_every_ms // frame_ms) if self.mark_every_ms else 0
 
     def on_media(self, frame: wire.Media) -> None:
         if frame.track != "inbound" or self.session is None:

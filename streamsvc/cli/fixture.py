@@ -14,6 +14,7 @@ from typing import Any
 
 from streamsvc.providers import PROVIDERS
 from streamsvc.replay.fixture import FixtureFrame, dump_fixture
+from streamsvc.replay.signing import DEFAULT_ACS_KID, write_acs_keys
 from streamsvc.replay.synth import SessionPlan, expected_outcome, read_wav, synthesize
 from streamsvc.replay.synth.acs import AcsPlan, acs_header, synthesize_acs
 from streamsvc.replay.synth.exotel import exotel_expected, synthesize_exotel
@@ -83,7 +84,27 @@ def add_parser(commands: Any) -> None:
     synth.add_argument("-o", "--output", required=True, metavar="FILE")
 
 
+    keys = fixture_commands.add_parser(
+        "acs-keys", help="write a local ACS signing key and its JWKS",
+        description="Write a fresh RSA signing key and its JWKS (key id --kid) to DIR, so an "
+        "ACS route can be tried locally with its token check on: serve with "
+        "STREAMSVC_ACS_JWKS_URL=file://DIR/acs-jwks.json and STREAMSVC_ACS_AUDIENCE=ID, "
+        "replay with --acs-token DIR/acs-signing-key.pem --acs-audience ID.")
+    keys.add_argument("--dir", required=True, type=Path, metavar="DIR")
+    keys.add_argument("--kid", default=DEFAULT_ACS_KID, help="the key id (default: "
+                      f"{DEFAULT_ACS_KID}, what replay's --acs-kid defaults to)")
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    if args.fixture_command == "acs-keys":
+        try:
+            key, jwks = write_acs_keys(args.dir, args.kid)
+        except OSError as exc:
+            print(f"streamsvc fixture acs-keys: {exc}", file=sys.stderr)
+            return 2
+        print(f"signing key: {key}\njwks: {jwks}\n"
+              f"serve with STREAMSVC_ACS_JWKS_URL={jwks.resolve().as_uri()}")
+        return 0
     try:
         return synth(args)
     except ValueError as exc:

@@ -16,11 +16,33 @@ from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 from streamsvc.cli.fixture import split_pair
-from streamsvc.replay import ReplayReport, SessionResult, acs_token, replay
+from streamsvc.replay import ReplayReport, SessionResult, Signing, replay
 from streamsvc.replay.call import replay_call
 from streamsvc.replay.fixture import Fixture, FixtureError, load_fixture
 
 __all__ = ["add_parser", "run"]
+
+
+# Each provider's stream credential, from the same environment the server reads.
+_CREDENTIAL_FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("--signalwire-token", ("STREAMSVC_SIGNALWIRE_TOKEN",),
+     "SignalWire fixtures: Authorization: Bearer with this token"),
+    ("--telnyx-token", ("STREAMSVC_TELNYX_STREAM_TOKEN",),
+     "Telnyx fixtures: x-telnyx-streaming-auth-token"),
+    ("--exotel-basic-auth", ("STREAMSVC_EXOTEL_BASIC_AUTH",),
+     "Exotel fixtures: Authorization: Basic with KEY:TOKEN"),
+    ("--plivo-auth-token", ("STREAMSVC_PLIVO_AUTH_TOKEN", "PLIVO_AUTH_TOKEN"),
+     "Plivo fixtures: X-Plivo-Signature-V3 over --public-url (or --url) with a fresh nonce"),
+    ("--vonage-token", ("STREAMSVC_VONAGE_TOKEN",),
+     "Vonage fixtures: the custom Authorization value"),
+    ("--vonage-signature-secret", ("STREAMSVC_VONAGE_SIGNATURE_SECRET",
+                                   "VONAGE_SIGNATURE_SECRET"),
+     "Vonage fixtures: a fresh HS256 JWT signed with it (preferred over --vonage-token)"),
+)
+
+
+def _env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[name] for name in names if os.environ.get(name)), None)
 
 
 def add_parser(commands: Any) -> None:
@@ -50,6 +72,9 @@ def add_parser(commands: Any) -> None:
                       help="origin Twilio was given, e.g. wss://voice.example.com: the signed "
                       "URL is this plus --url's path (env STREAMSVC_PUBLIC_URL; default: "
                       "--url itself)")
+    for flag, env, what in _CREDENTIAL_FLAGS:
+        play.add_argument(flag, default=_env(env), metavar=flag.rsplit("-", 1)[-1].upper(),
+                          help=f"{what} (env {' or '.join(env)})")
     play.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                       help="a header to add to each upgrade (repeatable); a fixture's own "
                       "provider headers (ACS's call ids) are sent anyway")
@@ -87,9 +112,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
         return 2
     try:
         headers = dict(split_pair(item, ":", "--header") for item in args.header)
-        if args.acs_token:
-            headers["Authorization"] = "Bearer " + acs_token(
-                Path(args.acs_token).read_bytes(), args.acs_audience or "", kid=args.acs_kid)
+        signing = Signing(
+            public_url=args.public_url, auth_token=args.auth_token,
+            signalwire_token=args.signalwire_token, telnyx_stream_token=args.telnyx_token,
+            exotel_basic_auth=args.exotel_basic_auth, plivo_auth_token=args.plivo_auth_token,
+            vonage_token=args.vonage_token,
+            vonage_signature_secret=args.vonage_signature_secret,
+            acs_key_pem=Path(args.acs_token).read_bytes() if args.acs_token else None,
+            acs_audience=args.acs_audience, acs_kid=args.acs_kid)
     except (ValueError, OSError) as exc:
         print(f"streamsvc replay: {exc}", file=sys.stderr)
         return 2
@@ -100,7 +130,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
             fixtures, args.url, speed=args.speed, concurrency=args.concurrency,
             auth_token=args.auth_token, public_url=args.public_url,
             check=args.check, server_log=args.log, headers=headers,
-            acs_events_url=args.acs_events,
+            acs_events_url=args.acs_events, signing=signing,
         ))
     summary = report.summary()
     if args.json:

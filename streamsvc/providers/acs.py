@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -51,7 +51,7 @@ class _Metadata(msgspec.Struct, frozen=True, rename="camel"):
     encoding: str
     sample_rate: common.WireInt
     channels: common.WireInt
-    length: common.WireInt | None = None
+    length: Any = None  # bytes a frame carries: never used, so never a reason to refuse
 
 
 class _AudioMetadata(msgspec.Struct, frozen=True, tag="AudioMetadata", tag_field="kind",

@@ -9,11 +9,17 @@ Follows developer.exotel.com/docs/agentstream/websocket-protocol and
   "account_sid","from","to","custom_parameters":{…},"media_format":{"encoding":
   "audio/x-raw","sample_rate":"8000","bit_rate":"16"}}}``: ids as named; the custom
   parameters are the start's plus the upgrade URL's query parameters (the applet appends
-  up to three to the URL), the start's winning a clash;
+  up to three to the URL), the start's winning a clash. Every documented ``media_format``
+  is taken: the current one above, the older ``"encoding":"base64","bit_rate":"128kbps"``
+  (PCM16 too), and the extension guide's ``audio/x-mulaw;rate=8000`` (mu-law),
+  ``audio/L16;rate=8000`` and ``audio/L16;rate=16000``; the rate as a string or a number,
+  else from the encoding's ``rate=``, else the URL's ``?sample-rate=``, else 8 kHz.
+  ``bit_rate`` is never used;
 * ``{"event":"media","sequence_number","stream_sid","media":{"chunk","timestamp",
-  "payload"}}``: raw PCM16 little-endian at ``sample_rate`` (8 kHz by default, 16 or 24
-  kHz with ``?sample-rate=``), about 100 ms a message, one track (``inbound``). The first
-  message's length sets the frame length the session counts gaps in (:attr:`frame_ms`);
+  "payload"}}``: raw PCM16 little-endian at the stream's rate (or mu-law, as above),
+  about 100 ms a message; ``media.track`` (``inbound``/``outbound``) when the applet
+  streams both tracks, else ``inbound``. The first message's length sets the frame length
+  the session counts gaps in (:attr:`frame_ms`);
 * ``dtmf`` (``dtmf.digit``) and ``mark`` (``mark.name``: audio we sent has played), on
   Voicebot streams; ``stop``.
 
@@ -30,6 +36,7 @@ load balancer).
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -50,14 +57,17 @@ MAX_QUERY_PARAMETERS: Final = 8
 
 
 class _Format(msgspec.Struct, frozen=True):
-    sample_rate: common.WireInt = 8000
-    encoding: str = "audio/x-raw"
-    bit_rate: common.WireInt = 16
+    # Every documented form: "8000" or 8000; "audio/x-raw" (PCM16), the older "base64"
+    # (the payload's transport, the audio PCM16), the extension guide's
+    # "audio/x-mulaw;rate=8000" and "audio/L16;rate=16000". bit_rate ("16", "128kbps") is
+    # never used: not declared, so no form of it can refuse a start.
+    sample_rate: Any = None
+    encoding: Any = "audio/x-raw"
 
 
 class _StartBody(msgspec.Struct, frozen=True):
     call_sid: str
-    stream_sid: str | None = None
+    stream_sid: Any = None  # here or at the top: either will do
     account_sid: str | None = None
     custom_parameters: dict[str, Any] = {}
     media_format: _Format = _Format()
@@ -69,14 +79,15 @@ class _Connected(msgspec.Struct, frozen=True, tag="connected", tag_field="event"
 
 class _Start(msgspec.Struct, frozen=True, tag="start", tag_field="event"):
     start: _StartBody
-    stream_sid: str | None = None
-    sequence_number: common.WireInt | None = None
+    stream_sid: Any = None
+    sequence_number: Any = None  # never used: any form is taken
 
 
 class _MediaBody(msgspec.Struct, frozen=True):
     chunk: common.WireInt
     timestamp: common.WireInt
     payload: bytes  # base64 on the wire
+    track: Any = None  # "inbound" or "outbound" when the applet streams both
 
 
 class _Media(msgspec.Struct, frozen=True, tag="media", tag_field="event"):
@@ -104,16 +115,33 @@ _decoder: Final = msgspec.json.Decoder(_Connected | _Start | _Media | _Dtmf | _M
                                        strict=False)
 
 
+_TRACKS: Final = frozenset({"inbound", "outbound"})
+# A rate inside the encoding: "audio/x-mulaw;rate=8000", "audio/L16;rate=16000".
+_ENCODING_RATE: Final = re.compile(r"rate=(\d{4,6})")
+
+
+def _rate(value: object) -> int | None:
+    """A sample rate as Exotel may write it ("8000", 8000, a ``rate=`` match), or None."""
+    if isinstance(value, re.Match):
+        value = value.group(1)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
 class ExotelCodec(common.Codec):
     """One Exotel stream's codec (see the module docstring); ``query`` is the upgrade
     request's query string (the stream URL's context parameters)."""
 
     provider: Final = "exotel"
-    tracks: Final[frozenset[str] | None] = frozenset({"inbound"})
-    max_tracks: Final = 1
+    tracks: Final[frozenset[str] | None] = _TRACKS
+    max_tracks: Final = 2
     stops_on_close: Final = False
     has_marks: Final = True
-    native_encoding: Final = "pcm16"
     correlation_id: Final[str | None] = None
     chunk_bytes: Final = OUT_CHUNK_BYTES
 
@@ -121,13 +149,20 @@ class ExotelCodec(common.Codec):
         pairs = parse_qsl(query, keep_blank_values=True)[:MAX_QUERY_PARAMETERS]
         self.query_parameters = {name: value for name, value in pairs
                                  if name != "sample-rate"}
+        self.query_rate = _rate(dict(pairs).get("sample-rate"))
         self.sample_rate = 8000
+        self.mulaw = False
         self._frame_ms = 100  # set from the first media message's length
         self._measured = False
 
     @property
     def frame_ms(self) -> int:
         return self._frame_ms
+
+    @property
+    def native_encoding(self) -> str:
+        """PCM16 (raw/slin, L16), or mu-law when the applet's MediaFormat asks for it."""
+        return "mulaw" if self.mulaw else "pcm16"
 
     def parse(self, frame: bytes | str) -> common.Event:
         """One inbound text frame as a common event; raises RemoteProtocolError."""
@@ -139,8 +174,9 @@ class ExotelCodec(common.Codec):
             if not self._measured:  # before the session counts the track's frames
                 self._measured = True
                 self._frame_length(len(body.payload))
+            track = body.track if body.track in _TRACKS else "inbound"
             return common.Media(message.stream_sid, common._MediaBody(
-                "inbound", body.chunk, body.timestamp, body.payload), message.sequence_number)
+                track, body.chunk, body.timestamp, body.payload), message.sequence_number)
         if isinstance(message, _Start):
             return self._start(message)
         if isinstance(message, _Dtmf):
@@ -153,25 +189,33 @@ class ExotelCodec(common.Codec):
 
     def _frame_length(self, payload_bytes: int) -> None:
         """The stream's frame length in ms (to the nearest 10 ms, at least 10), from a
-        media message's PCM16 payload."""
-        milliseconds = payload_bytes / 2 / self.sample_rate * 1000
+        media message's payload (PCM16, or one byte a sample of mu-law)."""
+        milliseconds = payload_bytes / (1 if self.mulaw else 2) / self.sample_rate * 1000
         self._frame_ms = max(10, round(milliseconds / 10) * 10)
 
     def _start(self, start: _Start) -> common.Start:
         body = start.start
-        stream_sid = start.stream_sid or body.stream_sid
+        stream_sid = next((sid for sid in (start.stream_sid, body.stream_sid)
+                           if isinstance(sid, str) and sid), None)
         if not stream_sid:
             raise RemoteProtocolError("invalid start: no stream_sid")
-        if body.media_format.sample_rate not in (8000, 16000, 24000):
+        media = body.media_format
+        encoding = media.encoding if isinstance(media.encoding, str) else "audio/x-raw"
+        if media.sample_rate is not None:  # given: it must be one Exotel streams at
+            rate = _rate(media.sample_rate)
+        else:
+            rate = _rate(_ENCODING_RATE.search(encoding)) or self.query_rate or 8000
+        if rate not in (8000, 16000, 24000):
             raise RemoteProtocolError(f"invalid start: sample_rate "
-                                      f"{body.media_format.sample_rate} (8000, 16000, 24000)")
-        self.sample_rate = body.media_format.sample_rate
+                                      f"{str(media.sample_rate)[:20]!r} (8000, 16000 or 24000)")
+        self.sample_rate = rate
+        self.mulaw = "mulaw" in encoding.lower() or "pcmu" in encoding.lower()
         parameters = {**self.query_parameters, **snake.parameters(body.custom_parameters)}
-        media_format = common.MediaFormat(body.media_format.encoding, self.sample_rate, 1)
+        media_format = common.MediaFormat(encoding[:100], self.sample_rate, 1)
         return common.Start(common._StartBody(
             account_sid=body.account_sid, stream_sid=stream_sid, call_sid=body.call_sid,
             tracks=("inbound",), media_format=media_format, custom_parameters=parameters),
-            start.sequence_number, stream_sid)
+            common.loose_int(start.sequence_number), stream_sid)
 
     # Outbound
 

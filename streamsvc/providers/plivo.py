@@ -64,7 +64,7 @@ class _StartBody(msgspec.Struct, frozen=True):
 
 class _Start(msgspec.Struct, frozen=True, tag="start", tag_field="event"):
     start: _StartBody
-    sequenceNumber: common.WireInt | None = None
+    sequenceNumber: Any = None  # never used: any form is taken
     extra_headers: str | dict[str, Any] = ""
 
 
@@ -181,7 +181,7 @@ class PlivoCodec(common.Codec):
             tracks=tuple(body.tracks), media_format=media_format,
             custom_parameters=extra_headers(start.extra_headers)
             if isinstance(start.extra_headers, str) else snake.parameters(start.extra_headers)),
-            start.sequenceNumber, body.streamId)
+            common.loose_int(start.sequenceNumber), body.streamId)
 
     # Outbound
 

@@ -71,7 +71,7 @@ class _Connected(msgspec.Struct, frozen=True, tag="connected", tag_field="event"
 class _Start(msgspec.Struct, frozen=True, tag="start", tag_field="event"):
     stream_id: str
     start: _StartBody
-    sequence_number: common.WireInt | None = None
+    sequence_number: Any = None  # never used: any form is taken
 
 
 class _MediaBody(msgspec.Struct, frozen=True):
@@ -180,7 +180,7 @@ class TelnyxCodec(common.Codec):
         return common.Start(common._StartBody(
             account_sid=None, stream_sid=start.stream_id, call_sid=body.call_control_id,
             tracks=(), media_format=media_format, custom_parameters=parameters),
-            start.sequence_number, start.stream_id)
+            common.loose_int(start.sequence_number), start.stream_id)
 
     def _media(self, media: _Media) -> common.Media:
         body = media.media

@@ -9,11 +9,11 @@ from __future__ import annotations
 from streamsvc.replay.client import (
     ReplayReport,
     SessionResult,
-    acs_token,
     replay,
     replay_session,
     signature_headers,
 )
+from streamsvc.replay.signing import Signing, acs_token, upgrade_headers, write_acs_keys
 
-__all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_session",
-           "signature_headers"]
+__all__ = ["ReplayReport", "SessionResult", "Signing", "acs_token", "replay",
+           "replay_session", "signature_headers", "upgrade_headers", "write_acs_keys"]

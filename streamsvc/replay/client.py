@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -27,17 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from streamsvc import wire
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION, RemoteProtocolError
 from streamsvc.providers import codec_for, vonage
-from streamsvc.providers.acs_auth import ACS_ISSUER
-from streamsvc.providers.signature import SIGNATURE_HEADER, sign
 from streamsvc.replay.check import (
     Outcome,
     differences,
@@ -46,6 +43,7 @@ from streamsvc.replay.check import (
     wait_for_outcomes,
 )
 from streamsvc.replay.fixture import Fixture
+from streamsvc.replay.signing import SIGNERS, Signing, acs_token, upgrade_headers
 
 __all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_session"]
 
@@ -147,34 +145,13 @@ def _copy_ids(fixture: Fixture, copy: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def acs_token(private_key_pem: bytes, audience: str, *, kid: str,
-              lifetime_s: float = 3600) -> str:
-    """A bearer JWT shaped like the ones ACS signs its media upgrades with (RS256, ACS's
-    issuer, ``audience``, an expiry), made with ``private_key_pem``: for replaying at a
-    server whose ``acs_jwks_url`` publishes the matching public key as ``kid``."""
-    claims = {"iss": ACS_ISSUER, "aud": audience, "iat": int(time.time()),
-              "exp": int(time.time() + lifetime_s)}
-    return jwt.encode(claims, private_key_pem, algorithm="RS256", headers={"kid": kid})
-
-
 def signature_headers(url: str, auth_token: str | None,
                       public_url: str | None = None) -> dict[str, str]:
     """The ``X-Twilio-Signature`` header Twilio would send when connecting to ``url``: it
     signs the stream URL Twilio was given, ``public_url`` (its ``wss``/``ws`` form, path
     prefix included) plus ``url``'s path, if one is given, else ``url`` itself. Empty
-    without a token."""
-    if not auth_token:
-        return {}
-    signed = url
-    if public_url:
-        public = urlsplit(public_url)
-        scheme = {"https": "wss", "http": "ws"}.get(public.scheme, public.scheme)
-        prefix = public.path.rstrip("/")
-        path = urlsplit(url).path
-        if prefix and not path.startswith(prefix + "/"):
-            path = prefix + path
-        signed = f"{scheme}://{public.netloc}{path}"
-    return {SIGNATURE_HEADER: sign(auth_token, signed)}
+    without a token. (Every provider's: :func:`streamsvc.replay.signing.upgrade_headers`.)"""
+    return upgrade_headers("twilio", url, Signing(public_url=public_url, auth_token=auth_token))
 
 
 async def replay_session(
@@ -224,7 +201,7 @@ async def replay_session(
                 result.ok = False
                 result.error = "no start message the service accepts: no session began"
     except InvalidStatus as exc:
-        result.error = _rejected(exc.response.status_code, url, headers or {})
+        result.error = _rejected(exc.response.status_code, url, upgrade, fixture.provider)
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         result.error = f"cannot connect: {exc}"
     except ConnectionClosed as exc:
@@ -289,16 +266,22 @@ def _no_start(code: int | None, reason: str | None, provider: str) -> str:
 
 
 
-def _rejected(status: int, url: str, headers: dict[str, str]) -> str:
-    """Why a handshake was refused, with what to do about a refused signature."""
+def _rejected(status: int, url: str, headers: dict[str, str], provider: str) -> str:
+    """Why a handshake was refused, with what to do about a refused credential: the
+    replay flags of the fixture's provider."""
     error = f"handshake rejected: HTTP {status}"
     if status != 403:
         return error
-    if SIGNATURE_HEADER not in headers:
-        return (f"{error}: the server checks signatures; give --auth-token (or "
-                "TWILIO_AUTH_TOKEN) and --public-url")
-    return (f"{error}: the signature did not match; it was computed over the URL "
-            f"{url!r} unless --public-url names the origin the server's public_url has")
+    signer = SIGNERS.get(provider)
+    if signer is None:
+        return f"{error}: the route checks a credential {provider} streams do not carry"
+    if not signer.headers & {name.lower() for name in headers}:
+        return f"{error}: the route checks {provider}'s credential; give {signer.needs}"
+    if provider == "twilio":
+        return (f"{error}: the signature did not match; it was computed over the URL "
+                f"{url!r} unless --public-url names the origin the server's public_url has")
+    return (f"{error}: the route refused the {provider} credential given; check "
+            f"{signer.needs}")
 
 
 async def _send_frames(
@@ -442,17 +425,23 @@ async def replay(
     auth_token: str | None = None, public_url: str | None = None,
     check: bool = False, server_log: Path | None = None,
     headers: dict[str, str] | None = None, acs_events_url: str | None = None,
+    signing: Signing | None = None,
 ) -> ReplayReport:
     """Play every fixture ``concurrency`` times at once at ``url``; a fixture's own ``path``
-    is not used: ``url`` names the route. With ``auth_token`` the handshakes are signed.
-    With ``check`` each session's outcome is compared with its fixture's ``expect``
-    (:mod:`streamsvc.replay.check`), through the server's JSON log when ``server_log`` is given."""
+    is not used: ``url`` names the route. Each upgrade is signed as the fixture's provider
+    signs it, with the secrets in ``signing`` (``auth_token`` and ``public_url`` are
+    Twilio's, kept for callers that only sign for Twilio). With ``check`` each session's
+    outcome is compared with its fixture's ``expect`` (:mod:`streamsvc.replay.check`),
+    through the server's JSON log when ``server_log`` is given."""
     started = time.monotonic()
     since = log_size(server_log) if server_log is not None else 0
-    headers = {**(headers or {}), **signature_headers(url, auth_token, public_url)}
+    signing = signing or Signing()
+    signing = dataclasses.replace(signing, auth_token=auth_token or signing.auth_token,
+                                  public_url=public_url or signing.public_url)
     sessions = list(await asyncio.gather(*(
-        replay_session(fixture, url, speed=speed, copy=copy, headers=headers,
-                       acs_events_url=acs_events_url)
+        replay_session(fixture, url, speed=speed, copy=copy, acs_events_url=acs_events_url,
+                       headers={**(headers or {}),
+                                **upgrade_headers(fixture.provider, url, signing)})
         for fixture in fixtures
         for copy in range(concurrency)
     )))
