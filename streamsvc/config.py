@@ -103,6 +103,7 @@ class Settings:
     acs_connection_string: str | None = field(default=None, repr=False)
     telnyx_stream_token: str | None = field(default=None, repr=False)
     signalwire_token: str | None = field(default=None, repr=False)
+    signalwire_signing_key: str | None = field(default=None, repr=False)
     signalwire_l16_little_endian: bool = False
     exotel_basic_auth: str | None = field(default=None, repr=False)
     plivo_auth_token: str | None = field(default=None, repr=False)
@@ -249,6 +250,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("signalwire_token", ("STREAMSVC_SIGNALWIRE_TOKEN",), str,
             "the <Stream authBearerToken> given to SignalWire: when set, upgrades on "
             "signalwire routes need Authorization: Bearer <it> (403 otherwise)", secret=True),
+    Setting("signalwire_signing_key", ("STREAMSVC_SIGNALWIRE_SIGNING_KEY",
+                                       "SIGNALWIRE_SIGNING_KEY"), str,
+            "the SignalWire project's signing key: the voice webhook of a signalwire route "
+            "answers only requests it signed (X-SignalWire-Signature); needed for the cXML "
+            "to carry signalwire_token", secret=True),
     Setting("signalwire_l16_little_endian", ("STREAMSVC_SIGNALWIRE_L16_LITTLE_ENDIAN",), bool,
             "SignalWire L16 streams arrive little-endian (default: network order, "
             "big-endian, as RFC 2586 has it)"),

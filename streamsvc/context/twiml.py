@@ -235,7 +235,8 @@ def xml_safe(text: str) -> str:
 def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: bool,
                         track: str = "inbound_track", status_callback: str | None = None,
                         status_callback_method: str = "POST", after: str = "",
-                        action: str | None = None) -> str:
+                        action: str | None = None,
+                        stream_attributes: Mapping[str, str] | None = None) -> str:
     """TwiML that starts a stream to ``url`` carrying ``parameters``: ``<Connect><Stream>``
     (bidirectional; Twilio streams only the inbound track there) or ``<Start><Stream>``
     followed by ``after`` (TwiML verbs, e.g. ``<Dial>+15550100</Dial>``; without any,
@@ -243,7 +244,8 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
     XML-escaped, without the characters XML cannot carry. Raises ValueError for a URL with a
     query string (Twilio would strip it), a URL that is not ws(s)://, an unknown track, a
     parameter name with nothing left or two that become one, or an ``after`` that is not
-    TwiML."""
+    TwiML. ``stream_attributes`` are added to ``<Stream>`` as they are (escaped): the
+    dialects' own (cXML's ``authBearerToken``, TeXML's ``bidirectionalMode``)."""
     if not re.match(r"wss?://[^/?#\s]+(/[^?#\s]*)?$", url):
         raise ValueError(f"stream url must be ws:// or wss:// with no query string: {url!r}")
     if track not in _TRACKS:
@@ -257,6 +259,8 @@ def render_stream_twiml(url: str, parameters: Mapping[str, str], *, connect: boo
                              f"{status_callback_method!r}")
         attributes += (f" statusCallback={quoteattr(status_callback)}"
                        f" statusCallbackMethod={quoteattr(status_callback_method)}")
+    for name, value in (stream_attributes or {}).items():
+        attributes += f" {name}={quoteattr(xml_safe(value))}"
     cleaned = {xml_safe(name): xml_safe(value) for name, value in parameters.items()}
     if "" in cleaned or len(cleaned) < len(parameters):
         raise ValueError("parameter names must keep at least one character XML can carry and "

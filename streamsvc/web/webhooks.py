@@ -1,27 +1,42 @@
-"""The HTTP side of the service, on the stream port: the voice webhook that answers TwiML
-starting a stream to this service, and the stream status callback.
+"""The HTTP side of the service, on the stream port: the voice webhook that answers a call
+with a stream to this service, in the route's provider's own form, and the stream status
+callback.
 
 * ``GET|POST {webhook_path}`` (default ``/twiml``) answers for the first route,
-  ``{webhook_path}/<name>`` for the route at ``/<name>``: ``<Connect><Stream>`` for a
-  bidirectional route, ``<Start><Stream>`` (then the route's follow-on TwiML) otherwise, with
-  the call's context as ``<Parameter>``s chosen by the route's context mapping
-  (:mod:`streamsvc.context.twiml`), the stream URL built from ``public_url`` and a status callback.
-* on a ``provider = "vonage"`` route the same path is Vonage's answer URL, answered with
-  an NCCO ``connect`` to the route's WebSocket (:mod:`streamsvc.web.ncco`);
+  ``{webhook_path}/<name>`` for the route at ``/<name>``, in the form the provider registry
+  names for the route's provider:
+
+  - Twilio: TwiML, ``<Connect><Stream>`` for a bidirectional route, ``<Start><Stream>``
+    (then the route's follow-on TwiML) otherwise, with the call's context as
+    ``<Parameter>``s chosen by the route's context mapping (:mod:`streamsvc.context.twiml`),
+    the stream URL built from ``public_url`` and a status callback; signed requests
+    (``X-Twilio-Signature``) when an auth token is set;
+  - SignalWire: cXML, the same with ``authBearerToken`` when ``signalwire_token`` is set,
+    answered only to requests signed with ``signalwire_signing_key``
+    (``X-SignalWire-Signature``, Twilio's scheme), and refused when the token is set
+    without the key (the cXML would hand the credential to anyone);
+  - Telnyx: TeXML, the same verbs (``bidirectionalMode="rtp"`` on a bidirectional route);
+    refused while ``telnyx_stream_token`` is set (a TeXML ``<Stream>`` cannot carry it:
+    start such streams with Call Control's ``streaming_start``);
+  - Plivo: ``<Stream>`` XML with the context as ``extraHeaders`` under Plivo's rules;
+  - Exotel: the applet's dynamic endpoint, ``{"url": "wss://…/<route>?k=v"}``, at most 3
+    context parameters and 256 characters; with ``exotel_basic_auth`` set only a request
+    carrying that credential gets it back in the URL;
+  - Vonage: the answer URL, answered with an NCCO ``connect`` (:mod:`streamsvc.web.ncco`);
+  - ACS and ``auto`` routes: 404 with the reason (ACS answers through ``/acs/events``).
+  (:mod:`streamsvc.web.answers` renders the Plivo and Exotel forms.)
 * ``POST {status_callback_path}`` (default ``/stream-status``) takes Twilio's
   ``stream-started`` / ``stream-stopped`` / ``stream-error`` callbacks and logs them as
   ``stream.status`` with the stream's ids, so a failed handshake shows up next to its call.
-
-With an auth token set, requests must carry Twilio's ``X-Twilio-Signature`` over the
-public URL (``https://`` for ``wss://``) with its query, plus the sorted POST fields.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import http
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qsl, urlsplit
@@ -30,8 +45,11 @@ import orjson
 import structlog
 
 from streamsvc.context.twiml import candidates, render_stream_twiml, select_parameters
+from streamsvc.providers import provider
+from streamsvc.providers.credentials import basic
 from streamsvc.providers.signature import SIGNATURE_HEADER, signature_problem
 from streamsvc.providers.vonage import jwt_problem as vonage_jwt_problem
+from streamsvc.web.answers import exotel_endpoint, plivo_xml
 from streamsvc.web.ncco import ANSWER_FIELDS, answer_fields, ncco
 from streamsvc.web.ncco import MAX_HEADERS_BYTES as MAX_NCCO_HEADERS_BYTES
 
@@ -51,6 +69,14 @@ MAX_PENDING_REPORTS: Final = 10_000
 ACTION_PARAMETER: Final = "streamsvc_action"
 # Status callbacks whose log line waits for the registry at once (each bounded in time).
 MAX_PENDING_STATUS: Final = 1000
+# SignalWire signs its cXML requests as Twilio does, with the project's signing key.
+SIGNALWIRE_SIGNATURE_HEADER: Final = "X-SignalWire-Signature"
+# The answer request's own fields on Plivo and Exotel: not the call's context.
+_PROVIDER_FIELDS: Final = frozenset({
+    "CallUUID", "From", "To", "Direction", "CallStatus", "Event", "BillRate", "ParentAuthID",
+    "RequestUUID", "CallSid", "CallFrom", "CallTo", "CallType", "DialWhomNumber",
+    "CurrentTime", "StartTime", "flow_id", "tenant_id", "digits", ACTION_PARAMETER,
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,50 +149,83 @@ class Webhooks:
         return None
 
     def respond(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
-        """Answer one request; never raises for bad input."""
+        """Answer one request; never raises for bad input. A route's voice webhook answers
+        in its provider's own form (the registry row's ``webhook``)."""
         if request.method not in ("GET", "POST"):
             return self.refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "method", request)
-        vonage = self._route(request.path)
-        if vonage is not None and vonage.provider == "vonage":
-            return self._ncco(vonage, request)
+        route = self._route(request.path)
+        form = provider(route.provider).webhook if route is not None else "twiml"
+        if route is not None and form is None:
+            # ACS answers through its Event Grid subscription; an auto route cannot know
+            # whose form to answer in.
+            reason = ("acs_answers_through_acs_events" if route.provider == "acs"
+                      else "no_webhook_form_for_an_auto_route")
+            return self.refuse(http.HTTPStatus.NOT_FOUND, reason, request)
+        if route is not None and form == "ncco":
+            return self._ncco(route, request)
         # Only what the signature covers is used: a POST's form fields, never a GET's body.
         body_fields = (parse_qsl(request.body.decode("utf-8", "replace"),
                                  keep_blank_values=True) if request.method == "POST" else [])
         query_fields = parse_qsl(request.query, keep_blank_values=True)
-        problem = self._signature_problem(request, body_fields)
+        problem = self._request_problem(form, request, body_fields)
         if problem is not None:
             return self.refuse(http.HTTPStatus.FORBIDDEN, problem, request)
         fields = dict(query_fields) | dict(body_fields)
-        if request.path == self.settings.status_callback_path:
-            return self._status(fields)
-        route = self._route(request.path)
-        assert route is not None  # handles() said so
+        if route is None:
+            return self._status(fields)  # handles() said so: the status callback
         query = dict(query_fields)
+        if form in ("plivo", "exotel"):
+            return self._answer(route, form, fields, query)
         if query.get(ACTION_PARAMETER) == "connect" and self.fleet is not None:
             return self._connect_action(route, fields, self.fleet)
-        return self._twiml(route, fields, query)
+        return self._twiml(route, fields, query, form)
 
     def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
         """The budget report of the webhook that started this call's stream, once."""
         return self.context_reports.pop(call_sid, None) if call_sid else None
 
-    def _signature_problem(self, request: HttpRequest,
-                           body_fields: list[tuple[str, str]]) -> str | None:
-        """None when no token is set or the request is signed by one; else the reason."""
-        if not self.settings.auth_tokens:
+    def _request_problem(self, form: str | None, request: HttpRequest,
+                         body_fields: list[tuple[str, str]]) -> str | None:
+        """Why the request is not the provider's own (its signature, or the credential the
+        answer would carry), or None. Twilio's requests (and the status callbacks) are
+        signed with the auth token; SignalWire's with the project's signing key, which is
+        required for a cXML that carries ``signalwire_token``; Exotel's dynamic endpoint
+        hands out ``exotel_basic_auth`` only to a request carrying it; a TeXML stream has no
+        place for ``telnyx_stream_token``."""
+        s = self.settings
+        fields = body_fields if request.method == "POST" else ()
+        if form == "twiml":
+            return self._signature(request, SIGNATURE_HEADER, s.auth_tokens, fields)
+        if form == "cxml":
+            if s.signalwire_signing_key:
+                return self._signature(request, SIGNALWIRE_SIGNATURE_HEADER,
+                                       (s.signalwire_signing_key,), fields)
+            return "no_signing_key_for_the_stream_token" if s.signalwire_token else None
+        if form == "texml" and s.telnyx_stream_token:
+            return "stream_token_not_in_texml"
+        if form == "exotel" and s.exotel_basic_auth and not hmac.compare_digest(
+                (basic(request.headers.get("authorization")) or "").encode(),
+                s.exotel_basic_auth.encode()):
+            return "missing_token" if not request.headers.get("authorization") else "bad_token"
+        return None
+
+    def _signature(self, request: HttpRequest, header: str, keys: tuple[str, ...],
+                   fields: Iterable[tuple[str, str]]) -> str | None:
+        """None when no key is set or the request is signed by one (Twilio's scheme, over
+        the public URL with its query and the sorted POST fields); else the reason."""
+        if not keys:
             return None
         base = self.settings.public_base("http")
         assert base is not None  # load_settings requires public_url with a token
-        return signature_problem(request.headers.get(SIGNATURE_HEADER.lower()),
-                                 base + request.target, self.settings.auth_tokens,
-                                 body_fields if request.method == "POST" else ())
+        return signature_problem(request.headers.get(header.lower()), base + request.target,
+                                 keys, fields)
 
-    def _twiml(self, route: Route, fields: dict[str, str],
-               query: dict[str, str]) -> HttpResponse | Awaitable[HttpResponse]:
+    def _twiml(self, route: Route, fields: dict[str, str], query: dict[str, str],
+               form: str | None = "twiml") -> HttpResponse | Awaitable[HttpResponse]:
         origin = self.settings.public_base("ws")
         http_origin = self.settings.public_base("http")
         if origin is None or http_origin is None:
-            return self._no_public_url("Twilio")
+            return self._no_public_url(route.provider)
         selection = select_parameters(fields, query, route.context)
         call_sid = fields.get("CallSid")
         written = None
@@ -185,9 +244,9 @@ class Webhooks:
             self.context_reports[call_sid] = selection.report()
             while len(self.context_reports) > MAX_PENDING_REPORTS:
                 self.context_reports.popitem(last=False)
-        document = self._render(route, selection.parameters)
+        document = self._render(route, selection.parameters, form)
         logger.info("twiml.served", call_sid=call_sid, path=route.path,
-                    parameters=list(selection.parameters))
+                    parameters=list(selection.parameters), form=form)
         return answer_when_written(self.fleet, [written] if written else [], HttpResponse(
             http.HTTPStatus.OK, document.encode(), "application/xml"))
 
@@ -197,7 +256,37 @@ class Webhooks:
                      message=f"set STREAMSVC_PUBLIC_URL to the origin {provider} reaches")
         return HttpResponse(http.HTTPStatus.SERVICE_UNAVAILABLE, b"public_url is not set\n")
 
-    def _render(self, route: Route, parameters: Mapping[str, str]) -> str:
+    def _answer(self, route: Route, form: str, fields: dict[str, str],
+                query: dict[str, str]) -> HttpResponse | Awaitable[HttpResponse]:
+        """Plivo's ``<Stream>`` XML or Exotel's dynamic endpoint (:mod:`streamsvc.web.answers`):
+        the context is the answer URL's own query, then who called whom."""
+        origin = self.settings.public_base("ws")
+        if origin is None:
+            return self._no_public_url(route.provider)
+        own = sorted((k, v) for k, v in query.items() if k not in _PROVIDER_FIELDS)
+        call_id = fields.get("CallUUID" if form == "plivo" else "CallSid")
+        if form == "plivo":
+            extra = [(k, fields[k]) for k in ("From", "To") if fields.get(k)]
+            answer = plivo_xml(origin + route.path, dict([*own, *extra]),
+                               bidirectional=route.bidirectional)
+        else:
+            answer = exotel_endpoint(origin + route.path, dict(own),
+                                     credentials=self.settings.exotel_basic_auth)
+        if answer.left_out:
+            self.outcomes["twiml_over_budget"] += 1
+            logger.warning("twiml.parameters_over_budget", call_sid=call_id, form=form,
+                           dropped=list(answer.left_out))
+        written = None
+        if self.fleet is not None and call_id:
+            written = self.fleet.put_context(call_id, dict(own), None, answer.parameters)
+        self.outcomes["twiml_served"] += 1
+        logger.info("twiml.served", call_sid=call_id, path=route.path,
+                    parameters=list(answer.parameters), form=form)
+        return answer_when_written(self.fleet, [written] if written else [], HttpResponse(
+            http.HTTPStatus.OK, answer.body, answer.content_type))
+
+    def _render(self, route: Route, parameters: Mapping[str, str],
+                form: str | None = "twiml") -> str:
         origin = self.settings.public_base("ws")
         http_origin = self.settings.public_base("http")
         assert origin is not None
@@ -208,11 +297,16 @@ class Webhooks:
             # there (on any instance), any other call gets the route's follow-on TwiML.
             action = (f"{http_origin}{self.settings.webhook_path}{route.path}"
                       f"?{ACTION_PARAMETER}=connect")
+        extra: dict[str, str] = {}
+        if form == "cxml" and self.settings.signalwire_token:
+            extra["authBearerToken"] = self.settings.signalwire_token
+        if form == "texml" and route.bidirectional:
+            extra["bidirectionalMode"] = "rtp"
         return render_stream_twiml(
             origin + route.path, parameters, connect=route.bidirectional,
             track=route.stream_track, after=route.after_twiml,
             status_callback=http_origin + self.settings.status_callback_path,
-            action=action,
+            action=action, stream_attributes=extra,
         )
 
     async def _connect_action(self, route: Route, fields: dict[str, str],
