@@ -365,6 +365,9 @@ async def test_a_signed_webhook_carries_the_calls_context_into_the_stream(
     (started,) = events(logs, "stream.started")
     assert promised == started["custom_parameters"]
     assert list(promised) == list(started["custom_parameters"])  # order kept too
+    # One context store, in one process as in a fleet: the stream read the webhook's
+    # record (its whole context) once at start.
+    assert promised == started["context"]
     (stopped,) = events(logs, "stream.stopped")
     used = sum(len(k.encode()) + len(v.encode()) for k, v in promised.items())
     report = {"budget_bytes": 800, "used_bytes": used, "dropped": [], "truncated": []}

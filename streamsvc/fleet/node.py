@@ -26,6 +26,7 @@ import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 
+from streamsvc.context.store import CallContext
 from streamsvc.exceptions import LocalProtocolError
 from streamsvc.fleet.keys import (
     audio_key,
@@ -66,14 +67,8 @@ MAX_REPLIES_IN_FLIGHT: Final = 1000
 MAX_COMMAND_BYTES: Final = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """What the fleet knows of a call at its stream's start."""
-
-    context: dict[str, str] | None = None  # the webhook's whole context, or None
-    parameters: dict[str, str] | None = None  # the <Parameter>s the webhook sent
-    budget: dict[str, Any] | None = None  # the webhook's context_budget report
-    resumed_from: str | None = None  # the stream a drained instance closed for this call
+# What the fleet knows of a call at its stream's start: the context store's record.
+Lookup = CallContext
 
 
 @dataclass(frozen=True, slots=True)

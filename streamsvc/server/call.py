@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
@@ -19,9 +19,9 @@ import structlog
 
 from streamsvc import wire
 from streamsvc.chain import HandlerChain
+from streamsvc.context.store import CallContext
 from streamsvc.exceptions import LocalProtocolError
 from streamsvc.fleet.audio import AudioBatcher
-from streamsvc.fleet.node import FleetNode, Lookup
 from streamsvc.handlers import RawFrame
 from streamsvc.live import LiveSession
 from streamsvc.providers import CodecOptions
@@ -212,19 +212,20 @@ class CallCore:
         structlog.contextvars.bind_contextvars(
             call_sid=session.call_sid, stream_sid=session.stream_sid
         )
-        fleet = self.server.fleet
-        if fleet is None:
-            self._started(self._local_lookup())
+        found = self.server.contexts.look_up(session.codec.correlation_id or session.call_sid,
+                                             session.call_sid)
+        if isinstance(found, CallContext):  # this process's store: at once
+            self._started(found)
             return
-        # Until the lookup is done (within redis_timeout_ms) what handlers would get waits.
+        # A shared store: until it answers (within redis_timeout_ms) what handlers would
+        # get waits.
         self._held = []
         self._on_media = self._hold_media
-        self._starting = asyncio.get_running_loop().create_task(self._look_up(fleet))
+        self._starting = asyncio.get_running_loop().create_task(self._look_up(found))
 
-    async def _look_up(self, fleet: FleetNode) -> None:
+    async def _look_up(self, found: Awaitable[CallContext]) -> None:
         session = self.session
-        lookup = await fleet.look_up(session.codec.correlation_id or session.call_sid,
-                                     session.call_sid)
+        lookup = await found
         self._started(lookup)
         held, self._held = self._held or [], None
         for event in held:
@@ -234,14 +235,6 @@ class CallCore:
                 self.chain.dispatch(event)
         if session.bidirectional:
             self._flush_quietly()
-
-    def _local_lookup(self) -> Lookup:
-        """What this process's context store holds for a call whose context does not travel
-        on the wire (ACS: stored by its IncomingCall under the correlation id)."""
-        codec = self.session.codec
-        if codec.context_on_wire or codec.correlation_id is None:
-            return Lookup()
-        return Lookup(parameters=self.server.contexts.get(codec.correlation_id))
 
     def _hold_media(self, media: wire.Media) -> None:
         if self._held is not None and len(self._held) < MAX_HELD_EVENTS:
@@ -256,7 +249,7 @@ class CallCore:
                                   "stream_sid": session.stream_sid, "path": session.path,
                                   **fields})
 
-    def _started(self, lookup: Lookup) -> None:
+    def _started(self, lookup: CallContext) -> None:
         session = self.session
         session.context = lookup.context
         session.resumed_from = lookup.resumed_from
@@ -294,8 +287,7 @@ class CallCore:
             logger.warning("stream.duplicate_stream_sid")
         self.server.streams[session.stream_sid] = session
         self.server.metrics.calls_started += 1
-        self.context_budget = (self.server.pop_context_report(session.call_sid)
-                               or lookup.budget)
+        self.context_budget = lookup.budget
         fleet = self.server.fleet
         if fleet is not None:
             fleet.register(session, time.time())

@@ -44,7 +44,7 @@ class ShellCall(Protocol):
 
 class CallHost(Protocol):
     """What one call needs of its host: the settings, the calls in progress, the metrics,
-    the context a webhook left for the call, the fleet (or None)."""
+    the context store every way in writes, the fleet (or None)."""
 
     settings: Settings
     metrics: Metrics
@@ -56,9 +56,6 @@ class CallHost(Protocol):
 
     @property
     def shutting_down(self) -> bool: ...
-
-    def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
-        """The budget report of the webhook that started ``call_sid``'s stream, once."""
 
 
 class TransportHost(CallHost, Protocol):

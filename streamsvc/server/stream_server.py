@@ -19,6 +19,7 @@ from streamsvc.config import HEALTH_PATH, METRICS_PATH, READY_PATH, Route, Setti
 from streamsvc.context.store import ContextStore, MemoryContextStore
 from streamsvc.context.twiml import KEEP_CALL_UP_TWIML
 from streamsvc.fleet.node import FleetNode
+from streamsvc.fleet.store import RedisContextStore
 from streamsvc.live import LiveSession
 from streamsvc.providers import AUTO, provider
 from streamsvc.providers.acs_auth import AcsAuthenticator
@@ -60,7 +61,10 @@ class StreamServer:
         # (a <Start> beside a <Connect>), so a call is found by scanning its call_sid.
         self.streams: dict[str, LiveSession] = {}
         self.metrics = Metrics(lambda: list(self.streams.values()))
-        self.webhooks = Webhooks(settings, self.streams)
+        # Calls' context, from every way in (webhooks, ACS's IncomingCall, Vonage's answer
+        # URL) to the stream: in this process until start() finds a fleet.
+        self.contexts: ContextStore = MemoryContextStore(ttl_s=settings.context_ttl_s)
+        self.webhooks = Webhooks(settings, self.streams, self.contexts)
         self.metrics.stream_status_callbacks = self.webhooks.status_callbacks
         self.metrics.webhooks = self.webhooks.outcomes
         self.draining = False
@@ -74,8 +78,6 @@ class StreamServer:
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
         self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
         self.credentials = credentials_of(settings)  # set again once ACS keys are up
-        # Calls' context, from the webhook that learned it to the stream (ACS).
-        self.contexts: ContextStore = MemoryContextStore()
         # A fleet sharing Redis (redis_url): set by start().
         self.fleet: FleetNode | None = None
         self.fleet_calls: dict[str, HostedCall] = {}  # by stream_sid, while a fleet is set
@@ -97,6 +99,9 @@ class StreamServer:
             self.fleet = FleetNode(s, self.streams)
             await self.fleet.start()
             self.webhooks.fleet = self.acs_events.fleet = self.metrics.bus = self.fleet
+            # One store behind one interface: the fleet's, so any instance reads it.
+            self.contexts = self.webhooks.store = self.acs_events.store = (
+                RedisContextStore(self.fleet))
         if s.acs_audience and any(route.provider in ("acs", "auto") for route in s.routes):
             self.acs_auth = AcsAuthenticator(s.acs_audience, s.acs_jwks_url)
             await self.acs_auth.start()
@@ -254,10 +259,6 @@ class StreamServer:
         logger.warning("handshake.rejected", reason=reason, status=int(status), path=path,
                        **fields)
         return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
-
-    def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
-        """The budget report of the webhook that started ``call_sid``'s stream, once."""
-        return self.webhooks.pop_context_report(call_sid)
 
     def probe(self, path: str) -> HttpResponse | None:
         """Answers for the probes and the metrics, or None for other paths."""

@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, quote
 import orjson
 import structlog
 
-from streamsvc.context.store import ContextStore
+from streamsvc.context.store import CallContext, ContextStore
 from streamsvc.context.twiml import SIP_HEADER_PREFIX, candidates, select_parameters
 from streamsvc.web.webhooks import HttpRequest, HttpResponse, answer_when_written
 
@@ -95,7 +95,7 @@ class AcsEvents:
             for event in events:
                 self._callback(event)
             return HttpResponse(http.HTTPStatus.OK)
-        writes: list[asyncio.Future[None]] = []
+        writes: list[asyncio.Future[None] | None] = []
         for event in events:
             kind = event.get("eventType")
             data = _object(event.get("data"))
@@ -107,7 +107,7 @@ class AcsEvents:
                 refused = self._incoming_call(data, request, writes)
                 if refused is not None:
                     return refused
-        return answer_when_written(self.fleet, writes, HttpResponse(http.HTTPStatus.OK))
+        return answer_when_written(self.store, writes, HttpResponse(http.HTTPStatus.OK))
 
     def _secret_matches(self, request: HttpRequest) -> bool:
         expected = self.settings.acs_events_secret
@@ -125,7 +125,7 @@ class AcsEvents:
     # IncomingCall
 
     def _incoming_call(self, data: dict[str, Any], request: HttpRequest,
-                       writes: list[asyncio.Future[None]]) -> HttpResponse | None:
+                       writes: list[asyncio.Future[None] | None]) -> HttpResponse | None:
         route = self.settings.acs_answer_route
         correlation_id = data.get("correlationId")
         incoming = data.get("incomingCallContext")
@@ -133,13 +133,12 @@ class AcsEvents:
             return self._refuse(http.HTTPStatus.BAD_REQUEST, "not_an_incoming_call", request)
         fields = _context_fields(data)
         selection = select_parameters(fields, {}, route.context)
-        self.store.put(correlation_id, selection.parameters)
-        written = None
-        if self.fleet is not None:  # for the media socket, on whichever instance it lands
-            written = self.fleet.put_context(
-                correlation_id, dict(candidates(fields, {}, route.context)),
-                selection.report(), selection.parameters)
-            writes.append(written)
+        # For the media socket, on whichever instance it lands (ACS carries no context on
+        # the stream: it is looked up by the correlation id).
+        written = self.store.put(correlation_id, CallContext(
+            dict(candidates(fields, {}, route.context)), selection.parameters,
+            selection.report()))
+        writes.append(written)
         self.outcomes["incoming_call"] += 1
         self._emit(logger.info, "acs.incoming_call", correlation_id=correlation_id,
                    parameters=list(selection.parameters), path=route.path)
@@ -157,10 +156,11 @@ class AcsEvents:
     async def _answer_after(self, written: asyncio.Future[None] | None,
                             incoming_call_context: str, route: Route,
                             correlation_id: str) -> None:
-        """Answer once the context is in Redis (bounded by ``redis_timeout_ms``): the media
-        socket the answer brings, on any instance, then finds it."""
-        if written is not None and self.fleet is not None:
-            await self.fleet.written(written)
+        """Answer once the context store holds the call's context (in a fleet: bounded by
+        ``redis_timeout_ms``): the media socket the answer brings, on any instance, then
+        finds it."""
+        if written is not None:
+            await self.store.written(written)
         await asyncio.to_thread(self._answer, incoming_call_context, route, correlation_id)
 
     def _answer(self, incoming_call_context: str, route: Route, correlation_id: str) -> None:

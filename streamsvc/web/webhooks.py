@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 import structlog
 
+from streamsvc.context.store import CallContext, ContextStore, MemoryContextStore
 from streamsvc.context.twiml import candidates, render_stream_twiml, select_parameters
 from streamsvc.providers import provider
 from streamsvc.providers.credentials import basic
@@ -63,8 +64,6 @@ __all__ = ["HttpRequest", "HttpResponse", "Webhooks", "answer_when_written"]
 logger = structlog.get_logger("streamsvc.web.webhooks")
 
 MAX_BODY_BYTES: Final = 64 * 1024  # Twilio's webhook bodies are a few kB
-# Context reports kept until their stream starts (a webhook whose stream never comes).
-MAX_PENDING_REPORTS: Final = 10_000
 # In a fleet, <Connect> carries an action URL: the webhook URL with this query parameter.
 ACTION_PARAMETER: Final = "streamsvc_action"
 # Status callbacks whose log line waits for the registry at once (each bounded in time).
@@ -110,15 +109,17 @@ class HttpResponse:
         return head.encode() + self.body
 
 
-def answer_when_written(fleet: FleetNode | None, writes: list[asyncio.Future[None]],
+def answer_when_written(store: ContextStore, writes: list[asyncio.Future[None] | None],
                         response: HttpResponse) -> HttpResponse | Awaitable[HttpResponse]:
-    """``response``, once the calls' contexts are in Redis (in a fleet: bounded by
-    ``redis_timeout_ms``), so that the stream the answer starts finds its context."""
-    if fleet is None or not writes:
+    """``response``, once the context store holds what ``writes`` wrote (in a fleet:
+    bounded by ``redis_timeout_ms``), so that the stream the answer starts, on any
+    instance, finds its context."""
+    pending = [write for write in writes if write is not None]
+    if not pending:
         return response
 
     async def answer() -> HttpResponse:
-        await fleet.written(*writes)
+        await store.written(*pending)
         return response
     return answer()
 
@@ -126,12 +127,12 @@ def answer_when_written(fleet: FleetNode | None, writes: list[asyncio.Future[Non
 class Webhooks:
     """The webhook endpoints of one server (see the module docstring)."""
 
-    def __init__(self, settings: Settings,
-                 streams: Mapping[str, Session] | None = None) -> None:
+    def __init__(self, settings: Settings, streams: Mapping[str, Session] | None = None,
+                 store: ContextStore | None = None) -> None:
         self.settings = settings
         self.streams: Mapping[str, Session] = {} if streams is None else streams  # by sid
-        self.context_reports: collections.OrderedDict[str, dict[str, object]] = (
-            collections.OrderedDict())
+        # Where each answer leaves the call's context for its stream (the server's).
+        self.store: ContextStore = store if store is not None else MemoryContextStore()
         self.status_callbacks: collections.Counter[str] = collections.Counter()
         self.outcomes: collections.Counter[str] = collections.Counter()  # for the metrics
         self.fleet: FleetNode | None = None  # set by the server when redis_url is
@@ -180,10 +181,6 @@ class Webhooks:
             return self._connect_action(route, fields, self.fleet)
         return self._twiml(route, fields, query, form)
 
-    def pop_context_report(self, call_sid: str | None) -> dict[str, object] | None:
-        """The budget report of the webhook that started this call's stream, once."""
-        return self.context_reports.pop(call_sid, None) if call_sid else None
-
     def _request_problem(self, form: str | None, request: HttpRequest,
                          body_fields: list[tuple[str, str]]) -> str | None:
         """Why the request is not the provider's own (its signature, or the credential the
@@ -229,25 +226,21 @@ class Webhooks:
         selection = select_parameters(fields, query, route.context)
         call_sid = fields.get("CallSid")
         written = None
-        if self.fleet is not None and call_sid:
-            # The whole context, before the budget cut, for the stream on any instance.
-            # Written before the TwiML goes out: Twilio connects the stream only after.
-            written = self.fleet.put_context(
-                call_sid, dict(candidates(fields, query, route.context)),
-                selection.report(), selection.parameters)
+        if call_sid:
+            # The whole context, before the budget cut, for the stream (on any instance in
+            # a fleet). Written before the answer goes out: the stream comes only after.
+            written = self.store.put(call_sid, CallContext(
+                dict(candidates(fields, query, route.context)), selection.parameters,
+                selection.report()))
         self.outcomes["twiml_served"] += 1
         if selection.over_budget:
             self.outcomes["twiml_over_budget"] += 1
             logger.warning("twiml.parameters_over_budget", call_sid=call_sid,
                            **selection.report())
-        if call_sid:
-            self.context_reports[call_sid] = selection.report()
-            while len(self.context_reports) > MAX_PENDING_REPORTS:
-                self.context_reports.popitem(last=False)
         document = self._render(route, selection.parameters, form)
         logger.info("twiml.served", call_sid=call_sid, path=route.path,
                     parameters=list(selection.parameters), form=form)
-        return answer_when_written(self.fleet, [written] if written else [], HttpResponse(
+        return answer_when_written(self.store, [written], HttpResponse(
             http.HTTPStatus.OK, document.encode(), "application/xml"))
 
     def _no_public_url(self, provider: str) -> HttpResponse:
@@ -277,12 +270,12 @@ class Webhooks:
             logger.warning("twiml.parameters_over_budget", call_sid=call_id, form=form,
                            dropped=list(answer.left_out))
         written = None
-        if self.fleet is not None and call_id:
-            written = self.fleet.put_context(call_id, dict(own), None, answer.parameters)
+        if call_id:
+            written = self.store.put(call_id, CallContext(dict(own), answer.parameters))
         self.outcomes["twiml_served"] += 1
         logger.info("twiml.served", call_sid=call_id, path=route.path,
                     parameters=list(answer.parameters), form=form)
-        return answer_when_written(self.fleet, [written] if written else [], HttpResponse(
+        return answer_when_written(self.store, [written], HttpResponse(
             http.HTTPStatus.OK, answer.body, answer.content_type))
 
     def _render(self, route: Route, parameters: Mapping[str, str],
@@ -357,13 +350,13 @@ class Webhooks:
             logger.warning("ncco.headers_over_budget", call_sid=call_uuid, left_out=left_out,
                            budget_bytes=MAX_NCCO_HEADERS_BYTES)
         written = None
-        if self.fleet is not None and call_uuid:
+        if call_uuid:
             context = {k: v for k, v in query.items() if k not in ANSWER_FIELDS}
-            written = self.fleet.put_context(call_uuid, {**context, **headers}, None, headers)
+            written = self.store.put(call_uuid, CallContext({**context, **headers}, headers))
         self.outcomes["twiml_served"] += 1
         logger.info("ncco.served", call_sid=call_uuid, path=route.path,
                     parameters=list(headers))
-        return answer_when_written(self.fleet, [written] if written else [], HttpResponse(
+        return answer_when_written(self.store, [written], HttpResponse(
             http.HTTPStatus.OK, orjson.dumps(document), "application/json"))
 
     def _status(self, fields: dict[str, str]) -> HttpResponse:
