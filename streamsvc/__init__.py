@@ -1,8 +1,11 @@
-"""streamsvc: a Twilio Media Streams consumer.
+"""streamsvc: a media-stream consumer for voice platforms (Twilio, Azure Communication
+Services, Telnyx, SignalWire, Exotel, Plivo, Vonage).
 
-The I/O-free core is :mod:`streamsvc.wire` (one message in, one typed event out) and
+The I/O-free core is :mod:`streamsvc.wire` (the common events and the codec contract),
+:mod:`streamsvc.providers` (one codec per provider and the provider registry) and
 :mod:`streamsvc.session` (the per-stream state machine); :mod:`streamsvc.server` is the
-asyncio shell; :mod:`streamsvc.handlers` holds the handler API.
+asyncio shell; :mod:`streamsvc.handlers` holds the handler API. ``docs/architecture.md``
+draws the rest.
 """
 
 from streamsvc.exceptions import (

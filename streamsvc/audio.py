@@ -1,6 +1,6 @@
 """Audio for Media Streams: G.711 mu-law <-> PCM16 and sample-rate conversion.
 
-Twilio's audio is 8 kHz mono mu-law both ways (``shared/protocol.md``). Conversion uses the
+Twilio's audio is 8 kHz mono mu-law both ways (Twilio's Media Streams pages). Conversion uses the
 standard library's ``audioop`` (``audioop-lts`` on Python 3.13+, installed by an environment
 marker); resampling uses soxr with one stateful stream per call and direction, so that
 consecutive 20 ms frames join without clicks at their edges.

@@ -14,7 +14,7 @@ Four verbs, as in websockets' ``Protocol`` one level up:
 
 States: ``AWAITING_START`` -> ``STREAMING`` (on ``start``) -> ``STOPPED`` (on ``stop`` or
 :meth:`~Session.close`). One session is one stream: key sessions by ``stream_sid`` (several
-streams may belong to one call, ``shared/protocol.md``).
+streams may belong to one call, Twilio's Media Streams pages).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ __all__ = [
     "TrackStats",
 ]
 
-# Twilio advises at most 800 bytes of custom parameters in total (shared/protocol.md).
+# Twilio advises at most 800 bytes of custom parameters in total (Twilio's Media Streams pages).
 DEFAULT_PARAMETER_BUDGET_BYTES: Final = 800
-# Media frames are 20 ms apart (shared/protocol.md); slots are counted in these.
+# Media frames are 20 ms apart (Twilio's Media Streams pages); slots are counted in these.
 FRAME_MS: Final = wire.FRAME_MS
 # A track remembers which of its latest slots are missing (a late frame can still fill
 # them) in a bitmap this wide: 82 s of 20 ms slots, about 0.5 kB per track however large a

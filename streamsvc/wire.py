@@ -59,6 +59,8 @@ __all__ = [
 
 # Audio frames are 20 ms on every provider unless its codec says otherwise (Exotel: 100).
 FRAME_MS: Final = 20
+# The tracks a stream has unless its codec says otherwise.
+TWO_TRACKS: Final = frozenset({"inbound", "outbound"})
 
 # Twilio sends numbers as strings ("sequenceNumber": "12"); non-strict decoding turns them
 # into ints. Bounds keep them exact in every JSON reader (2**53) and reject negatives.
@@ -72,7 +74,7 @@ class _Struct(msgspec.Struct, frozen=True, gc=False, rename="camel"):
 
 class MediaFormat(_Struct, frozen=True):
     """``start.mediaFormat``: in practice ``audio/x-mulaw``, 8000 Hz, 1 channel. Unlike the
-    other numbers these two are JSON numbers on the wire (``shared/protocol.md``)."""
+    other numbers these two are JSON numbers on the wire (Twilio's Media Streams pages)."""
 
     encoding: str
     sample_rate: WireInt
@@ -93,7 +95,7 @@ class _StartBody(_Struct, frozen=True):
     call_sid: str
     tracks: tuple[str, ...]
     media_format: MediaFormat
-    # May be {} or absent altogether (shared/protocol.md); values are strings.
+    # May be {} or absent altogether (Twilio's Media Streams pages); values are strings.
     custom_parameters: dict[str, str] = {}
 
 
@@ -271,7 +273,7 @@ def tagged_object(frame: bytes | str, tag: str) -> tuple[dict[str, object], str]
     return message, name
 
 
-# The events' JSON form: Twilio's, which SignalWire speaks too (shared/protocol.md).
+# The events' JSON form: Twilio's, which SignalWire speaks too (Twilio's Media Streams pages).
 
 
 class _NoEvent(msgspec.Struct, tag="", tag_field="event"):
@@ -355,7 +357,8 @@ def parse_media(frame: bytes | str) -> Event:
     return parse(frame)
 
 
-# Outbound: exactly Twilio's three shapes, keys in the documented order (shared/protocol.md).
+# Outbound: exactly Twilio's three shapes, keys in the documented order (Twilio's Media
+# Streams pages).
 
 
 class _OutMediaBody(msgspec.Struct, gc=False):
@@ -412,7 +415,7 @@ class Codec(Protocol):
     @property
     def tracks(self) -> frozenset[str] | None:
         """The only track names accepted; None: any, up to :attr:`max_tracks`."""
-        return frozenset({"inbound", "outbound"})
+        return TWO_TRACKS
 
     @property
     def max_tracks(self) -> int:

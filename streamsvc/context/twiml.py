@@ -1,6 +1,6 @@
 """Passing call context into the stream: from the voice webhook's fields to ``<Parameter>``s.
 
-Twilio strips query strings from stream URLs (``shared/protocol.md``), so the only road for
+Twilio strips query strings from stream URLs (Twilio's Media Streams pages), so the only road for
 a call's context into the stream is ``<Parameter>`` in the TwiML the app returns. This module
 is I/O-free: :func:`select_parameters` maps a webhook request's fields to parameters under a
 byte budget, :func:`render_stream_twiml` writes the TwiML.

@@ -75,8 +75,10 @@ class Provider:
     # The form of its voice webhook's answer, or None: it has none (ACS answers through
     # /acs/events; auto cannot know whose to answer).
     webhook: str | None
-    # How a replay peer answers marks: "echo" (the mark message comes back), "checkpoint"
-    # (Plivo's playedStream), "notify" (Vonage), or "none" (ACS has no marks).
+    # How a replay peer answers marks: "mark" (Twilio's camelCase mark echo),
+    # "mark:<key>" (the snake_case one, the stream's id under <key>), "checkpoint" (Plivo's
+    # playedStream), "notify" (Vonage's websocket:notify, and it confirms a clear), or
+    # "none" (ACS has no marks).
     peer: str
     # The module of its fixture synthesizer.
     synth: str | None
@@ -112,13 +114,14 @@ REGISTRY: Final[tuple[Provider, ...]] = (
         settings=("auth_token", "auth_token_previous"), credential_env="TWILIO_AUTH_TOKEN",
         check=checks.twilio_problem, credential="X-Twilio-Signature",
         claims=lambda upgrade: bool(upgrade.all(checks.TWILIO_SIGNATURE)),
-        context_on_wire=True, webhook="twiml", peer="echo", synth=_SYNTH + "twilio"),
+        context_on_wire=True, webhook="twiml", peer="mark", synth=_SYNTH + "twilio"),
     Provider(
         name="telnyx", codec=lambda upgrade, options: TelnyxCodec(),
         settings=("telnyx_stream_token",), credential_env="STREAMSVC_TELNYX_STREAM_TOKEN",
         check=checks.telnyx_problem, credential="x-telnyx-streaming-auth-token",
         claims=lambda upgrade: bool(upgrade.all(checks.TELNYX_TOKEN)),
-        context_on_wire=True, webhook="texml", peer="echo", synth=_SYNTH + "telnyx"),
+        context_on_wire=True, webhook="texml", peer="mark:stream_id",
+        synth=_SYNTH + "telnyx"),
     Provider(
         name="plivo", codec=lambda upgrade, options: PlivoCodec(),
         settings=("plivo_auth_token",), credential_env="PLIVO_AUTH_TOKEN",
@@ -131,7 +134,8 @@ REGISTRY: Final[tuple[Provider, ...]] = (
         settings=("exotel_basic_auth",), credential_env="STREAMSVC_EXOTEL_BASIC_AUTH",
         check=checks.exotel_problem, credential="Authorization: Basic",
         claims=lambda upgrade: _authorization_scheme(upgrade) == "basic",
-        context_on_wire=True, webhook="exotel", peer="echo", synth=_SYNTH + "exotel"),
+        context_on_wire=True, webhook="exotel", peer="mark:stream_sid",
+        synth=_SYNTH + "exotel"),
     Provider(
         name="acs",
         codec=lambda upgrade, options: AcsCodec(upgrade.first_values(),
@@ -154,11 +158,11 @@ REGISTRY: Final[tuple[Provider, ...]] = (
         settings=("signalwire_token",), credential_env="STREAMSVC_SIGNALWIRE_TOKEN",
         check=checks.signalwire_problem, credential="Authorization: Bearer",
         claims=lambda upgrade: _authorization_scheme(upgrade) == "bearer",
-        context_on_wire=True, webhook="cxml", peer="echo", synth=_SYNTH + "twilio"),
+        context_on_wire=True, webhook="cxml", peer="mark", synth=_SYNTH + "twilio"),
     Provider(
         name="auto", codec=_auto_codec, settings=(), credential_env="", check=None,
         credential=None, claims=lambda upgrade: False,
-        context_on_wire=True, webhook=None, peer="echo", synth=None),
+        context_on_wire=True, webhook=None, peer="mark", synth=None),
 )
 _BY_NAME: Final = {row.name: row for row in REGISTRY}
 # Every name a route may give, the default first (kept in this order for --help).

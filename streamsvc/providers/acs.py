@@ -3,7 +3,7 @@ events of :mod:`streamsvc.wire` out; audio and ``StopAudio`` out. Sans-I/O.
 
 Follows Microsoft's audio streaming quickstart and concept pages
 (learn.microsoft.com/azure/communication-services/how-tos/call-automation/audio-streaming-quickstart,
-.../concepts/call-automation/audio-streaming-concept) and ``shared/providers.md``:
+.../concepts/call-automation/audio-streaming-concept):
 
 * ``{"kind":"AudioMetadata","audioMetadata":{"subscriptionId","encoding","sampleRate",
   "channels","length"}}`` opens the stream: a :class:`~streamsvc.wire.Start` whose

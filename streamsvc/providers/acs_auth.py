@@ -3,7 +3,7 @@
 Every upgrade ACS makes carries ``Authorization: Bearer <JWT>``, signed RS256 by ACS: its
 issuer is ``https://acscallautomation.communication.azure.com``, its audience the ACS
 resource's id (``acs_audience``), and its key one of the JSON Web Key Set at
-``acs_jwks_url`` (``shared/providers.md``). Validated with PyJWT: signature, expiry, issuer,
+``acs_jwks_url``. Validated with PyJWT: signature, expiry, issuer,
 audience.
 
 The check runs inside the handshake, which must not wait on the network, so the key set

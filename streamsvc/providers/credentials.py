@@ -113,7 +113,7 @@ def _url(credentials: Credentials, upgrade: Upgrade, *, query: bool = False) -> 
 
 
 def twilio_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
-    """X-Twilio-Signature over the public URL of the path (``shared/protocol.md``)."""
+    """X-Twilio-Signature over the public URL of the path (Twilio's Media Streams pages)."""
     try:
         signature = _single(upgrade, TWILIO_SIGNATURE)
     except _Repeated:

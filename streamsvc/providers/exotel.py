@@ -2,7 +2,7 @@
 of :mod:`streamsvc.wire` out; audio, marks and ``clear`` out. Sans-I/O.
 
 Follows developer.exotel.com/docs/agentstream/websocket-protocol and
-.../stream-voicebot-applet, and ``shared/providers.md``. JSON, snake_case, Twilio-shaped:
+.../stream-voicebot-applet. JSON, snake_case, Twilio-shaped:
 
 * ``{"event":"connected"}``;
 * ``{"event":"start","sequence_number","stream_sid","start":{"stream_sid","call_sid",

@@ -2,8 +2,8 @@
 Plivo frames in, the common events of :mod:`streamsvc.wire` out; ``playAudio``,
 ``checkpoint`` and ``clearAudio`` out. Sans-I/O.
 
-Follows plivo.com/docs/voice/audio-streaming and docs.plivo.com/docs/voice/xml/audiostream,
-and ``shared/providers.md``. JSON, camelCase:
+Follows plivo.com/docs/voice/audio-streaming and docs.plivo.com/docs/voice/xml/audiostream.
+JSON, camelCase:
 
 * ``{"event":"start","sequenceNumber","start":{"callId","streamId","accountId","tracks",
   "mediaFormat":{"encoding","sampleRate"}},"extra_headers":"k=v;k2=v2"}``: ids as named

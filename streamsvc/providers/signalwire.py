@@ -2,7 +2,7 @@
 Streams protocol by design, plus linear PCM codecs. Sans-I/O.
 
 Follows developer.signalwire.com/compatibility-api/cxml/voice/stream and the REST
-create-stream page, and ``shared/providers.md``: the frames are Twilio's (``connected``,
+create-stream page: the frames are Twilio's (``connected``,
 ``start`` with ``customParameters`` from the ``<Parameter>``s, ``media``, ``dtmf``,
 ``mark``, ``stop``; ``media``, ``mark``, ``clear`` back), parsed by Twilio's codec. The
 ``<Stream codec>`` attribute picks ``PCMU@8000h`` (the default: mu-law, as Twilio) or

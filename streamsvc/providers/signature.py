@@ -3,7 +3,7 @@
 Twilio signs ``base64(HMAC-SHA1(auth_token, data))`` where ``data`` is the URL it was given
 (query included) followed by each POST field's name and value, names sorted (values sorted
 within a name). A Media Streams handshake has no fields: the data is the exact
-``wss://host/path`` (``shared/protocol.md``).
+``wss://host/path`` (Twilio's Media Streams pages).
 """
 
 from __future__ import annotations

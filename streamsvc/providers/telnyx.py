@@ -3,7 +3,7 @@ audio, marks and ``clear`` out. Sans-I/O.
 
 Follows Telnyx's "Stream call media over WebSocket" AsyncAPI page
 (developers.telnyx.com/api-reference/websockets/stream-call-media-over-websocket), the
-Call Control ``streaming_start`` command and ``shared/providers.md``. JSON, snake_case:
+Call Control ``streaming_start`` command. JSON, snake_case:
 
 * ``{"event":"connected","version":"1.0.0"}``;
 * ``{"event":"start","sequence_number":"1","stream_id":…,"start":{"call_control_id",

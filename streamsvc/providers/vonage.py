@@ -3,7 +3,7 @@ Vonage's frames in, the common events of :mod:`streamsvc.wire` out; binary audio
 ``notify`` and ``clear`` out. Sans-I/O.
 
 Follows developer.vonage.com/en/voice/voice-api/concepts/websockets, the Voice SDK's
-``WebsocketEndpoint``/``WebsocketAuthorization`` types, and ``shared/providers.md``:
+``WebsocketEndpoint``/``WebsocketAuthorization`` types:
 
 * the first message is text, ``{"event":"websocket:connected","content-type":
   "audio/l16;rate=16000", ...}``, with the NCCO endpoint's ``headers`` at its top level:

@@ -4,7 +4,7 @@ Each copy of a fixture is one WebSocket; frames go out at their recorded time (s
 ``speed``; 0 sends as fast as possible) exactly as recorded. With ``concurrency`` > 1 every
 copy gets its own streamSid and callSid (same length, so frame layouts stay identical).
 
-What the server sends back is answered like Twilio does (``shared/protocol.md``): outbound
+What the server sends back is answered like Twilio does (Twilio's Media Streams pages): outbound
 ``media`` is queued for playback at 8000 bytes of mu-law per second, a ``mark`` is echoed
 when playback reaches it, and a ``clear`` drops the queued audio and echoes every pending
 mark at once. Other providers' sessions are answered in their own shapes (Plivo's
@@ -32,9 +32,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from streamsvc import wire
-from streamsvc.exceptions import CLOSE_POLICY_VIOLATION, RemoteProtocolError
-from streamsvc.providers import codec_for, vonage
+from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.providers import provider
 from streamsvc.replay.check import (
     Outcome,
     differences,
@@ -182,8 +181,8 @@ async def replay_session(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
             additional_headers=upgrade, open_timeout=10,
         ) as connection:
-            peer = _TwilioPeer(connection, result, stream_sid, fixture.provider,
-                               _playback_rate(fixture))
+            peer = _Peer(connection, result, stream_sid, provider(fixture.provider).peer,
+                         _playback_rate(fixture))
             reader = asyncio.create_task(peer.read())
             try:
                 await _send_frames(connection, fixture, speed, replacements, result)
@@ -197,7 +196,7 @@ async def replay_session(
                 result.error = (f"server closed with {connection.close_code}"
                                 + _no_start(connection.close_code, connection.close_reason,
                                             fixture.provider))
-            elif not _starts_a_session(fixture, upgrade):
+            elif fixture.opening() is None:  # read as the service's own codec reads it
                 result.ok = False
                 result.error = "no start message the service accepts: no session began"
     except InvalidStatus as exc:
@@ -212,34 +211,16 @@ async def replay_session(
     return result
 
 
-def _starts_a_session(fixture: Fixture, headers: dict[str, str]) -> bool:
-    """Whether the fixture sends a ``start`` (or its provider's opening message) that the
-    service's own parser accepts."""
-    codec = codec_for(fixture.provider, wire.Upgrade.of("/", "", headers.items()))
-    for frame in fixture.frames:
-        if frame.binary is not None:
-            continue  # audio: never the opening message
-        try:
-            if isinstance(codec.parse(frame.text), wire.Start):
-                return True
-        except RemoteProtocolError:
-            continue
-    return False
-
-
 def _playback_rate(fixture: Fixture) -> int:
-    """Bytes of outbound audio the provider plays per second: 8 kHz mu-law (Twilio,
-    SignalWire, Telnyx PCMU), 8 kHz PCM16 (Exotel's default), or Vonage's PCM16 at the rate
-    its ``websocket:connected`` names."""
-    if fixture.provider == "exotel":
-        return 2 * PLAYBACK_BYTES_PER_SECOND
-    if fixture.provider == "vonage":
-        for frame in fixture.frames:
-            with contextlib.suppress(ValueError, AttributeError, RemoteProtocolError):
-                message = json.loads(frame.text) if frame.binary is None else None
-                if message and message.get("event") == vonage.CONNECTED:
-                    return 2 * vonage.rate_of(message.get("content-type"))
-    return PLAYBACK_BYTES_PER_SECOND
+    """Bytes of outbound audio the provider plays per second: the stream's rate times the
+    bytes a sample of its encoding takes (8 kHz mu-law on Twilio: 8,000; Exotel's 8 kHz
+    PCM16: 16,000; Vonage's 16 kHz L16: 32,000), as the service's own codec reads the
+    fixture's opening message."""
+    opening = fixture.opening()
+    if opening is None:
+        return PLAYBACK_BYTES_PER_SECOND
+    codec, start = opening
+    return start.media_format.sample_rate * (1 if codec.native_encoding == "mulaw" else 2)
 
 
 def _deliver(url: str, events: list[object]) -> None:
@@ -307,15 +288,16 @@ async def _send_frames(
         result.frames_sent += 1
 
 
-class _TwilioPeer:
-    """Answers what the server sends, as Twilio does: plays outbound audio in real time,
-    echoes marks when playback reaches them, flushes on ``clear``."""
+class _Peer:
+    """Answers what the server sends, as the provider does: plays outbound audio in real
+    time, answers marks when playback reaches them in the provider's own shape (``peer``,
+    the provider registry row's), flushes on ``clear``."""
 
     def __init__(self, connection: ClientConnection, result: SessionResult,
-                 stream_sid: str | None, provider: str = "twilio",
+                 stream_sid: str | None, peer: str = "mark",
                  bytes_per_second: int = PLAYBACK_BYTES_PER_SECOND) -> None:
         self.connection = connection
-        self.provider = provider
+        self.peer = peer
         self.bytes_per_second = bytes_per_second  # of outbound audio played
         self.result = result
         self.stream_sid = stream_sid
@@ -341,7 +323,7 @@ class _TwilioPeer:
 
     def _answer(self, message: str | bytes) -> None:
         now = time.monotonic()
-        if isinstance(message, bytes) and self.provider == "vonage":  # audio, binary
+        if isinstance(message, bytes):  # audio in binary frames (Vonage's)
             self._queue_audio(len(message), now)
             return
         try:
@@ -370,9 +352,9 @@ class _TwilioPeer:
             while self.pending:
                 name = self.pending.popleft()[1]
                 self.result.marks_cleared.append(name)
-                if self.provider != "vonage":  # Vonage confirms the clear instead
+                if self.peer != "notify":  # Vonage confirms the clear instead
                     self._echo(name)
-            if self.provider == "vonage":
+            if self.peer == "notify":
                 self.outbox.put_nowait(json.dumps({"event": "websocket:cleared"}))
 
     def _queue_audio(self, size: int, now: float) -> None:
@@ -399,15 +381,14 @@ class _TwilioPeer:
 
     def _echo(self, name: str) -> None:
         self.sequence_number += 1
-        if self.provider == "plivo":  # a checkpoint reached
+        if self.peer == "checkpoint":  # a checkpoint reached
             echo = json.dumps({"event": "playedStream", "streamId": self.stream_sid,
                                "name": name})
-        elif self.provider == "vonage":  # the audio queued before the notify has played
+        elif self.peer == "notify":  # the audio queued before the notify has played
             echo = json.dumps({"event": "websocket:notify", "payload": {"name": name}})
-        elif self.provider in ("telnyx", "exotel"):  # snake_case
-            key = "stream_id" if self.provider == "telnyx" else "stream_sid"
+        elif self.peer.startswith("mark:"):  # snake_case, the stream's id under its key
             echo = json.dumps({"event": "mark", "sequence_number": str(self.sequence_number),
-                               key: self.stream_sid, "mark": {"name": name}})
+                               self.peer[5:]: self.stream_sid, "mark": {"name": name}})
         else:
             echo = json.dumps({"event": "mark", "sequenceNumber": str(self.sequence_number),
                                "streamSid": self.stream_sid, "mark": {"name": name}})

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+from streamsvc import wire
+from streamsvc.exceptions import RemoteProtocolError
+from streamsvc.providers import codec_for
 
 __all__ = ["FIXTURE_VERSION", "Fixture", "FixtureError", "FixtureFrame", "load_fixture"]
 
@@ -76,53 +80,43 @@ class Fixture:
             return {}
         return {str(name): str(value) for name, value in headers.items()}
 
-    def stream_sid(self) -> str | None:
-        """The stream's id as its opening message gives it (Twilio's ``start.streamSid``,
-        ACS's ``AudioMetadata.subscriptionId``), if there is one (Vonage's: none)."""
-        if self.provider == "acs":
-            for frame in self.frames:
-                message = _json_object(frame.text)
-                metadata = message.get("audioMetadata") if message else None
-                if isinstance(metadata, dict) and isinstance(metadata.get("subscriptionId"),
-                                                             str):
-                    return str(metadata["subscriptionId"])
+    def opening(self) -> tuple[wire.Codec, wire.Start] | None:
+        """The first message that starts the stream, as the service's own codec for the
+        fixture's provider reads it, and that codec (its encoding and rate); None when no
+        message does (or the provider is not one the service knows)."""
+        try:
+            codec = codec_for(self.provider, wire.Upgrade.of("/", "", self.headers.items()))
+        except ValueError:
             return None
-        if self.provider == "vonage":
-            return None  # Vonage sends no stream id: the service makes one
         for frame in self.frames:
-            message = _json_object(frame.text)
-            if message and message.get("event") == "start":
-                if self.provider in ("telnyx", "exotel"):  # top-level, snake_case
-                    sid = message.get("stream_id" if self.provider == "telnyx"
-                                      else "stream_sid")
-                    return sid if isinstance(sid, str) else None
-                start = message.get("start")
-                key = "streamId" if self.provider == "plivo" else "streamSid"
-                if isinstance(start, dict) and isinstance(start.get(key), str):
-                    return str(start[key])
+            if frame.binary is not None:
+                continue  # audio: never the opening message
+            try:
+                event = codec.parse(frame.text)
+            except RemoteProtocolError:
+                continue
+            if isinstance(event, wire.Start):
+                return codec, event
         return None
 
-    def call_sid(self) -> str | None:
-        """The call's id: Twilio's ``start.callSid``, or the ACS call connection id the
-        header's upgrade headers carry; None when there is none."""
-        if self.provider == "acs":
-            return self.headers.get("x-ms-call-connection-id")
-        if self.provider == "vonage":  # the NCCO's call_uuid (or uuid) header, if any
-            for frame in self.frames:
-                message = _json_object(frame.text)
-                if message and message.get("event") == "websocket:connected":
-                    sid = message.get("call_uuid") or message.get("uuid")
-                    return sid if isinstance(sid, str) else None
+    def _sent_id(self, read: Callable[[wire.Start], str | None]) -> str | None:
+        """An id the opening message carries; None when there is none or the service makes
+        one up (Vonage sends no stream id): an id two fresh reads disagree on is made up."""
+        first, second = self.opening(), self.opening()
+        if first is None or second is None:
             return None
-        key = {"telnyx": "call_control_id", "exotel": "call_sid",
-               "plivo": "callId"}.get(self.provider, "callSid")
-        for frame in self.frames:
-            message = _json_object(frame.text)
-            if message and message.get("event") == "start":
-                start = message.get("start")
-                if isinstance(start, dict) and isinstance(start.get(key), str):
-                    return str(start[key])
-        return None
+        sent = read(first[1])
+        return sent if sent == read(second[1]) else None
+
+    def stream_sid(self) -> str | None:
+        """The stream's id as its opening message gives it (Twilio's ``start.streamSid``,
+        ACS's ``AudioMetadata.subscriptionId``, ...), if there is one (Vonage's: none)."""
+        return self._sent_id(lambda start: start.started_stream_sid)
+
+    def call_sid(self) -> str | None:
+        """The call's id as its provider gives it (Twilio's ``start.callSid``, the ACS call
+        connection id of the upgrade, Vonage's ``call_uuid`` header, ...), or None."""
+        return self._sent_id(lambda start: start.call_sid)
 
 
 def load_fixture(path: str | Path) -> Fixture:

@@ -1,6 +1,6 @@
 """Build Twilio-faithful fixture sessions from audio.
 
-Frames look like Twilio's own (``shared/protocol.md``): numbers as strings, the first media
+Frames look like Twilio's own (Twilio's Media Streams pages): numbers as strings, the first media
 timestamp not 0, 160-byte mu-law payloads every 20 ms per track, both tracks interleaved,
 Twilio's key order. Audio comes from any WAV the standard library reads (converted to 8 kHz
 mono) or from PCM16 samples.
@@ -112,7 +112,7 @@ def synthesize(plan: SessionPlan) -> list[FixtureFrame]:
     start_ms = 40.0  # media begins shortly after start, as in captures
     for sequence, (at_ms, _, message) in enumerate(timeline, start=2):
         event = message.pop("event")
-        if event == "dtmf":  # Twilio's order differs per event (shared/protocol.md)
+        if event == "dtmf":  # Twilio's order differs per event (Twilio's Media Streams pages)
             message = {"event": event, "streamSid": message.pop("streamSid"),
                        "sequenceNumber": str(sequence), **message}
         else:

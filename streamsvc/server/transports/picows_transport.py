@@ -1,9 +1,10 @@
-"""The optional fast transport: the same service on picows (``transport = "picows"``).
+"""The default transport: the same service on picows (``transport = "auto"``, as it is by
+default where picows is installed, a regular dependency; or ``"picows"``).
 
 picows parses WebSocket frames in C from a preallocated read buffer and calls back per
 frame, with no task per connection; the service's own work is unchanged: every frame goes
-through :class:`~streamsvc.server.CallCore` (session, handler chain, summary), and every
-handshake through :meth:`StreamServer.admit` and :meth:`StreamServer.probe`, exactly as with
+through :class:`~streamsvc.server.call.CallCore` (session, handler chain, summary), and
+every handshake through the host's ``admit`` and its HTTP front, exactly as with
 websockets. What this module adds is the shell: timers instead of awaiting tasks, close
 codes, message reassembly, backpressure on outbound audio.
 

@@ -1,4 +1,5 @@
-"""The default transport: websockets' asyncio server, one task per connection.
+"""The fallback transport: websockets' asyncio server, one task per connection
+(``transport = "websockets"``, or ``auto`` where picows has no wheels).
 
 Each connection's first request goes through the server's HTTP front
 (:mod:`streamsvc.server.front`): a WebSocket handshake reaches websockets unchanged, any
