@@ -43,6 +43,9 @@ __all__ = [
 
 # Twilio advises at most 800 bytes of custom parameters in total (Twilio's Media Streams pages).
 DEFAULT_PARAMETER_BUDGET_BYTES: Final = 800
+# The reason of a frame nested deeper than any provider's messages (the decoder's own
+# recursion limit): a counted bad frame like any other, on every provider.
+TOO_DEEP: Final = "nested too deeply to read"
 # Media frames are 20 ms apart (Twilio's Media Streams pages); slots are counted in these.
 FRAME_MS: Final = wire.FRAME_MS
 # A track remembers which of its latest slots are missing (a late frame can still fill
@@ -304,6 +307,9 @@ class Session:
         except RemoteProtocolError as exc:
             self._bad_frame(exc.reason, frame)
             return
+        except RecursionError:  # JSON nested deeper than the decoder can follow
+            self._bad_frame(TOO_DEEP, frame)
+            return
         self._take(event, frame)
 
     def receive_media(self, frame: bytes | str, binary: bool = False) -> wire.Media | None:
@@ -315,6 +321,9 @@ class Session:
             event = self._parse_binary(frame) if binary else self._parse(frame)
         except RemoteProtocolError as exc:
             self._bad_frame(exc.reason, frame)
+            return None
+        except RecursionError:  # JSON nested deeper than the decoder can follow
+            self._bad_frame(TOO_DEEP, frame)
             return None
         if (type(event) is wire.Media and self.state is State.STREAMING
                 and event.stream_sid == self.stream_sid):
@@ -392,6 +401,17 @@ class Session:
     def _on_start(self, start: wire.Start) -> None:
         if self.state is not State.AWAITING_START:
             raise RemoteProtocolError(f"start while {self.state.value}")
+        # Only what the provider documents: every size a handler allocates (the recorder's
+        # window, its silence) derives from these, so none can be made huge or zero.
+        media_format = start.media_format
+        rates = self.codec.sample_rates
+        if media_format.sample_rate not in rates:
+            raise RemoteProtocolError(
+                f"invalid start: sample rate {media_format.sample_rate} (this provider "
+                f"streams at {', '.join(str(rate) for rate in sorted(rates))} Hz)")
+        if media_format.channels != 1:
+            raise RemoteProtocolError(f"invalid start: {media_format.channels} channels "
+                                      "(streams are mono)")
         self.state = State.STREAMING
         self.stream_sid = start.started_stream_sid
         self.call_sid = start.call_sid

@@ -61,6 +61,8 @@ __all__ = [
 FRAME_MS: Final = 20
 # The tracks a stream has unless its codec says otherwise.
 TWO_TRACKS: Final = frozenset({"inbound", "outbound"})
+# Twilio streams 8 kHz mu-law, nothing else.
+TWILIO_RATES: Final = frozenset({8000})
 
 # Twilio sends numbers as strings ("sequenceNumber": "12"); non-strict decoding turns them
 # into ints. Bounds keep them exact in every JSON reader (2**53) and reject negatives.
@@ -458,6 +460,12 @@ class Codec(Protocol):
     def frame_ms(self) -> int:
         """Milliseconds of audio per media message."""
         return FRAME_MS
+
+    @property
+    def sample_rates(self) -> frozenset[int]:
+        """The rates the provider documents for its streams: a start at any other is
+        refused (Twilio: 8 kHz mu-law only)."""
+        return TWILIO_RATES
 
     @property
     def wall_clock_timestamps(self) -> bool:

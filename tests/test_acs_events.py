@@ -172,6 +172,29 @@ async def test_event_grid_validation_is_answered_with_its_code(server: StreamSer
         status, json.loads(body))
 
 
+@pytest.mark.parametrize("code", [{"a": "x" * 1000}, "x" * 55_000, 7, ""])
+async def test_a_validation_code_that_is_not_one_is_refused_not_echoed(
+        server: StreamServer, code: object) -> None:
+    validation = [{"id": "v1", "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent",
+                   "data": {"validationCode": code}}]
+    status, body = await asyncio.to_thread(post, server.port, f"/acs/events?secret={SECRET}",
+                                           validation)
+    assert 400 == status
+    assert b"xxxxxxxx" not in body
+
+
+async def test_an_incoming_call_after_a_validation_in_one_delivery_is_taken(
+        server: StreamServer, logs: LogEvents) -> None:
+    validation = {"id": "v1", "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent",
+                  "data": {"validationCode": "512d38b6-c7b8-40c8-89fe-f46f9e9622b6"}}
+    status, body = await asyncio.to_thread(post, server.port, f"/acs/events?secret={SECRET}",
+                                           [validation, INCOMING_CALL])
+    assert (200, "512d38b6-c7b8-40c8-89fe-f46f9e9622b6") == (
+        status, json.loads(body)["validationResponse"])
+    assert [CORRELATION] == [line["correlation_id"]
+                             for line in events(logs, "acs.incoming_call")]
+
+
 @pytest.mark.parametrize("query", ["", "?secret=wrong"])
 async def test_a_delivery_without_the_secret_is_refused(server: StreamServer, logs: LogEvents,
                                                         query: str) -> None:

@@ -143,5 +143,6 @@ async def test_on_the_echo_route_a_peer_that_stops_reading_costs_only_its_frames
         writer.close()
     await until(lambda: events(logs, "stream.stopped"))
     (stopped,) = events(logs, "stream.stopped")
-    assert {} == stopped["handler_errors"] or "echo" in stopped["handler_errors"]
+    # echo counts what the peer would not take and rides it out: never a handler failure.
+    assert {} == stopped["handler_errors"]
     assert "error" != stopped["reason"]

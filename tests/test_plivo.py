@@ -22,7 +22,7 @@ from streamsvc.providers.plivo import (
     extra_headers,
     sign_v3,
 )
-from streamsvc.replay import replay
+from streamsvc.replay import Signing, replay
 from streamsvc.replay.check import differences
 from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
@@ -101,9 +101,12 @@ def signed(query: str = "") -> dict[str, str]:
 
 async def test_the_bundled_session_replays_to_its_expected_outcome(
         server: StreamServer, logs: LogEvents) -> None:
+    """Each copy signed as Plivo signs it, with a nonce of its own (a nonce opens one
+    stream)."""
     fixture = load_fixture(FIXTURES / "plivo_stream.jsonl")
     report = await replay([fixture], f"ws://127.0.0.1:{server.port}/plivo?b=2&a=1",
-                          speed=0, concurrency=2, headers=signed("a=1&b=2"))
+                          speed=0, concurrency=2,
+                          signing=Signing(public_url=PUBLIC, plivo_auth_token=TOKEN))
     assert (2, 0) == (len(report.sessions), report.failed), report.sessions[0].error
     await until(lambda: len(events(logs, "stream.stopped")) == 2)
     for session in report.sessions:

@@ -26,7 +26,13 @@ from typing import IO, Any
 
 import orjson
 
-from streamsvc.builtins.files import DEFAULT_FILE_MODE, create_file, safe_path_component
+from streamsvc.builtins.files import (
+    DEFAULT_FILE_MODE,
+    claim,
+    create_file,
+    release,
+    safe_path_component,
+)
 from streamsvc.builtins.files import file_mode as parse_file_mode
 from streamsvc.handlers import AsyncHandler, RawFrame
 from streamsvc.replay.fixture import FIXTURE_VERSION
@@ -47,12 +53,14 @@ class CaptureHandler(AsyncHandler):
         self.mode = parse_file_mode(file_mode, key="handlers.capture.file_mode")
         self.flush_lines = max(1, flush_lines)
         self.lines: list[bytes] = []
+        self.final: Path | None = None  # claimed: no other live stream writes it
         self.partial: Path | None = None
         self.file: IO[bytes] | None = None
 
     async def on_start(self, session: Session) -> None:
         folder = self.root / safe_path_component(session.call_sid)
-        self.partial = folder / f"{safe_path_component(session.stream_sid)}.jsonl.partial"
+        self.final = claim(folder / f"{safe_path_component(session.stream_sid)}.jsonl")
+        self.partial = self.final.with_name(self.final.name + ".partial")
         self.file = await asyncio.to_thread(create_file, self.partial, self.mode, append=True)
 
     async def on_raw_frame(self, frame: RawFrame) -> None:
@@ -67,6 +75,13 @@ class CaptureHandler(AsyncHandler):
             await self._flush()
 
     async def on_stop(self, session: Session, summary: CallSummary) -> None:
+        try:
+            await self._complete(session, summary)
+        finally:
+            if self.final is not None:
+                release(self.final)
+
+    async def _complete(self, session: Session, summary: CallSummary) -> None:
         if self.file is None or self.partial is None:
             return
         await self._flush()

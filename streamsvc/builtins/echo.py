@@ -4,7 +4,8 @@ Options (``[handlers.echo]``): ``delay_ms`` (default 500, in whole frames of the
 20 ms, or Exotel's 100 ms), ``mark_every_ms`` (a mark ``echo-N`` after each this much
 echoed audio, default 1000; 0 for none). The end-to-end check of the outbound path: audio,
 marks and their echoes. Reported in the call summary (``handlers.echo``): frames echoed,
-marks sent, played and cleared.
+frames dropped (a peer that stopped reading: counted, never a handler failure), marks
+sent, played and cleared.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from streamsvc import wire
+from streamsvc.exceptions import LocalProtocolError
 from streamsvc.handlers import Handler
 from streamsvc.live import LiveSession, MarkResult
 
@@ -32,6 +34,7 @@ class EchoHandler(Handler):
         self.session: LiveSession | None = None
         self.held: collections.deque[bytes] = collections.deque()
         self.frames_echoed = 0
+        self.frames_dropped = 0  # refused while the peer was not reading
         self.marks: collections.Counter[str] = collections.Counter()
 
     def on_start(self, session: LiveSession) -> None:
@@ -45,16 +48,22 @@ class EchoHandler(Handler):
             return
         self.held.append(frame.payload)
         while len(self.held) > self.delay_frames:
-            self.session.send_audio(self.held.popleft())
-            self.frames_echoed += 1
-            if self.mark_every and self.frames_echoed % self.mark_every == 0:
-                mark = self.session.mark(f"echo-{self.frames_echoed // self.mark_every}")
-                self.marks["sent"] += 1
-                mark.add_done_callback(self._mark_done)
+            try:
+                self.session.send_audio(self.held.popleft())
+                self.frames_echoed += 1
+                if self.mark_every and self.frames_echoed % self.mark_every == 0:
+                    mark = self.session.mark(f"echo-{self.frames_echoed // self.mark_every}")
+                    self.marks["sent"] += 1
+                    mark.add_done_callback(self._mark_done)
+            except LocalProtocolError:
+                # The peer stopped reading (or too many marks wait): what it would not
+                # take is dropped and counted, the call goes on.
+                self.frames_dropped += 1
 
     def _mark_done(self, future: asyncio.Future[MarkResult]) -> None:
         self.marks[future.result()] += 1
 
     def report(self) -> Mapping[str, Any]:
-        return {"frames_echoed": self.frames_echoed, "marks_sent": self.marks["sent"],
+        return {"frames_echoed": self.frames_echoed, "frames_dropped": self.frames_dropped,
+                "marks_sent": self.marks["sent"],
                 "marks_played": self.marks["played"], "marks_cleared": self.marks["cleared"]}

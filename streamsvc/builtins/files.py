@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 from typing import IO, Final
 
-__all__ = ["DEFAULT_FILE_MODE", "create_file", "file_mode", "safe_path_component",
-           "write_atomically"]
+__all__ = ["DEFAULT_FILE_MODE", "claim", "create_file", "file_mode", "release",
+           "safe_path_component", "write_atomically"]
 
 # Recordings and captures hold callers' voices and data: owner read/write, group read.
 DEFAULT_FILE_MODE: Final = 0o640
@@ -30,6 +30,29 @@ def safe_path_component(name: str | None) -> str:
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{cleaned[:MAX_ID_CHARS]}-{digest}"
+
+
+# Files a live stream of this process is writing (the filesystem is the process's, so this
+# set is too): a second stream with a live call's ids, a replayed call or one reusing them,
+# gets a name of its own, so no file is ever written by two streams. Released at stop:
+# bounded by the streams in progress.
+_CLAIMED: set[Path] = set()
+
+
+def claim(path: Path) -> Path:
+    """``path`` for a stream to write, or ``<stem>-2<suffix>`` (``-3``, ...) when a live
+    stream of this process is writing it; :func:`release` it when the stream ends."""
+    candidate, copy = path, 1
+    while candidate in _CLAIMED:
+        copy += 1
+        candidate = path.with_name(f"{path.stem}-{copy}{path.suffix}")
+    _CLAIMED.add(candidate)
+    return candidate
+
+
+def release(path: Path) -> None:
+    """The stream writing ``path`` has ended: another may write it."""
+    _CLAIMED.discard(path)
 
 
 def file_mode(value: int | str, *, key: str = "file_mode") -> int:

@@ -47,8 +47,10 @@ from streamsvc import wire
 from streamsvc.audio import TWILIO_SAMPLE_RATE, mulaw_to_pcm16
 from streamsvc.builtins.files import (
     DEFAULT_FILE_MODE,
+    claim,
     create_file,
     file_mode,
+    release,
     safe_path_component,
     write_atomically,
 )
@@ -139,7 +141,7 @@ class RecorderHandler(AsyncHandler):
             channels += 1
         self.planes = [bytearray(2 * self.window_samples) for _ in range(channels)]
         folder = self.root / safe_path_component(session.call_sid)
-        self.path = folder / f"{safe_path_component(session.stream_sid)}.wav"
+        self.path = claim(folder / f"{safe_path_component(session.stream_sid)}.wav")
         partial = self.path.with_suffix(".wav.partial")
         self.wav = await self._disk(_WavFile.create, partial, channels, self.sample_rate,
                                     self.mode)
@@ -259,6 +261,13 @@ class RecorderHandler(AsyncHandler):
         return report
 
     async def on_stop(self, session: LiveSession, summary: CallSummary) -> None:
+        try:
+            await self._finish(session, summary)
+        finally:
+            if self.path is not None:
+                release(self.path)
+
+    async def _finish(self, session: LiveSession, summary: CallSummary) -> None:
         if self.writer is not None:
             await self.writer
         if self.failure is not None:

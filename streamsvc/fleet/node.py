@@ -65,6 +65,10 @@ RESUME_TTL_S: Final = 120
 # Talk-back replies in flight at once (a flood of commands cannot pile up tasks).
 MAX_REPLIES_IN_FLIGHT: Final = 1000
 MAX_COMMAND_BYTES: Final = 4 * 1024 * 1024
+# The part of the write buffer that events which are not a call's lifecycle may fill.
+FRAME_RATE_SHARE: Final = 0.5
+# A stream id kept in Redis (resume markers) longer than this is not one.
+MAX_STREAM_ID_BYTES: Final = 256
 
 
 # What the fleet knows of a call at its stream's start: the context store's record.
@@ -162,9 +166,10 @@ class FleetNode:
 
     # -- writes (buffered) ----------------------------------------------------------------
 
-    def _put(self, op: _Op, kind: str) -> bool:
-        """Queue one write; False when the buffer is full and it is dropped (counted)."""
-        if len(self.buffer) >= self.settings.bus_buffer:
+    def _put(self, op: _Op, kind: str, *, share: float = 1.0) -> bool:
+        """Queue one write while the buffer is below ``share`` of its size; False when it is
+        not and the write is dropped (counted)."""
+        if len(self.buffer) >= self.settings.bus_buffer * share:
             self.dropped[kind] += 1
             self._dropped_in_outage += 1
             return False
@@ -172,11 +177,14 @@ class FleetNode:
         self._wake.set()
         return True
 
-    def publish(self, event: str, data: Mapping[str, Any]) -> None:
-        """Add one entry to the events stream: ``event`` and ``data`` (JSON)."""
+    def publish(self, event: str, data: Mapping[str, Any], *, lifecycle: bool = True) -> None:
+        """Add one entry to the events stream: ``event`` and ``data`` (JSON). Entries that
+        are not a call's lifecycle (``lifecycle=False``: DTMF, marks) take at most
+        :data:`FRAME_RATE_SHARE` of the buffer, so a flood of them never costs another
+        call its ``stream.started``/``stream.stopped``."""
         fields = {"event": event, "data": orjson.dumps(data, default=str)}
         self._put(("xadd", self.settings.events_stream, fields, self.settings.events_maxlen,
-                   None), "event")
+                   None), "event", share=1.0 if lifecycle else FRAME_RATE_SHARE)
 
     def publish_audio(self, stream_sid: str, track: str, timestamp_ms: int, sample_rate: int,
                       audio: bytes, *, expire: bool = True) -> None:
@@ -358,7 +366,7 @@ class FleetNode:
             self.lookups["error"] += 1
             logger.debug("bus.lookup_failed", error=str(exc))
             return Lookup()
-        resumed_from = resumed.decode() if isinstance(resumed, bytes) else None
+        resumed_from = _stream_id(resumed)
         if stored is None:
             self.lookups["missing"] += 1
             return Lookup(resumed_from=resumed_from)
@@ -391,7 +399,9 @@ class FleetNode:
                 self.timeout_s * 4)
             if handed is None:
                 return None
-            resumed_from = handed.decode()
+            resumed_from = _stream_id(handed)
+            if resumed_from is None:
+                return None
             await asyncio.wait_for(self.redis.set(resumed_key(call_sid), handed,
                                                   ex=RESUME_TTL_S), self.timeout_s * 4)
         except (TimeoutError, RedisError, OSError) as exc:
@@ -496,3 +506,17 @@ class FleetNode:
     async def _send_reply(self, reply_to: str, body: bytes) -> None:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(self.redis.publish(reply_to, body), 1.0)
+
+
+def _stream_id(value: object) -> str | None:
+    """A stream id read back from Redis: text of a sane length, else None (a value another
+    process could have poisoned is never a reason to fail a call)."""
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_STREAM_ID_BYTES:
+        if value is not None:
+            logger.warning("bus.bad_value", kind="stream id", length=len(str(value)))
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        logger.warning("bus.bad_value", kind="stream id", length=len(value))
+        return None

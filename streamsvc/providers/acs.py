@@ -100,6 +100,7 @@ class AcsCodec(common.Codec):
     names); ``unmixed`` says whether each participant is its own track."""
 
     provider: Final = "acs"
+    sample_rates: Final = frozenset({16000, 24000})  # PCM 16 kHz or 24 kHz mono
     tracks: Final[frozenset[str] | None] = None  # participant ids: any, up to max_tracks
     max_tracks: Final = MAX_PARTICIPANT_TRACKS
     stops_on_close: Final = True

@@ -131,6 +131,10 @@ class AutoCodec(common.Codec):
         return self.chosen.frame_ms if self.chosen else common.FRAME_MS
 
     @property
+    def sample_rates(self) -> frozenset[int]:
+        return self.chosen.sample_rates if self.chosen else common.TWILIO_RATES
+
+    @property
     def wall_clock_timestamps(self) -> bool:
         return self.chosen.wall_clock_timestamps if self.chosen else False
 

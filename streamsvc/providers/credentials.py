@@ -10,7 +10,10 @@ guess. The provider registry (:mod:`streamsvc.providers`) names each provider's 
 from __future__ import annotations
 
 import base64
+import collections
 import hmac
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -23,6 +26,7 @@ from streamsvc.wire import Upgrade
 __all__ = [
     "AcsTokenCheck",
     "Credentials",
+    "NonceMemory",
     "acs_problem",
     "basic",
     "bearer",
@@ -36,6 +40,9 @@ __all__ = [
 ]
 
 TWILIO_SIGNATURE: Final = "x-twilio-signature"
+# How long a Plivo nonce is remembered, and how many at most (oldest forgotten first).
+NONCE_TTL_S: Final = 3600.0
+MAX_NONCES: Final = 100_000
 TELNYX_TOKEN: Final = "x-telnyx-streaming-auth-token"
 AUTHORIZATION: Final = "authorization"
 
@@ -45,6 +52,29 @@ class AcsTokenCheck(Protocol):
     which keeps ACS's signing keys fresh)."""
 
     def problem(self, authorization: str | None) -> str | None: ...
+
+
+class NonceMemory:
+    """The signature nonces already used (Plivo's), each for ``ttl_s``, at most
+    ``max_entries`` (the oldest forgotten first): a captured signature and nonce open one
+    stream, not any number."""
+
+    def __init__(self, *, ttl_s: float = NONCE_TTL_S, max_entries: int = MAX_NONCES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s, self._max_entries, self._clock = ttl_s, max_entries, clock
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def first_use(self, nonce: str) -> bool:
+        """True the first time ``nonce`` is seen within its window (and remember it)."""
+        now = self._clock()
+        while self._seen and next(iter(self._seen.values())) <= now:
+            self._seen.popitem(last=False)
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = now + self._ttl_s
+        while len(self._seen) > self._max_entries:
+            self._seen.popitem(last=False)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +94,8 @@ class Credentials:
     plivo_auth_token: str | None = None
     vonage_token: str | None = None
     vonage_signature_secret: str | None = None
+    # Plivo's nonces seen (None: not remembered).
+    nonces: NonceMemory | None = None
 
 
 class _Repeated(Exception):
@@ -180,6 +212,8 @@ def plivo_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
     if not plivo.signature_ok(credentials.plivo_auth_token,
                               _url(credentials, upgrade, query=True), signature, nonce):
         return "bad_signature"
+    if credentials.nonces is not None and not credentials.nonces.first_use(nonce):
+        return "replayed_signature"
     return None
 
 

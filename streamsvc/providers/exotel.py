@@ -138,6 +138,7 @@ class ExotelCodec(common.Codec):
     request's query string (the stream URL's context parameters)."""
 
     provider: Final = "exotel"
+    sample_rates: Final = frozenset({8000, 16000, 24000})
     tracks: Final[frozenset[str] | None] = _TRACKS
     max_tracks: Final = 2
     stops_on_close: Final = False

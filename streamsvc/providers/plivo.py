@@ -137,6 +137,7 @@ class PlivoCodec(common.Codec):
     """One Plivo stream's codec (see the module docstring)."""
 
     provider: Final = "plivo"
+    sample_rates: Final = frozenset({8000, 16000})  # its contentType's sampleRate
     tracks: Final[frozenset[str] | None] = frozenset({"inbound", "outbound"})
     max_tracks: Final = 2
     stops_on_close: Final = True

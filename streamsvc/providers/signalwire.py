@@ -32,6 +32,7 @@ class SignalWireCodec(wire.Codec):
     """One SignalWire stream's codec (see the module docstring)."""
 
     provider: Final = "signalwire"
+    sample_rates: Final = frozenset({8000, 16000, 24000})  # PCMU@8000h, L16@16000h/24000h
     tracks: Final[frozenset[str] | None] = frozenset({"inbound", "outbound"})
     max_tracks: Final = 2
     stops_on_close: Final = False

@@ -131,6 +131,7 @@ class TelnyxCodec(common.Codec):
     """One Telnyx media stream's codec (see the module docstring)."""
 
     provider: Final = "telnyx"
+    sample_rates: Final = frozenset({8000, 16000})  # PCMU/PCMA at 8 kHz, L16 at 8 or 16 kHz
     tracks: Final[frozenset[str] | None] = frozenset({"inbound", "outbound"})
     max_tracks: Final = 2
     stops_on_close: Final = False

@@ -92,6 +92,7 @@ class VonageCodec(common.Codec):
     """One Vonage stream's codec (see the module docstring)."""
 
     provider: Final = "vonage"
+    sample_rates: Final = frozenset({8000, 16000, 24000})  # audio/l16;rate=...
     tracks: Final[frozenset[str] | None] = frozenset({"inbound"})
     max_tracks: Final = 1
     stops_on_close: Final = True

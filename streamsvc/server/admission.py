@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from streamsvc.config import Route, Settings
 from streamsvc.providers import AUTO, REGISTRY, Provider, provider
-from streamsvc.providers.credentials import AcsTokenCheck, Credentials
+from streamsvc.providers.credentials import AcsTokenCheck, Credentials, NonceMemory
 from streamsvc.wire import Upgrade
 
 __all__ = ["Admitted", "Refused", "credentials_of", "decide", "route_auth"]
@@ -39,9 +39,10 @@ class Refused:
     reason: str
 
 
-def credentials_of(settings: Settings, acs: AcsTokenCheck | None = None) -> Credentials:
+def credentials_of(settings: Settings, acs: AcsTokenCheck | None = None,
+                   nonces: NonceMemory | None = None) -> Credentials:
     """What upgrades are checked against, from the settings (``acs``: ACS's token check,
-    which keeps its signing keys)."""
+    which keeps its signing keys; ``nonces``: the Plivo nonces already used)."""
     return Credentials(
         public_ws_base=settings.public_base("ws"),
         auth_token=settings.auth_token,
@@ -54,6 +55,7 @@ def credentials_of(settings: Settings, acs: AcsTokenCheck | None = None) -> Cred
         plivo_auth_token=settings.plivo_auth_token,
         vonage_token=settings.vonage_token,
         vonage_signature_secret=settings.vonage_signature_secret,
+        nonces=nonces,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import msgspec
@@ -36,6 +36,9 @@ logger = structlog.get_logger("streamsvc.server")
 # Events held for the handlers while a fleet looks up the call's context (bounded by
 # redis_timeout_ms: 1 s at most, 100 frames of two tracks).
 MAX_HELD_EVENTS: Final = 1000
+# DTMF and mark entries one call may put on the fleet's events stream (as the log handler
+# caps its lines): a flood of digits costs its own call entries, never another call's.
+MAX_CALL_EVENTS_PUBLISHED: Final = 1000
 # Bad frames logged individually per call; the rest are only counted.
 BAD_FRAMES_LOGGED: Final = 5
 # Frames before `start` kept for handlers that record raw frames (connected, start, a few
@@ -71,6 +74,8 @@ class CallCore:
         "connected_at",
         "context_budget",
         "early_frames",
+        "events_not_published",
+        "events_published",
         "frames_received",
         "idle_closed",
         "moved",
@@ -98,6 +103,8 @@ class CallCore:
         self.early_frames: list[RawFrame] = []
         self.frames_received = 0  # read by the idle watchdog
         self.outbound_dropped = 0  # frames for a peer that stopped reading
+        self.events_published = 0  # DTMF and mark entries put on the fleet's bus
+        self.events_not_published = 0  # past MAX_CALL_EVENTS_PUBLISHED
         self.idle_closed = False
         self._idle_seen = -1  # frames_received at the watchdog's last look
         self._quiet_since = self.connected_at
@@ -195,9 +202,9 @@ class CallCore:
             else:
                 if isinstance(event, wire.Mark):
                     session.mark_echoed(event.name)
-                    self._publish("call.mark", name=event.name[:200])
+                    self._publish_frame_rate("call.mark", name=event.name[:200])
                 elif isinstance(event, wire.Dtmf):
-                    self._publish("call.dtmf", digit=event.digit, track=event.track)
+                    self._publish_frame_rate("call.dtmf", digit=event.digit, track=event.track)
                 if self._held is None:
                     self.chain.dispatch(event)
                 elif len(self._held) < MAX_HELD_EVENTS:
@@ -240,14 +247,26 @@ class CallCore:
         if self._held is not None and len(self._held) < MAX_HELD_EVENTS:
             self._held.append(media)
 
-    def _publish(self, event: str, **fields: object) -> None:
+    def _publish_frame_rate(self, event: str, **fields: object) -> None:
+        """A DTMF or mark entry for the bus: at most :data:`MAX_CALL_EVENTS_PUBLISHED` a
+        call (the rest counted in ``stream.stopped``'s ``events_not_published``)."""
+        if self.server.fleet is None:
+            return
+        if self.events_published >= MAX_CALL_EVENTS_PUBLISHED:
+            self.events_not_published += 1
+            return
+        self.events_published += 1
+        self._publish(event, fields, lifecycle=False)
+
+    def _publish(self, event: str, fields: Mapping[str, object], *,
+                 lifecycle: bool = True) -> None:
         """Put one call event on the fleet's bus (nothing without a fleet)."""
         fleet = self.server.fleet
         if fleet is not None:
             session = self.session
             fleet.publish(event, {"call_sid": session.call_sid,
                                   "stream_sid": session.stream_sid, "path": session.path,
-                                  **fields})
+                                  **fields}, lifecycle=lifecycle)
 
     def _started(self, lookup: CallContext) -> None:
         session = self.session
@@ -275,7 +294,7 @@ class CallCore:
             "resumed_from": lookup.resumed_from,
         }
         logger.info("stream.started", **started)
-        self._publish("stream.started", **started)
+        self._publish("stream.started", started)
         if session.parameters_over_budget:
             logger.warning(
                 "stream.parameters_over_budget",
@@ -372,11 +391,12 @@ class CallCore:
             handler_errors=self.chain.errors(),
             handler_drops=self.chain.drops(),
             outbound_dropped=self.outbound_dropped,
+            events_not_published=self.events_not_published,
             custom_parameters_bytes=self.session.custom_parameters_bytes,
             wall_ms=round((time.monotonic() - self.connected_at) * 1000),
         )
         logger.info("stream.stopped", **stopped)
-        self._publish("stream.stopped", **stopped)
+        self._publish("stream.stopped", stopped)
 
     def _handler_grace_s(self) -> float:
         """How long handlers may take to finish: their stop timeout, cut to what is left

@@ -23,6 +23,7 @@ from streamsvc.fleet.store import RedisContextStore
 from streamsvc.live import LiveSession
 from streamsvc.providers import AUTO, provider
 from streamsvc.providers.acs_auth import AcsAuthenticator
+from streamsvc.providers.credentials import NonceMemory
 from streamsvc.server.admission import Admitted, Refused, credentials_of, decide, route_auth
 from streamsvc.server.front import HttpFront
 from streamsvc.server.host import HostedCall, ShellCall
@@ -77,7 +78,9 @@ class StreamServer:
         self._shutting_down = False
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
         self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
-        self.credentials = credentials_of(settings)  # set again once ACS keys are up
+        # Plivo's nonces, remembered so a captured signature opens one stream only.
+        self.nonces = NonceMemory()
+        self.credentials = credentials_of(settings, None, self.nonces)  # again with ACS's
         # A fleet sharing Redis (redis_url): set by start().
         self.fleet: FleetNode | None = None
         self.fleet_calls: dict[str, HostedCall] = {}  # by stream_sid, while a fleet is set
@@ -105,7 +108,7 @@ class StreamServer:
         if s.acs_audience and any(route.provider in ("acs", "auto") for route in s.routes):
             self.acs_auth = AcsAuthenticator(s.acs_audience, s.acs_jwks_url)
             await self.acs_auth.start()
-            self.credentials = credentials_of(s, self.acs_auth)
+            self.credentials = credentials_of(s, self.acs_auth, self.nonces)
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))

@@ -54,6 +54,8 @@ FAILED_CALLBACKS: Final = frozenset({"MediaStreamingFailed", "AnswerFailed", "Cr
                                      "PlayFailed", "RecognizeFailed"})
 # Answers in flight at once (each a request to ACS in a thread); more are refused 503.
 MAX_ANSWERS_IN_FLIGHT: Final = 64
+# Event Grid's validation codes are GUIDs: anything longer is not one, and is not echoed.
+MAX_VALIDATION_CODE: Final = 100
 
 
 def _json(value: object, status: http.HTTPStatus = http.HTTPStatus.OK) -> HttpResponse:
@@ -96,18 +98,24 @@ class AcsEvents:
                 self._callback(event)
             return HttpResponse(http.HTTPStatus.OK)
         writes: list[asyncio.Future[None] | None] = []
+        validation: HttpResponse | None = None
         for event in events:
             kind = event.get("eventType")
             data = _object(event.get("data"))
-            if kind == VALIDATION_EVENT:
+            if kind == VALIDATION_EVENT and validation is None:
+                code = data.get("validationCode")
+                if not isinstance(code, str) or not 0 < len(code) <= MAX_VALIDATION_CODE:
+                    return self._refuse(http.HTTPStatus.BAD_REQUEST, "bad_validation_code",
+                                        request)
                 self.outcomes["validated"] += 1
                 logger.info("acs.subscription_validated")
-                return _json({"validationResponse": data.get("validationCode")})
-            if kind == INCOMING_CALL_EVENT:
+                validation = _json({"validationResponse": code})
+            elif kind == INCOMING_CALL_EVENT:  # every one of a delivery, after one too
                 refused = self._incoming_call(data, request, writes)
                 if refused is not None:
                     return refused
-        return answer_when_written(self.store, writes, HttpResponse(http.HTTPStatus.OK))
+        return answer_when_written(self.store, writes,
+                                   validation or HttpResponse(http.HTTPStatus.OK))
 
     def _secret_matches(self, request: HttpRequest) -> bool:
         expected = self.settings.acs_events_secret

@@ -303,6 +303,8 @@ class _PicowsCall(CallCore):
             self.message(payload, self.fragments_binary)
 
     def _pong(self, ping: WSFrame) -> None:
+        if self.closing_reason is not None:
+            return  # closing: the pings still queued behind this one are not answered
         if ping.payload_size > MAX_CONTROL_PAYLOAD:
             self._close(WSCloseCode.PROTOCOL_ERROR, "control frame too long", "error")
         elif (self.transport.underlying_transport.get_write_buffer_size()

@@ -1,0 +1,222 @@
+"""What one message can still do to a call, on every provider of the registry: nothing but
+a counted bad frame."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from streamsvc import wire
+from streamsvc.config import Route, Settings
+from streamsvc.fleet.keys import resumed_key
+from streamsvc.fleet.node import FleetNode
+from streamsvc.handlers import resolve_handler
+from streamsvc.providers import REGISTRY, CodecOptions
+from streamsvc.providers.credentials import NonceMemory
+from streamsvc.replay import Signing, replay_session, upgrade_headers
+from streamsvc.replay.fixture import load_fixture
+from streamsvc.server import StreamServer
+from streamsvc.session import TOO_DEEP, Session, State
+
+from .conftest import LogEvents, events, until
+from .fleet_support import RedisServer
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+BUNDLED = {
+    "twilio": "inbound_params.jsonl", "signalwire": "signalwire_params.jsonl",
+    "telnyx": "telnyx_params.jsonl", "exotel": "exotel_voicebot.jsonl",
+    "plivo": "plivo_stream.jsonl", "vonage": "vonage_connect.jsonl", "acs": "acs_mixed.jsonl",
+}
+# About 2 kB: far past the decoder's recursion limit.
+DEEP = [b"[" * 1000 + b"]" * 1000,
+        b'{"event":"media","media":' + b'{"a":' * 1000 + b"1" + b"}" * 1001,
+        b'{"kind":"AudioData","audioData":' + b"[" * 1000 + b"]" * 1000 + b"}"]
+
+
+@pytest.mark.parametrize("provider", sorted(BUNDLED))
+def test_json_nested_past_any_limit_is_a_counted_bad_frame_and_the_call_goes_on(
+        provider: str) -> None:
+    fixture = load_fixture(FIXTURES / BUNDLED[provider])
+    row = next(row for row in REGISTRY if row.name == provider)
+    session = Session(codec=row.codec(wire.Upgrade.of("/", "", fixture.headers.items()),
+                                      CodecOptions()))
+    frames = list(fixture.frames)
+    for frame in frames[:3]:  # the stream starts
+        session.receive_message(frame.binary if frame.binary is not None else frame.text,
+                                frame.binary is not None)
+    assert State.STREAMING == session.state
+    for deep in DEEP:
+        session.receive_message(deep)
+        assert session.receive_media(deep) is None
+    reasons = [event.reason for event in session.events_received()
+               if not isinstance(event, wire.Start | wire.Media | wire.Dtmf | wire.Mark)
+               and hasattr(event, "reason")]
+    assert 2 * len(DEEP) == session.bad_frames
+    assert TOO_DEEP in reasons
+    assert State.STREAMING == session.state
+
+
+async def _play(url: str, fixture_name: str, headers: list[tuple[str, str]]) -> int | None:
+    fixture = load_fixture(FIXTURES / fixture_name)
+    try:
+        async with connect(url, additional_headers=headers) as connection:
+            for frame in fixture.frames:
+                await connection.send(frame.text)
+            await connection.close()
+            return connection.close_code
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+async def test_a_repeated_header_is_harmless_and_a_repeated_credential_is_a_403(
+        transport: str, logs: LogEvents) -> None:
+    """Both transports alike: a proxy's second X-Forwarded-For changes nothing; a credential
+    header sent twice is refused (which copy to check is not the service's to guess)."""
+    server = StreamServer(Settings(port=0, transport=transport, telnyx_stream_token="tok",
+                                   routes=(Route("/stream", ()),
+                                           Route("/telnyx", (), provider="telnyx"))))
+    await server.start()
+    try:
+        base = f"ws://127.0.0.1:{server.port}"
+        proxied = await _play(f"{base}/stream", "inbound_params.jsonl",
+                              [("X-Forwarded-For", "192.0.2.1"),
+                               ("X-Forwarded-For", "198.51.100.7")])
+        repeated = await _play(f"{base}/telnyx", "telnyx_params.jsonl",
+                               [("x-telnyx-streaming-auth-token", "tok"),
+                                ("x-telnyx-streaming-auth-token", "tok")])
+    finally:
+        await server.stop()
+    assert (1000, 403) == (proxied, repeated)
+    assert ["bad_token"] == [line["reason"] for line in events(logs, "handshake.rejected")]
+    assert [] == [line for line in logs if line["log_level"] == "error"]
+
+
+def _with_rate(message: object, rate: object) -> object:
+    """``message`` with every sample rate it names set to ``rate`` (Vonage's is in its
+    content type)."""
+    if isinstance(message, dict):
+        changed = {key: rate if key in ("sampleRate", "sample_rate")
+                   else _with_rate(value, rate) for key, value in message.items()}
+        if isinstance(changed.get("content-type"), str):
+            changed["content-type"] = f"audio/l16;rate={rate}"
+        return changed
+    return message
+
+
+@pytest.mark.parametrize("rate", [0, 100, 100_000_000, 44100])
+@pytest.mark.parametrize("provider", sorted(BUNDLED))
+def test_a_start_at_a_rate_its_provider_does_not_stream_at_is_refused(
+        provider: str, rate: int) -> None:
+    """One start could otherwise size every buffer a handler allocates (the recorder's
+    window and silence) or divide by zero."""
+    fixture = load_fixture(FIXTURES / BUNDLED[provider])
+    opening = fixture.opening()
+    assert opening is not None
+    row = next(row for row in REGISTRY if row.name == provider)
+    session = Session(codec=row.codec(wire.Upgrade.of("/", "", fixture.headers.items()),
+                                      CodecOptions()))
+    for frame in fixture.frames:
+        if frame.binary is not None:
+            continue
+        message = json.loads(frame.text)
+        session.receive_message(json.dumps(_with_rate(message, rate)))
+        if session.bad_frames:
+            break
+    assert State.AWAITING_START == session.state
+    assert 1 <= session.bad_frames
+
+
+async def test_two_live_streams_with_the_same_ids_never_write_the_same_file(
+        tmp_path: Path, logs: LogEvents) -> None:
+    """A second stream reusing a live call's ids (a replay, an attacker) gets files of its
+    own: each recording and capture holds one stream's frames."""
+    recorder = resolve_handler("recorder", {"dir": str(tmp_path / "rec")}, key="handlers")
+    capture = resolve_handler("capture", {"dir": str(tmp_path / "cap")}, key="handlers")
+    server = StreamServer(Settings(port=0, routes=(Route("/stream", (recorder, capture)),)))
+    await server.start()
+    try:
+        fixture = load_fixture(FIXTURES / "inbound_params.jsonl")
+        url = f"ws://127.0.0.1:{server.port}/stream"
+        first, second = await asyncio.gather(replay_session(fixture, url, speed=4),
+                                             replay_session(fixture, url, speed=4))
+        await until(lambda: len(events(logs, "stream.stopped")) == 2)
+    finally:
+        await server.stop()
+    assert (True, True) == (first.ok, second.ok)
+    stopped = events(logs, "stream.stopped")
+    assert [{}, {}] == [line["handler_errors"] for line in stopped]
+    files = sorted(Path(line["handlers"]["recorder"]["file"]).name for line in stopped)
+    assert ["MZ00000000000000000000000000000101-2.wav",
+            "MZ00000000000000000000000000000101.wav"] == files
+    captured = sorted((tmp_path / "cap").rglob("*.jsonl"))
+    assert 2 == len(captured)
+    assert [len(fixture.frames)] * 2 == [len(load_fixture(path).frames) for path in captured]
+
+
+async def test_a_poisoned_resume_marker_never_stops_a_call(tmp_path: Path) -> None:
+    """``streamsvc:resumed:<CallSid>`` holding bytes that are not a stream id (not UTF-8,
+    or far too long) is ignored with a warning: the call starts as if it were not there."""
+    store = RedisServer(tmp_path)
+    store.start()
+    node = FleetNode(Settings(redis_url=store.url, redis_timeout_ms=1000), {})
+    try:
+        poison = redis.Redis.from_url(store.url)
+        poison.set(resumed_key("CA1"), b"\xff\xfe\xfd")
+        poison.set(resumed_key("CA2"), b"M" * 100_000)
+        poison.close()
+        first = await node.look_up("CA1", "CA1")
+        second = await node.look_up("CA2", "CA2")
+    finally:
+        await node.redis.aclose()
+        await node.subscriber.aclose()
+        store.stop()
+    assert (None, None) == (first.resumed_from, second.resumed_from)
+
+
+def test_a_plivo_nonce_opens_one_stream_within_its_window() -> None:
+    now = [0.0]
+    nonces = NonceMemory(ttl_s=60, max_entries=3, clock=lambda: now[0])
+    assert (True, False, True) == (nonces.first_use("n1"), nonces.first_use("n1"),
+                                   nonces.first_use("n2"))
+    now[0] = 61
+    assert nonces.first_use("n1")  # forgotten after its window
+    for name in ("a", "b", "c", "d"):
+        nonces.first_use(name)
+    assert nonces.first_use("n2")  # the oldest go first: memory stays bounded
+
+
+async def test_a_captured_plivo_signature_is_refused_the_second_time(
+        transport: str, logs: LogEvents) -> None:
+    server = StreamServer(Settings(port=0, transport=transport, plivo_auth_token="ptoken",
+                                   public_url="wss://voice.example.com",
+                                   routes=(Route("/plivo", (), provider="plivo"),)))
+    await server.start()
+    try:
+        url = f"ws://127.0.0.1:{server.port}/plivo"
+        captured = list(upgrade_headers("plivo", url, Signing(
+            public_url="wss://voice.example.com", plivo_auth_token="ptoken")).items())
+        first = await _play(url, "plivo_stream.jsonl", captured)
+        again = await _play(url, "plivo_stream.jsonl", captured)
+    finally:
+        await server.stop()
+    assert (1000, 403) == (first, again)
+    assert ["replayed_signature"] == [line["reason"]
+                                      for line in events(logs, "handshake.rejected")]
+
+
+def test_a_flood_of_frame_rate_events_never_crowds_out_a_calls_lifecycle() -> None:
+    """DTMF and marks fill at most half the bus's buffer while Redis is slow or away:
+    every call's stream.started and stream.stopped still get in."""
+    node = FleetNode(Settings(redis_url="redis://127.0.0.1:9/0", bus_buffer=100), {})
+    for digit in range(10_000):
+        node.publish("call.dtmf", {"digit": str(digit % 10)}, lifecycle=False)
+    assert 50 == node.buffered
+    for call in range(50):
+        node.publish("stream.started", {"call_sid": f"CA{call}"})
+    assert (100, 10_000 - 50) == (node.buffered, node.dropped["event"])
