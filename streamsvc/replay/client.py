@@ -257,7 +257,9 @@ def _rejected(status: int, url: str, headers: dict[str, str], provider: str) -> 
     if signer is None:
         return f"{error}: the route checks a credential {provider} streams do not carry"
     if not signer.headers & {name.lower() for name in headers}:
-        return f"{error}: the route checks {provider}'s credential; give {signer.needs}"
+        return (f"{error}: the route checks a credential this {provider} session did not "
+                f"carry; give {signer.needs} (and check that --url is a route with "
+                f'provider = "{provider}" or "auto")')
     if provider == "twilio":
         return (f"{error}: the signature did not match; it was computed over the URL "
                 f"{url!r} unless --public-url names the origin the server's public_url has")
