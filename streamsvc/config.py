@@ -112,6 +112,8 @@ class Settings:
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
+    max_pending_starts: int = 200
+    max_streams_per_address: int = 0
     max_unread_bytes: int = 8 * 1024 * 1024
     parameter_budget_bytes: int = 800
     # Timeouts
@@ -278,6 +280,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,
             "concurrent streams; handshakes beyond get HTTP 503", minimum=1),
+    Setting("max_pending_starts", ("STREAMSVC_MAX_PENDING_STARTS",), int,
+            "connections that have not sent a valid start yet, apart from calls: more "
+            "handshakes get HTTP 503, so idle or garbage connections never take every slot",
+            minimum=1),
+    Setting("max_streams_per_address", ("STREAMSVC_MAX_STREAMS_PER_ADDRESS",), int,
+            "streams one client address may hold at once (0: no limit); only where callers "
+            "do not share a platform's media edge (Twilio's and most providers' streams "
+            "come from a few shared addresses): more get HTTP 429", minimum=0),
     Setting("max_unread_bytes", ("STREAMSVC_MAX_UNREAD_BYTES",), int,
             "bytes waiting unread for one peer (pongs to a ping flood, audio it does not "
             "read) beyond which it is disconnected", minimum=65536),

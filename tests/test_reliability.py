@@ -22,6 +22,7 @@ from streamsvc.providers.credentials import NonceMemory
 from streamsvc.replay import Signing, replay_session, upgrade_headers
 from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
+from streamsvc.server.stream_server import PENDING_GRACE_S
 from streamsvc.session import TOO_DEEP, Session, State
 
 from .conftest import LogEvents, events, until
@@ -220,3 +221,50 @@ def test_a_flood_of_frame_rate_events_never_crowds_out_a_calls_lifecycle() -> No
     for call in range(50):
         node.publish("stream.started", {"call_sid": f"CA{call}"})
     assert (100, 10_000 - 50) == (node.buffered, node.dropped["event"])
+
+
+async def test_connections_that_never_start_cannot_keep_an_honest_call_out(
+        transport: str, logs: LogEvents) -> None:
+    """max_pending_starts: idle upgrades hold at most that many places; once they have waited
+    PENDING_GRACE_S the oldest is closed (1008) to make room, so an honest call gets in."""
+    server = StreamServer(Settings(port=0, transport=transport, max_pending_starts=2,
+                                   routes=(Route("/stream", ()),)))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/stream"
+    try:
+        async with connect(url) as first, connect(url) as second:
+            with pytest.raises(InvalidStatus) as refused:  # no idle one is old enough yet
+                async with connect(url):
+                    pass
+            assert 503 == refused.value.response.status_code
+            await asyncio.sleep(PENDING_GRACE_S + 0.2)
+            result = await replay_session(load_fixture(FIXTURES / "inbound_params.jsonl"),
+                                          url, speed=0)
+            await until(lambda: first.close_code is not None)
+            assert (True, 1008, None) == (result.ok, first.close_code, second.close_code)
+    finally:
+        await server.stop()
+    assert 1 == len(events(logs, "stream.evicted"))
+    assert 1 == server.metrics.pending_evicted
+    assert ["too_many_pending_starts"] == [
+        line["reason"] for line in events(logs, "handshake.rejected")]
+
+
+async def test_one_address_may_hold_at_most_max_streams_per_address(
+        transport: str, logs: LogEvents) -> None:
+    server = StreamServer(Settings(port=0, transport=transport, max_streams_per_address=1,
+                                   routes=(Route("/stream", ()),)))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/stream"
+    try:
+        async with connect(url):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url):
+                    pass
+        await until(lambda: not server.streams_per_address)
+        result = await replay_session(load_fixture(FIXTURES / "inbound_params.jsonl"), url,
+                                      speed=0)
+    finally:
+        await server.stop()
+    assert (429, True) == (refused.value.response.status_code, result.ok)
+    assert ["address_limit"] == [line["reason"] for line in events(logs, "handshake.rejected")]

@@ -29,6 +29,7 @@ class Admitted:
     route: Route
     upgrade: Upgrade
     provider: Provider
+    address: str | None = None  # the client's address, as the socket says
 
 
 @dataclass(frozen=True, slots=True)

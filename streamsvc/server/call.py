@@ -70,6 +70,8 @@ class CallCore:
         "_quiet_since",
         "_raw_wanted",
         "_starting",
+        "address",
+        "awaiting_start",
         "chain",
         "connected_at",
         "context_budget",
@@ -99,6 +101,13 @@ class CallCore:
             codec=admitted.provider.codec(admitted.upgrade, options),
         )
         self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
+        # Counted apart from calls until its start comes (max_pending_starts), and per
+        # client address (max_streams_per_address); :meth:`closed` gives both back.
+        self.address = admitted.address
+        self.awaiting_start = True
+        server.pending[self] = time.monotonic()
+        if self.address is not None:
+            server.streams_per_address[self.address] += 1
         self.connected_at = time.monotonic()
         self.early_frames: list[RawFrame] = []
         self.frames_received = 0  # read by the idle watchdog
@@ -219,6 +228,7 @@ class CallCore:
         structlog.contextvars.bind_contextvars(
             call_sid=session.call_sid, stream_sid=session.stream_sid
         )
+        self._no_longer_pending()
         found = self.server.contexts.look_up(session.codec.correlation_id or session.call_sid,
                                              session.call_sid)
         if isinstance(found, CallContext):  # this process's store: at once
@@ -242,6 +252,32 @@ class CallCore:
                 self.chain.dispatch(event)
         if session.bidirectional:
             self._flush_quietly()
+
+    def _no_longer_pending(self) -> None:
+        if self.awaiting_start:
+            self.awaiting_start = False
+            self.server.pending.pop(self, None)
+
+    def evict(self, reason: str) -> None:
+        """Close a connection that has not started (1008 with ``reason``), logged as
+        ``stream.evicted``: its place is needed (``max_pending_starts``)."""
+        logger.warning("stream.evicted", reason=reason, bad_frames=self.session.bad_frames)
+        self.close_for_policy(reason)
+
+    def close_for_policy(self, reason: str) -> None:
+        """Close the connection with 1008 and ``reason`` (the transport's own way)."""
+        raise NotImplementedError
+
+    def closed(self) -> None:
+        """The connection is over (the transport calls this once, started or not)."""
+        self._no_longer_pending()
+        address = self.address
+        if address is not None:
+            self.address = None
+            counts = self.server.streams_per_address
+            counts[address] -= 1
+            if counts[address] <= 0:
+                del counts[address]
 
     def _hold_media(self, media: wire.Media) -> None:
         if self._held is not None and len(self._held) < MAX_HELD_EVENTS:

@@ -9,6 +9,7 @@ transports without the transports importing the server back.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -21,7 +22,7 @@ from streamsvc.server.front import HttpFront
 from streamsvc.server.metrics import Metrics
 from streamsvc.web.webhooks import HttpResponse
 
-__all__ = ["CallHost", "HostedCall", "ShellCall", "TransportHost"]
+__all__ = ["CallHost", "HostedCall", "PendingCall", "ShellCall", "TransportHost"]
 
 
 class HostedCall(Protocol):
@@ -32,6 +33,13 @@ class HostedCall(Protocol):
 
     def hand_over(self) -> None:
         """Close the stream (1001) for another instance to resume the call."""
+
+
+class PendingCall(Protocol):
+    """A connection still awaiting its start, as the host may need to end it."""
+
+    def evict(self, reason: str) -> None:
+        """Close it (1008 with ``reason``): the host needs its place for a newer one."""
 
 
 class ShellCall(Protocol):
@@ -52,6 +60,9 @@ class CallHost(Protocol):
     fleet: FleetNode | None
     stop_deadline: float | None  # loop time by which a drain must be done
     streams: dict[str, LiveSession]  # by stream_sid
+    # Connections that have not sent their start yet, oldest first, with when they came.
+    pending: dict[PendingCall, float]
+    streams_per_address: collections.Counter[str]  # connections in progress by address
     fleet_calls: dict[str, HostedCall]  # by stream_sid, while a fleet is set
 
     @property
@@ -64,8 +75,8 @@ class TransportHost(CallHost, Protocol):
 
     picows_calls: set[ShellCall]
 
-    def admit(self, path: str, query: str,
-              headers: Iterable[tuple[str, str]]) -> Admitted | HttpResponse:
+    def admit(self, path: str, query: str, headers: Iterable[tuple[str, str]],
+              address: str | None = None) -> Admitted | HttpResponse:
         """The stream handshake admitted, or the HTTP answer refusing it."""
 
     def http_front(self) -> HttpFront: ...

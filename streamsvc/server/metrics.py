@@ -79,6 +79,7 @@ class Metrics(Collector):
         self.http_rejected: collections.Counter[str] = collections.Counter()
         self.outbound_dropped = 0  # frames for peers that stopped reading
         self.unread_closes = 0  # connections closed: the peer did not read what it caused
+        self.pending_evicted = 0  # connections awaiting a start closed to make room
         self.bus: FleetNode | None = None  # a fleet's link to Redis (redis_url)
         self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
         # Voice webhook answers by outcome: served, over_budget, or a rejection reason.
@@ -148,6 +149,9 @@ class Metrics(Collector):
         yield _counter("streamsvc_unread_closes",
                        "Connections closed (1008) because the peer did not read what it "
                        "asked for (pongs to a ping flood).", self.unread_closes)
+        yield _counter("streamsvc_pending_evicted",
+                       "Connections that had not sent their start, closed (1008) to make room "
+                       "for a newer one (max_pending_starts).", self.pending_evicted)
         yield _counter("streamsvc_log_lines_dropped",
                        "Log lines lost: the log reader fell behind or a write failed.",
                        dropped_lines())

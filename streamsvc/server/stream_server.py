@@ -7,8 +7,10 @@ and drains them on shutdown. What one stream connection does is :mod:`streamsvc.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import http
+import time
 from collections.abc import Awaitable, Iterable
 from typing import Final
 
@@ -26,7 +28,7 @@ from streamsvc.providers.acs_auth import AcsAuthenticator
 from streamsvc.providers.credentials import NonceMemory
 from streamsvc.server.admission import Admitted, Refused, credentials_of, decide, route_auth
 from streamsvc.server.front import HttpFront
-from streamsvc.server.host import HostedCall, ShellCall
+from streamsvc.server.host import HostedCall, PendingCall, ShellCall
 from streamsvc.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamsvc.server.metrics import Metrics, WorkerShare
 from streamsvc.server.transports import websockets_transport
@@ -42,6 +44,9 @@ logger = structlog.get_logger("streamsvc.server")
 # Of a drain's time (drain_timeout_s), what is kept for the end: closing the streams still
 # up (CLOSE_GRACE_S each, at once) and letting their handlers finish; at most half of it.
 SHUTDOWN_RESERVE_S: Final = 4.0
+# How long a connection awaiting its start keeps its place when max_pending_starts are
+# taken and another comes: past this, the oldest is closed to make room.
+PENDING_GRACE_S: Final = 1.0
 # How often a worker of `serve --workers N` publishes its metrics for the others.
 METRICS_SHARE_INTERVAL_S: Final = 1.0
 
@@ -69,6 +74,10 @@ class StreamServer:
         self.metrics.stream_status_callbacks = self.webhooks.status_callbacks
         self.metrics.webhooks = self.webhooks.outcomes
         self.draining = False
+        # Connections admitted that have not sent their start yet, and streams in progress
+        # per client address (kept by each connection's CallCore).
+        self.pending: dict[PendingCall, float] = {}
+        self.streams_per_address: collections.Counter[str] = collections.Counter()
         self._idle = asyncio.Event()  # set while no call is in progress
         self._idle.set()
         self._server: Server | None = None
@@ -234,8 +243,8 @@ class StreamServer:
         finally:
             await self.stop()
 
-    def admit(self, path: str, query: str,
-              headers: Iterable[tuple[str, str]]) -> Admitted | HttpResponse:
+    def admit(self, path: str, query: str, headers: Iterable[tuple[str, str]],
+              address: str | None = None) -> Admitted | HttpResponse:
         """Decide a stream handshake for ``path`` (without the public prefix): the route's
         provider's credential check on its headers (:mod:`streamsvc.server.admission`),
         then room for the call. A refusal is logged, counted and returned as the HTTP
@@ -248,11 +257,8 @@ class StreamServer:
         else:
             decision = decide(route, upgrade, self.credentials)
         if isinstance(decision, Admitted):
-            if self.draining or self._shutting_down:
-                decision = Refused(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining")
-            elif self.active_calls >= self.settings.max_connections:
-                decision = Refused(http.HTTPStatus.SERVICE_UNAVAILABLE, "busy")
-            else:
+            decision = self._room_for(decision, address)
+            if isinstance(decision, Admitted):
                 return decision
         status, reason = decision.status, decision.reason
         self.metrics.handshakes_rejected[reason] += 1
@@ -262,6 +268,37 @@ class StreamServer:
         logger.warning("handshake.rejected", reason=reason, status=int(status), path=path,
                        **fields)
         return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
+
+    def _room_for(self, admitted: Admitted, address: str | None) -> Admitted | Refused:
+        """``admitted``, with the client's address, when there is room for one more stream:
+        not draining, under ``max_connections``, under ``max_pending_starts`` connections
+        still awaiting their start (so those can never take every slot), and under
+        ``max_streams_per_address`` for the address when that is set."""
+        s = self.settings
+        unavailable = http.HTTPStatus.SERVICE_UNAVAILABLE
+        if self.draining or self._shutting_down:
+            return Refused(unavailable, "draining")
+        if self.active_calls >= s.max_connections:
+            return Refused(unavailable, "busy")
+        if len(self.pending) >= s.max_pending_starts and not self._evict_oldest_pending():
+            return Refused(unavailable, "too_many_pending_starts")
+        if (s.max_streams_per_address and address is not None
+                and self.streams_per_address[address] >= s.max_streams_per_address):
+            return Refused(http.HTTPStatus.TOO_MANY_REQUESTS, "address_limit")
+        return dataclasses.replace(admitted, address=address)
+
+    def _evict_oldest_pending(self) -> bool:
+        """Make room among the connections awaiting their start: the oldest goes if it has
+        waited :data:`PENDING_GRACE_S` (a provider sends its start within milliseconds: a
+        connection that has not is the likeliest not to be a call). False when none has."""
+        oldest = next(iter(self.pending.items()), None)
+        if oldest is None or time.monotonic() - oldest[1] < PENDING_GRACE_S:
+            return False
+        call, _ = oldest
+        del self.pending[call]
+        self.metrics.pending_evicted += 1
+        call.evict("no start message: its place went to a newer connection")
+        return True
 
     def probe(self, path: str) -> HttpResponse | None:
         """Answers for the probes and the metrics, or None for other paths."""

@@ -67,11 +67,11 @@ async def serve(server: TransportHost) -> asyncio.Server:
     pinging = settings.ping_interval_s > 0
     picows_logger = logging.getLogger("streamsvc.picows")
 
-    def websocket_protocol() -> WSProtocol:
+    def websocket_protocol(address: str | None) -> WSProtocol:
         # ws_create_server's own factory, with the same arguments (picows 2.x).
         return WSProtocol(
             None, None, False,  # host and port, path: a server's
-            lambda request: _route(server, request),
+            lambda request: _route(server, request, address),
             picows_logger,
             True,  # disconnect on an exception in a callback
             settings.start_timeout_s,  # handshake timeout
@@ -98,7 +98,7 @@ class _FrontProtocol(asyncio.Protocol):
     handshake the connection switches to a picows protocol, fed what was read so far."""
 
     def __init__(self, server: TransportHost,
-                 websocket_protocol: Callable[[], WSProtocol]) -> None:
+                 websocket_protocol: Callable[[str | None], WSProtocol]) -> None:
         self.front = server.http_front()
         self.websocket_protocol = websocket_protocol
         self.head_timeout_s = server.settings.handshake_timeout_s
@@ -121,7 +121,8 @@ class _FrontProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         if isinstance(decision, Upgrade):
-            protocol = self.websocket_protocol()
+            peer = transport.get_extra_info("peername")
+            protocol = self.websocket_protocol(str(peer[0]) if peer else None)
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             _feed(protocol, decision.data)
@@ -147,13 +148,13 @@ def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
         view = view[count:]
 
 
-def _route(server: TransportHost,
-           request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListener:
+def _route(server: TransportHost, request: WSUpgradeRequest,
+           address: str | None) -> WSListener | WSUpgradeResponseWithListener:
     """Every request that reaches picows is a WebSocket handshake (the front answered the
     rest): admit it, or refuse it with the server's answer."""
     target = urlsplit(request.path.decode("latin-1"))
     path = server.settings.local_path(target.path)
-    answer = server.admit(path, target.query, request.headers.items())
+    answer = server.admit(path, target.query, request.headers.items(), address)
     if isinstance(answer, Admitted):
         return _Listener(server, answer)
     return WSUpgradeResponseWithListener(_response(answer), None)
@@ -335,6 +336,10 @@ class _PicowsCall(CallCore):
         self.moved = True
         self._close(WSCloseCode.GOING_AWAY, "moving to another instance", "shutdown")
 
+    def close_for_policy(self, reason: str) -> None:
+        self.timed_out_before_start = True  # said by evict()
+        self._close(WSCloseCode(CLOSE_POLICY_VIOLATION), reason, "error")
+
     def close_for_shutdown(self) -> None:
         self._close(WSCloseCode.GOING_AWAY, "server shutting down", "shutdown")
 
@@ -363,6 +368,7 @@ class _PicowsCall(CallCore):
         return "aborted"
 
     def _done(self) -> None:
+        self.closed()
         self.server.picows_calls.discard(self)
         self.server.call_ended()
         if not self.finished.done():

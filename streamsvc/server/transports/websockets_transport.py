@@ -71,7 +71,9 @@ def _process_request(server: TransportHost, connection: ServerConnection,
                      request: Request) -> Response | None:
     target = urlsplit(request.path)
     path = server.settings.local_path(target.path)
-    answer = server.admit(path, target.query, request.headers.raw_items())
+    peer = connection.remote_address
+    answer = server.admit(path, target.query, request.headers.raw_items(),
+                          str(peer[0]) if peer else None)
     if isinstance(answer, Admitted):
         connection.admitted = answer  # type: ignore[attr-defined]  # for _handle
         return None
@@ -87,10 +89,12 @@ async def _handle(server: TransportHost, connection: ServerConnection) -> None:
     _limit_read_size(connection)
     admitted: Admitted = connection.admitted  # type: ignore[attr-defined]
     server.call_began()
+    call = _Call(server, connection, admitted)
     try:
         with structlog.contextvars.bound_contextvars(path=admitted.route.path):
-            await _Call(server, connection, admitted).run()
+            await call.run()
     finally:
+        call.closed()
         server.call_ended()
 
 
@@ -172,6 +176,10 @@ class _Call(CallCore):
         self.moved = True
         self.closer = asyncio.get_running_loop().create_task(
             self.connection.close(CLOSE_GOING_AWAY, "moving to another instance"))
+
+    def close_for_policy(self, reason: str) -> None:
+        self.closer = asyncio.get_running_loop().create_task(
+            self.connection.close(CLOSE_POLICY_VIOLATION, reason))
 
     def start_writer(self) -> None:
         self.writer = asyncio.get_running_loop().create_task(self._write())
