@@ -11,6 +11,18 @@ from structlog.testing import capture_logs
 
 LogEvents = list[dict[str, Any]]
 
+# Each provider of the registry's bundled fixture: the suites that run every provider
+# (conformance, liberal codecs, reliability) take them from here.
+BUNDLED = {
+    "twilio": "inbound_params.jsonl",
+    "signalwire": "signalwire_params.jsonl",
+    "telnyx": "telnyx_params.jsonl",
+    "exotel": "exotel_voicebot.jsonl",
+    "plivo": "plivo_stream.jsonl",
+    "vonage": "vonage_connect.jsonl",
+    "acs": "acs_mixed.jsonl",
+}
+
 
 @pytest.fixture
 def logs() -> Iterator[LogEvents]:

@@ -29,21 +29,12 @@ from streamsvc.replay.fixture import Fixture, load_fixture
 from streamsvc.replay.signing import SIGNERS
 from streamsvc.server import StreamServer
 from streamsvc.session import Session
-from tests.conftest import LogEvents, events, outcome_of, until
+from tests.conftest import BUNDLED, LogEvents, events, outcome_of, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PUBLIC = "wss://voice.example.com"
 AUDIENCE = "acs-resource-0001"
 # Each provider's bundled fixture, and one whose talk-back is exercised.
-BUNDLED = {
-    "twilio": "inbound_params.jsonl",
-    "signalwire": "signalwire_params.jsonl",
-    "telnyx": "telnyx_params.jsonl",
-    "exotel": "exotel_voicebot.jsonl",
-    "plivo": "plivo_stream.jsonl",
-    "vonage": "vonage_connect.jsonl",
-    "acs": "acs_mixed.jsonl",
-}
 PROVIDERS = [row.name for row in REGISTRY if row.name != "auto"]
 SECRETS = {"auth_token": "twilio-token", "signalwire_token": "signalwire-token",
            "telnyx_stream_token": "telnyx-token", "exotel_basic_auth": "key:exotel-token",

@@ -21,16 +21,9 @@ from streamsvc.exceptions import RemoteProtocolError
 from streamsvc.providers import REGISTRY, codec_for
 from streamsvc.replay.fixture import load_fixture
 
+from .conftest import BUNDLED
+
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-BUNDLED = {
-    "twilio": "inbound_params.jsonl",
-    "signalwire": "signalwire_params.jsonl",
-    "telnyx": "telnyx_params.jsonl",
-    "exotel": "exotel_voicebot.jsonl",
-    "plivo": "plivo_stream.jsonl",
-    "vonage": "vonage_connect.jsonl",
-    "acs": "acs_mixed.jsonl",
-}
 Path_ = tuple[str, ...]
 # Vonage's first message is the NCCO's headers: its top-level keys are the call's context.
 CONTEXT_AT_THE_TOP = frozenset({"vonage"})

@@ -25,15 +25,10 @@ from streamsvc.server import StreamServer
 from streamsvc.server.stream_server import PENDING_GRACE_S
 from streamsvc.session import TOO_DEEP, Session, State
 
-from .conftest import LogEvents, events, until
+from .conftest import BUNDLED, LogEvents, events, until
 from .fleet_support import RedisServer
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-BUNDLED = {
-    "twilio": "inbound_params.jsonl", "signalwire": "signalwire_params.jsonl",
-    "telnyx": "telnyx_params.jsonl", "exotel": "exotel_voicebot.jsonl",
-    "plivo": "plivo_stream.jsonl", "vonage": "vonage_connect.jsonl", "acs": "acs_mixed.jsonl",
-}
 # About 2 kB: far past the decoder's recursion limit.
 DEEP = [b"[" * 1000 + b"]" * 1000,
         b'{"event":"media","media":' + b'{"a":' * 1000 + b"1" + b"}" * 1001,
