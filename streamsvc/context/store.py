@@ -85,7 +85,3 @@ class MemoryContextStore:
             del self._entries[call_id]  # type: ignore[arg-type]
             return CallContext()
         return record
-
-    def get(self, call_id: str) -> dict[str, str] | None:
-        """The stream parameters kept for ``call_id``, or None (expired or never put)."""
-        return self.look_up(call_id).parameters

@@ -38,6 +38,9 @@ class Refused:
 
     status: http.HTTPStatus
     reason: str
+    # A credential refusal: the route's provider and where its credential is set.
+    provider: str | None = None
+    credential: str | None = None
 
 
 def credentials_of(settings: Settings, acs: AcsTokenCheck | None = None,
@@ -69,7 +72,7 @@ def decide(route: Route, upgrade: Upgrade, credentials: Credentials) -> Admitted
     if row.check is not None and row.configured(credentials):
         problem = row.check(upgrade, credentials)
         if problem is not None:
-            return Refused(http.HTTPStatus.FORBIDDEN, problem)
+            return Refused(http.HTTPStatus.FORBIDDEN, problem, row.name, row.credential_env)
     return Admitted(route, upgrade, row)
 
 
@@ -87,7 +90,8 @@ def _decide_auto(route: Route, upgrade: Upgrade, credentials: Credentials) -> Ad
         if problem is None:
             return Admitted(route, upgrade, row)
         first_problem = first_problem or problem
-    return Refused(http.HTTPStatus.FORBIDDEN, first_problem or "missing_token")
+    return Refused(http.HTTPStatus.FORBIDDEN, first_problem or "missing_token", AUTO.name,
+                   "the providers' stream credentials")
 
 
 def route_auth(route: Route, settings: Settings) -> str | None:

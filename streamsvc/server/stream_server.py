@@ -17,13 +17,12 @@ from typing import Final
 import structlog
 from websockets.asyncio.server import Server
 
-from streamsvc.config import HEALTH_PATH, METRICS_PATH, READY_PATH, Route, Settings
+from streamsvc.config import HEALTH_PATH, METRICS_PATH, READY_PATH, Settings
 from streamsvc.context.store import ContextStore, MemoryContextStore
 from streamsvc.context.twiml import KEEP_CALL_UP_TWIML
 from streamsvc.fleet.node import FleetNode
 from streamsvc.fleet.store import RedisContextStore
 from streamsvc.live import LiveSession
-from streamsvc.providers import AUTO, provider
 from streamsvc.providers.acs_auth import AcsAuthenticator
 from streamsvc.providers.credentials import NonceMemory
 from streamsvc.server.admission import Admitted, Refused, credentials_of, decide, route_auth
@@ -263,8 +262,8 @@ class StreamServer:
         status, reason = decision.status, decision.reason
         self.metrics.handshakes_rejected[reason] += 1
         fields: dict[str, object] = {}
-        if route is not None and status is http.HTTPStatus.FORBIDDEN:
-            fields = {"provider": route.provider, "credential": _credential_hint(route)}
+        if decision.provider is not None:
+            fields = {"provider": decision.provider, "credential": decision.credential}
         logger.warning("handshake.rejected", reason=reason, status=int(status), path=path,
                        **fields)
         return HttpResponse(status, f"{status.phrase}: {reason}\n".encode())
@@ -393,11 +392,3 @@ async def _publish(share: WorkerShare) -> None:
         except OSError as exc:  # the directory went away: the next scrape shows less
             logger.warning("metrics.share_failed", error=str(exc))
         await asyncio.sleep(METRICS_SHARE_INTERVAL_S)
-
-
-def _credential_hint(route: Route) -> str:
-    """Where the credential a route's upgrades need is set (a refusal's log line)."""
-    row = provider(route.provider)
-    if row is AUTO:
-        return "the providers' stream credentials"
-    return row.credential_env

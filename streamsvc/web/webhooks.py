@@ -178,7 +178,7 @@ class Webhooks:
         if form in ("plivo", "exotel"):
             return self._answer(route, form, fields, query)
         if query.get(ACTION_PARAMETER) == "connect" and self.fleet is not None:
-            return self._connect_action(route, fields, self.fleet)
+            return self._connect_action(route, fields, self.fleet, form)
         return self._twiml(route, fields, query, form)
 
     def _request_problem(self, form: str | None, request: HttpRequest,
@@ -302,8 +302,8 @@ class Webhooks:
             action=action, stream_attributes=extra,
         )
 
-    async def _connect_action(self, route: Route, fields: dict[str, str],
-                              fleet: FleetNode) -> HttpResponse:
+    async def _connect_action(self, route: Route, fields: dict[str, str], fleet: FleetNode,
+                              form: str | None = "twiml") -> HttpResponse:
         """Twilio's request when a <Connect> ends: a fresh <Connect><Stream> with the same
         parameters when a draining instance handed the call over, else what follows."""
         call_sid = fields.get("CallSid")
@@ -316,7 +316,7 @@ class Webhooks:
                 f'<?xml version="1.0" encoding="UTF-8"?><Response>{after}</Response>'
             ).encode(), "application/xml")
         self.outcomes["connect_resumed"] += 1
-        document = self._render(route, resume.parameters)
+        document = self._render(route, resume.parameters, form)
         logger.info("twiml.resumed", call_sid=call_sid, path=route.path,
                     resumed_from=resume.resumed_from, parameters=list(resume.parameters))
         return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
