@@ -7,6 +7,7 @@ echo and talks back. A provider added to the registry with a fixture here gets a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import wave
 from collections.abc import AsyncIterator
@@ -16,14 +17,16 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.providers import REGISTRY, CodecOptions, codec_for
-from streamsvc.replay import Signing, replay, write_acs_keys
+from streamsvc.replay import Signing, replay, upgrade_headers, write_acs_keys
 from streamsvc.replay.check import differences
 from streamsvc.replay.fixture import Fixture, load_fixture
 from streamsvc.replay.signing import SIGNERS
@@ -85,6 +88,7 @@ async def server(tmp_path: Path, receiver: Receiver) -> AsyncIterator[StreamServ
     routes = [Route(f"/{name}", handlers(name), provider=name) for name in PROVIDERS]
     routes += [Route(f"/{name}-talk", (echo,), bidirectional=True, provider=name)
                for name in PROVIDERS]
+    routes.append(Route("/auto", handlers("auto"), provider="auto"))
     running = StreamServer(Settings(
         port=0, routes=tuple(routes), public_url=PUBLIC, acs_audience=AUDIENCE,
         acs_jwks_url=jwks.as_uri(), **SECRETS))
@@ -204,6 +208,38 @@ async def test_an_unsigned_upgrade_is_refused_and_the_hint_names_the_providers_c
     [rejected] = events(logs, "handshake.rejected")
     assert (403, provider) == (rejected["status"], rejected["provider"])
     assert rejected["credential"] in [row.credential_env for row in REGISTRY]
+
+
+# Twilio and SignalWire speak one protocol: each other's streams are theirs alike.
+OTHER_FORMAT = {name: next(other for other in PROVIDERS[i + 1:] + PROVIDERS[:i]
+                           if {name, other} != {"twilio", "signalwire"})
+                for i, name in enumerate(PROVIDERS)}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_on_auto_the_credential_that_admitted_the_upgrade_fixes_the_provider(
+        provider: str, server: StreamServer, tmp_path: Path, logs: LogEvents) -> None:
+    """An upgrade signed as one provider that streams another's format is refused (1008,
+    stream.provider_mismatch naming both): never parsed as the other provider, never given
+    the other's correlation id or stored context."""
+    url = f"ws://127.0.0.1:{server.port}/auto"
+    headers = upgrade_headers(provider, url, signing(tmp_path))
+    other = load_fixture(FIXTURES / BUNDLED[OTHER_FORMAT[provider]])
+    async with connect(url, additional_headers=list(headers.items())) as connection:
+        with contextlib.suppress(ConnectionClosed):
+            for frame in other.frames:
+                await connection.send(frame.binary if frame.binary is not None
+                                      else frame.text)
+            await asyncio.wait_for(connection.recv(), 5)
+    assert 1008 == connection.close_code
+    assert "provider_mismatch" in (connection.close_reason or "")
+    [mismatch] = events(logs, "stream.provider_mismatch")
+    told = OTHER_FORMAT[provider]
+    shown = "twilio or signalwire" if told in ("twilio", "signalwire") else told
+    assert (provider, shown) == (mismatch["admitted_as"], mismatch["stream_format"])
+    assert [] == events(logs, "stream.started")
+    assert 'streamsvc_streams_refused_total{reason="provider_mismatch"} 1.0' in (
+        server.metrics.render().decode())
 
 
 async def test_server_listening_names_each_routes_check(tmp_path: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,8 +55,12 @@ def feed_three_ways(data: bytes) -> list[Upgrade | Answer | None]:
 
 def test_a_websocket_handshake_is_handed_over_with_every_byte_read() -> None:
     whole, piecewise, trailing = feed_three_ways(UPGRADE)
-    assert Upgrade(UPGRADE) == whole == piecewise
-    assert Upgrade(UPGRADE + b"\x81\x80") == trailing  # the first frame goes along
+    assert isinstance(whole, Upgrade)
+    assert (UPGRADE, "/stream") == (whole.data, whole.target)
+    assert ("upgrade", "websocket") in whole.headers
+    assert whole == piecewise
+    assert isinstance(trailing, Upgrade)
+    assert UPGRADE + b"\x81\x80" == trailing.data  # the first frame goes along
 
 
 def test_a_form_post_is_read_whole_with_its_body() -> None:
@@ -98,6 +103,30 @@ def test_a_head_over_the_limit_is_refused() -> None:
     decision = reader.receive_data(b"GET /x HTTP/1.1\r\nX-Long: " + b"a" * 200)
     assert isinstance(decision, Answer)
     assert [(431, "bad_request")] == recorder.refusals
+
+
+@pytest.mark.parametrize(("head", "status", "reason"), [
+    (b"GET /stream HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 17_000 + b"\r\n\r\n", 431,
+     "head_too_large"),
+    (b"GET /stream?" + b"q" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414,
+     "target_too_long"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-%d: 1\r\n" % n for n in range(500)) + b"\r\n", 431, "head_too_large"),
+])
+def test_a_head_over_the_limits_that_comes_whole_in_one_read_is_refused(
+        head: bytes, status: int, reason: str) -> None:
+    """h11 bounds only a head still incomplete: one read of a whole head past the limits
+    (a 17 KB field, a 20 KB request line, 500 fields) is refused all the same."""
+    for chunks in ([head], [head[:len(head) // 2], head[len(head) // 2:]]):
+        recorder = Recorder()
+        reader = front(recorder)
+        decision = None
+        for chunk in chunks:
+            decision = reader.receive_data(chunk)
+            if decision is not None:
+                break
+        assert isinstance(decision, Answer)
+        assert [(status, reason)] == recorder.refusals
 
 
 def test_garbage_is_a_bad_request() -> None:

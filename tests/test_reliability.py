@@ -4,16 +4,18 @@ a counted bad frame."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import redis
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamsvc import wire
 from streamsvc.config import Route, Settings
+from streamsvc.fleet import Fleet
 from streamsvc.fleet.keys import resumed_key
 from streamsvc.fleet.node import FleetNode
 from streamsvc.handlers import resolve_handler
@@ -128,10 +130,10 @@ def test_a_start_at_a_rate_its_provider_does_not_stream_at_is_refused(
     assert 1 <= session.bad_frames
 
 
-async def test_two_live_streams_with_the_same_ids_never_write_the_same_file(
+async def test_a_second_live_stream_with_the_same_ids_is_refused_and_shares_no_file(
         tmp_path: Path, logs: LogEvents) -> None:
-    """A second stream reusing a live call's ids (a replay, an attacker) gets files of its
-    own: each recording and capture holds one stream's frames."""
+    """A second stream reusing a live call's stream id (a replay, an attacker) is closed
+    (1008) before any handler sees it: the first keeps its recording and capture to itself."""
     recorder = resolve_handler("recorder", {"dir": str(tmp_path / "rec")}, key="handlers")
     capture = resolve_handler("capture", {"dir": str(tmp_path / "cap")}, key="handlers")
     server = StreamServer(Settings(port=0, routes=(Route("/stream", (recorder, capture)),)))
@@ -141,18 +143,70 @@ async def test_two_live_streams_with_the_same_ids_never_write_the_same_file(
         url = f"ws://127.0.0.1:{server.port}/stream"
         first, second = await asyncio.gather(replay_session(fixture, url, speed=4),
                                              replay_session(fixture, url, speed=4))
-        await until(lambda: len(events(logs, "stream.stopped")) == 2)
+        await until(lambda: events(logs, "stream.stopped"))
+        await asyncio.sleep(0.1)
+        metrics = server.metrics.render().decode()
     finally:
         await server.stop()
-    assert (True, True) == (first.ok, second.ok)
-    stopped = events(logs, "stream.stopped")
-    assert [{}, {}] == [line["handler_errors"] for line in stopped]
-    files = sorted(Path(line["handlers"]["recorder"]["file"]).name for line in stopped)
-    assert ["MZ00000000000000000000000000000101-2.wav",
-            "MZ00000000000000000000000000000101.wav"] == files
-    captured = sorted((tmp_path / "cap").rglob("*.jsonl"))
-    assert 2 == len(captured)
-    assert [len(fixture.frames)] * 2 == [len(load_fixture(path).frames) for path in captured]
+    assert [True, False] == sorted([first.ok, second.ok], reverse=True)
+    [stopped] = events(logs, "stream.stopped")
+    [duplicate] = events(logs, "stream.duplicate_stream_sid")
+    assert ({}, "this instance", "claimant") == (
+        stopped["handler_errors"], duplicate["owner"], duplicate["refused"])
+    assert 'streamsvc_streams_refused_total{reason="duplicate_stream_sid"} 1.0' in metrics
+    assert ["MZ00000000000000000000000000000101.wav"] == [
+        path.name for path in (tmp_path / "rec").rglob("*.wav")]
+    [captured] = list((tmp_path / "cap").rglob("*.jsonl"))
+    assert len(fixture.frames) == len(load_fixture(captured).frames)
+
+
+async def test_a_stream_id_live_on_one_instance_is_refused_on_another_and_keeps_its_talk_back(
+        tmp_path: Path, transport: str, logs: LogEvents) -> None:
+    """The fleet's registry: the first stream claims its id; another instance refuses a
+    second stream with that id (both log stream.duplicate_stream_sid), a worker's talk-back
+    still reaches the first, and the refused one's hang-up leaves the first reachable."""
+    store = RedisServer(tmp_path)
+    store.start()
+    route = (Route("/connect", (), bidirectional=True),)
+    a = StreamServer(Settings(port=0, routes=route, redis_url=store.url, instance_id="a",
+                              transport=transport))
+    b = StreamServer(Settings(port=0, routes=route, redis_url=store.url, instance_id="b",
+                              transport=transport))
+    await a.start()
+    await b.start()
+    opening = [frame.text for frame in
+               load_fixture(FIXTURES / "inbound_params.jsonl").frames[:2]]
+    try:
+        async with connect(f"ws://127.0.0.1:{a.port}/connect") as victim:
+            for text in opening:
+                await victim.send(text)
+            await until(lambda: events(logs, "stream.started"))
+            sid = events(logs, "stream.started")[0]["stream_sid"]
+            async with connect(f"ws://127.0.0.1:{b.port}/connect") as attacker:
+                for text in opening:
+                    await attacker.send(text)
+                with contextlib.suppress(ConnectionClosed):
+                    async for _ in attacker:
+                        pass
+            assert 1008 == attacker.close_code
+            await until(lambda: len(events(logs, "stream.duplicate_stream_sid")) == 2)
+            async with Fleet(store.url) as fleet:
+                owner = await fleet.owner(sid)
+                await fleet.send_audio(sid, bytes(320 * 5), sample_rate=8000)
+            played = [json.loads(await asyncio.wait_for(victim.recv(), 5)) for _ in range(5)]
+    finally:
+        await b.stop()
+        await a.stop()
+        store.stop()
+    assert owner is not None
+    assert "a" == owner["instance"]
+    assert ["media"] * 5 == [message["event"] for message in played]
+    by_side = {line["refused"] + ":" + line["owner"]: line
+               for line in events(logs, "stream.duplicate_stream_sid")}
+    assert {"claimant:a"} == set(by_side)  # one key: both lines name a as the owner
+    assert ["b", "b"] == [line["claimant"]
+                          for line in events(logs, "stream.duplicate_stream_sid")]
+    assert 1 == len(events(logs, "stream.started"))
 
 
 async def test_a_poisoned_resume_marker_never_stops_a_call(tmp_path: Path) -> None:
@@ -204,6 +258,37 @@ async def test_a_captured_plivo_signature_is_refused_the_second_time(
     assert (1000, 403) == (first, again)
     assert ["replayed_signature"] == [line["reason"]
                                       for line in events(logs, "handshake.rejected")]
+
+
+async def test_a_captured_plivo_signature_opens_one_stream_in_the_whole_fleet(
+        tmp_path: Path, transport: str, logs: LogEvents) -> None:
+    """In a fleet the nonces are remembered in Redis: the captured upgrade, replayed to
+    another instance, is a 403 there too."""
+    store = RedisServer(tmp_path)
+    store.start()
+    servers = [StreamServer(Settings(port=0, transport=transport, plivo_auth_token="ptoken",
+                                     public_url="wss://voice.example.com",
+                                     redis_url=store.url, instance_id=name,
+                                     routes=(Route("/plivo", (), provider="plivo"),)))
+               for name in ("a", "b")]
+    for server in servers:
+        await server.start()
+    try:
+        a, b = (f"ws://127.0.0.1:{server.port}/plivo" for server in servers)
+        captured = list(upgrade_headers("plivo", a, Signing(
+            public_url="wss://voice.example.com", plivo_auth_token="ptoken")).items())
+        first = await _play(a, "plivo_stream.jsonl", captured)
+        elsewhere = await _play(b, "plivo_stream.jsonl", captured)
+        fresh = list(upgrade_headers("plivo", b, Signing(
+            public_url="wss://voice.example.com", plivo_auth_token="ptoken")).items())
+        honest = await _play(b, "plivo_stream.jsonl", fresh)
+    finally:
+        for server in servers:
+            await server.stop()
+        store.stop()
+    assert (1000, 403, 1000) == (first, elsewhere, honest)
+    [rejected] = events(logs, "handshake.rejected")
+    assert ("replayed_signature", "plivo") == (rejected["reason"], rejected["provider"])
 
 
 def test_a_flood_of_frame_rate_events_never_crowds_out_a_calls_lifecycle() -> None:

@@ -222,7 +222,17 @@ class Fleet:
         """The live registry's entry for ``stream_sid`` (instance, call_sid, path,
         started_at), or None when no instance has it live."""
         raw = await self.redis.get(registry_key(stream_sid))
-        return orjson.loads(raw) if raw else None
+        if raw is None:
+            return None
+        try:
+            entry = orjson.loads(raw)
+            instance = entry["instance"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+            instance = None
+        if not isinstance(instance, str) or not instance:
+            raise FleetError(f"the registry's entry for {stream_sid!r} is not one streamsvc "
+                             "wrote")
+        return entry  # type: ignore[no-any-return]
 
     async def send_audio(self, stream_sid: str, audio: bytes, *,
                          sample_rate: int | None = None) -> None:
@@ -276,6 +286,8 @@ class Fleet:
                 reply = orjson.loads(message["data"])
             except orjson.JSONDecodeError:
                 continue
-            future = self._waiting.get(reply.get("id", ""))
+            if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
+                continue  # not a reply to us
+            future = self._waiting.get(reply["id"])
             if future is not None and not future.done():
                 future.set_result(reply)

@@ -4,6 +4,7 @@ them and the client (:mod:`streamsvc.fleet.client`) that reads them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from typing import Final
@@ -13,6 +14,7 @@ __all__ = [
     "COMMANDS_PREFIX",
     "CONTEXT_PREFIX",
     "EVENTS_STREAM",
+    "NONCE_PREFIX",
     "REGISTRY_PREFIX",
     "REPLIES_PREFIX",
     "RESUMED_PREFIX",
@@ -21,6 +23,7 @@ __all__ = [
     "commands_channel",
     "context_key",
     "default_consumer_name",
+    "nonce_key",
     "registry_key",
     "resume_key",
     "resumed_key",
@@ -34,6 +37,7 @@ RESUME_PREFIX: Final = "streamsvc:resume:"
 RESUMED_PREFIX: Final = "streamsvc:resumed:"
 COMMANDS_PREFIX: Final = "streamsvc:commands:"
 REPLIES_PREFIX: Final = "streamsvc:replies:"
+NONCE_PREFIX: Final = "streamsvc:nonce:"
 
 
 def audio_key(stream_sid: str) -> str:
@@ -54,6 +58,11 @@ def resume_key(call_sid: str) -> str:
 
 def resumed_key(call_sid: str) -> str:
     return RESUMED_PREFIX + call_sid
+
+
+def nonce_key(provider: str, nonce: str) -> str:
+    """A signature nonce seen in the fleet (its SHA-256: a key of bounded size)."""
+    return f"{NONCE_PREFIX}{provider}:{hashlib.sha256(nonce.encode()).hexdigest()}"
 
 
 def commands_channel(instance: str) -> str:

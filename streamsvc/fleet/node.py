@@ -33,6 +33,7 @@ from streamsvc.fleet.keys import (
     commands_channel,
     context_key,
     default_consumer_name,
+    nonce_key,
     registry_key,
     resume_key,
     resumed_key,
@@ -69,6 +70,22 @@ MAX_COMMAND_BYTES: Final = 4 * 1024 * 1024
 FRAME_RATE_SHARE: Final = 0.5
 # A stream id kept in Redis (resume markers) longer than this is not one.
 MAX_STREAM_ID_BYTES: Final = 256
+# The registry's entries are claimed, refreshed and given back only by the instance that
+# holds them: set when absent or still ours, deleted only while ours.
+KEEP_IF_OURS: Final = """
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
+GIVE_BACK_IF_OURS: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 # What the fleet knows of a call at its stream's start: the context store's record.
@@ -115,6 +132,10 @@ class FleetNode:
         self.commands: collections.Counter[str] = collections.Counter()  # op:outcome
         self.outage_since: float | None = None
         self._dropped_in_outage = 0
+        # The registry entries this instance holds (stream id -> entry as written): a
+        # stream id is claimed once in the fleet; only its holder refreshes or removes it.
+        self.claims: dict[str, bytes] = {}
+        self.duplicates = 0  # streams refused: their id was live on another instance
 
     # -- life ---------------------------------------------------------------------------
 
@@ -217,13 +238,59 @@ class FleetNode:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(asyncio.gather(*done)), self.timeout_s)
 
-    def register(self, session: LiveSession, started_at: float) -> None:
-        assert session.stream_sid is not None
-        self._put(("set", registry_key(session.stream_sid),
-                   self._registry_entry(session, started_at), REGISTRY_TTL_S), "registry")
+    async def claim(self, session: LiveSession, started_at: float) -> str | None:
+        """Claim the stream's id in the live registry (``streamsvc:stream:<sid>``): None
+        when this instance now holds it, else the instance whose live stream holds it (the
+        new stream must be refused; that instance is told, and logs it too). Bounded by
+        ``redis_timeout_ms``: when Redis does not answer the claim is queued (written when
+        it comes back, unless another instance's stream has the id by then) and the call
+        goes on."""
+        sid = session.stream_sid
+        assert sid is not None
+        entry = self._registry_entry(session, started_at)
+        key = registry_key(sid)
+        self.claims[sid] = entry
+        try:
+            if self.outage_since is not None:
+                raise TimeoutError("redis is unavailable")
+            claimed = await asyncio.wait_for(
+                self.redis.set(key, entry, nx=True, ex=REGISTRY_TTL_S), self.timeout_s)
+            if claimed:
+                return None
+            held = await asyncio.wait_for(self.redis.get(key), self.timeout_s)
+        except (TimeoutError, RedisError, OSError):
+            self._put(("eval", key, KEEP_IF_OURS, entry, REGISTRY_TTL_S), "registry")
+            return None
+        owner = _registry_owner(held)
+        if held is not None and owner in (None, self.instance):
+            # Not an entry streamsvc wrote, or one this instance left before a restart
+            # (no live stream of ours holds the id: this one is the only one): replace it.
+            with contextlib.suppress(TimeoutError, RedisError, OSError):
+                await asyncio.wait_for(self.redis.set(key, entry, ex=REGISTRY_TTL_S),
+                                       self.timeout_s)
+            return None
+        if held is None and await self._keep_if_ours(key, entry):
+            return None  # given back meanwhile: claimed now
+        del self.claims[sid]
+        self.duplicates += 1
+        if owner is None:
+            return "unknown"
+        self._notify(owner, {"op": "duplicate_stream_sid", "stream_sid": sid,
+                             "claimant": self.instance, "call_sid": session.call_sid})
+        return owner
+
+    async def _keep_if_ours(self, key: str, entry: bytes) -> bool:
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            return bool(await asyncio.wait_for(
+                self.redis.eval(KEEP_IF_OURS, 1, key, entry, REGISTRY_TTL_S),  # type: ignore[no-untyped-call, unused-ignore]
+                self.timeout_s))
+        return True
 
     def unregister(self, stream_sid: str) -> None:
-        self._put(("del", registry_key(stream_sid)), "registry")
+        """Give the stream's id back (only if this instance holds it)."""
+        entry = self.claims.pop(stream_sid, None)
+        if entry is not None:
+            self._put(("eval", registry_key(stream_sid), GIVE_BACK_IF_OURS, entry), "registry")
 
     def mark_resumable(self, call_sid: str, stream_sid: str) -> None:
         """A drain closes this call's <Connect> stream: the next instance it reaches
@@ -311,6 +378,8 @@ class FleetNode:
                         pipe.expire(key, expire_s)
                 elif kind == "set":
                     pipe.set(op[1], op[2], ex=op[3])
+                elif kind == "eval":
+                    pipe.eval(op[2], 1, op[1], *op[3:])  # type: ignore[no-untyped-call, unused-ignore]
                 else:
                     pipe.delete(op[1])
             results = await pipe.execute(raise_on_error=False)
@@ -328,25 +397,24 @@ class FleetNode:
         return merged
 
     async def _refresh_registry(self) -> None:
-        """Keep this instance's live streams in the registry (their entries expire when it
-        dies)."""
-        started: dict[str, float] = {}
+        """Keep the entries this instance holds in the registry (they expire when it dies);
+        an entry another instance's stream took meanwhile (the key had expired while Redis
+        was away) is not taken back: that stream holds it now."""
         while True:
             await asyncio.sleep(REGISTRY_REFRESH_S)
-            sessions = list(self.streams.values())
-            if not sessions or self.outage_since is not None:
+            claims = list(self.claims.items())
+            if not claims or self.outage_since is not None:
                 continue
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for session in sessions:
-                        assert session.stream_sid is not None
-                        at = started.setdefault(session.stream_sid, time.time())
-                        pipe.set(registry_key(session.stream_sid),
-                                 self._registry_entry(session, at), ex=REGISTRY_TTL_S)
-                    await asyncio.wait_for(pipe.execute(), self.timeout_s * 10)
-            live = {session.stream_sid for session in sessions}
-            for sid in [sid for sid in started if sid not in live]:
-                del started[sid]
+                    for sid, entry in claims:
+                        pipe.eval(KEEP_IF_OURS, 1, registry_key(sid), entry,  # type: ignore[no-untyped-call, unused-ignore]
+                                  REGISTRY_TTL_S)
+                    kept = await asyncio.wait_for(pipe.execute(), self.timeout_s * 10)
+                for (sid, entry), ours in zip(claims, kept, strict=True):
+                    if not ours and self.claims.get(sid) == entry:
+                        del self.claims[sid]
+                        logger.warning("bus.registry_lost", stream_sid=sid)
 
     # -- reads (bounded in time) ----------------------------------------------------------
 
@@ -416,6 +484,19 @@ class FleetNode:
                 parameters = {str(k): str(v) for k, v in kept.items()}
         return Resume(resumed_from, parameters)
 
+    async def first_use(self, provider: str, nonce: str, ttl_s: float) -> bool:
+        """True unless an instance of the fleet has seen ``provider``'s signature ``nonce``
+        in the last ``ttl_s`` (and remember it); True when Redis does not answer within
+        ``redis_timeout_ms`` (each instance still remembers its own)."""
+        try:
+            first = await asyncio.wait_for(
+                self.redis.set(nonce_key(provider, nonce), b"1", nx=True, ex=int(ttl_s)),
+                self.timeout_s)
+        except (TimeoutError, RedisError, OSError):
+            self.lookups["nonce_unavailable"] += 1
+            return True
+        return bool(first)
+
     async def live_stream(self, stream_sid: str) -> dict[str, Any] | None:
         """The registry's entry for a stream live on any instance (None when not live, or
         when Redis does not answer within ``redis_timeout_ms``)."""
@@ -459,6 +540,9 @@ class FleetNode:
             if len(raw) > MAX_COMMAND_BYTES:
                 raise ValueError("command too large")
             command = orjson.loads(raw)
+            if command["op"] == "duplicate_stream_sid":
+                self._duplicate_noticed(command)
+                return
             op, stream_sid, reply_to = command["op"], command["stream_sid"], command["reply_to"]
             if not isinstance(reply_to, str) or not reply_to.startswith("streamsvc:replies:"):
                 raise ValueError("reply_to is not a reply channel")
@@ -467,7 +551,7 @@ class FleetNode:
             logger.warning("bus.bad_command", reason=str(exc))
             return
         command_id = command.get("id")
-        session = self.streams.get(stream_sid)
+        session = self.streams.get(stream_sid) if isinstance(stream_sid, str) else None
         if session is None:
             self._reply(reply_to, command_id, op, error=f"stream {stream_sid!r} is not live "
                         f"on {self.instance}")
@@ -503,9 +587,45 @@ class FleetNode:
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
+    def _duplicate_noticed(self, notice: dict[str, Any]) -> None:
+        """Another instance refused a stream with the id of one of ours (it logs it too)."""
+        sid = notice["stream_sid"]
+        session = self.streams.get(sid) if isinstance(sid, str) else None
+        if session is None:
+            return  # ended meanwhile
+        self.commands["duplicate_stream_sid:noted"] += 1
+        logger.warning("stream.duplicate_stream_sid", stream_sid=session.stream_sid,
+                       call_sid=session.call_sid, owner=self.instance,
+                       claimant=str(notice.get("claimant"))[:200],
+                       claimant_call_sid=str(notice.get("call_sid"))[:200], refused="claimant")
+
+    def _notify(self, instance: str, notice: dict[str, Any]) -> None:
+        if len(self._replies) >= MAX_REPLIES_IN_FLIGHT:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._send_reply(commands_channel(instance), orjson.dumps(notice)))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
     async def _send_reply(self, reply_to: str, body: bytes) -> None:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(self.redis.publish(reply_to, body), 1.0)
+
+
+def _registry_owner(value: object) -> str | None:
+    """The instance a registry entry read back from Redis names, or None when the value is
+    not an entry streamsvc wrote (logged)."""
+    if value is None:
+        return None
+    try:
+        entry = orjson.loads(value)  # type: ignore[arg-type]
+        instance = entry["instance"]
+        if not isinstance(instance, str) or not 0 < len(instance) <= MAX_STREAM_ID_BYTES:
+            raise TypeError(instance)
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        logger.warning("bus.bad_value", kind="registry entry", length=len(str(value)))
+        return None
+    return instance
 
 
 def _stream_id(value: object) -> str | None:

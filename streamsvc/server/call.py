@@ -20,11 +20,12 @@ import structlog
 from streamsvc import wire
 from streamsvc.chain import HandlerChain
 from streamsvc.context.store import CallContext
-from streamsvc.exceptions import LocalProtocolError
+from streamsvc.exceptions import LocalProtocolError, RemoteProtocolError
 from streamsvc.fleet.audio import AudioBatcher
 from streamsvc.handlers import RawFrame
 from streamsvc.live import LiveSession
-from streamsvc.providers import CodecOptions
+from streamsvc.providers import AUTO, CodecOptions
+from streamsvc.providers.auto import provider_from_message
 from streamsvc.server.admission import Admitted
 from streamsvc.server.host import CallHost
 from streamsvc.session import BadFrame, State, StopReason
@@ -63,6 +64,7 @@ class CallCore:
 
     __slots__ = (
         "__weakref__",
+        "_admitted_as",
         "_audio",
         "_held",
         "_idle_seen",
@@ -82,6 +84,7 @@ class CallCore:
         "idle_closed",
         "moved",
         "outbound_dropped",
+        "refused",
         "route",
         "server",
         "session",
@@ -101,6 +104,10 @@ class CallCore:
             codec=admitted.provider.codec(admitted.upgrade, options),
         )
         self.chain = HandlerChain(route.handlers, observe=server.metrics.observe_latency)
+        # On an auto route, the provider whose credential admitted the upgrade: a stream in
+        # another provider's format is refused (stream.provider_mismatch).
+        self._admitted_as = (admitted.provider.name if route.provider == AUTO.name
+                             and admitted.provider is not AUTO else None)
         # Counted apart from calls until its start comes (max_pending_starts), and per
         # client address (max_streams_per_address); :meth:`closed` gives both back.
         self.address = admitted.address
@@ -126,6 +133,7 @@ class CallCore:
         self._starting: asyncio.Task[None] | None = None
         self._audio: AudioBatcher | None = None
         self.moved = False  # closed by a drain for another instance to resume
+        self.refused: str | None = None  # why a stream that sent start was closed at once
 
     def outbound_full(self) -> bool:
         """True when the peer has stopped reading: frames to send are refused."""
@@ -160,12 +168,33 @@ class CallCore:
         was a start this route's provider can read (logged as ``stream.no_start``), or
         None."""
         session = self.session
+        if self.refused == "provider_mismatch" and session.state is State.AWAITING_START:
+            return (f"provider_mismatch: a {self._admitted_as} credential admitted a stream "
+                    "in another provider's format")
         if (session.state is not State.AWAITING_START
                 or session.bad_frames < MAX_BAD_FRAMES_BEFORE_START):
             return None
         provider = self.route.provider
         logger.warning("stream.no_start", bad_frames=session.bad_frames, provider=provider)
         return f"no start message: {session.bad_frames} frames a {provider} route cannot read"
+
+    def _check_format(self, frame: bytes) -> None:
+        """On an auto route: a frame this stream's codec cannot read, in the format of a
+        provider other than the one whose credential admitted the upgrade, refuses the
+        stream (:meth:`no_start_coming` says so)."""
+        admitted = self._admitted_as
+        try:
+            told = provider_from_message(frame, bearer=True)
+        except RemoteProtocolError:
+            return
+        if told == "signalwire" and admitted in ("twilio", "signalwire"):
+            return  # Twilio's protocol, which both speak
+        if told != admitted:
+            self.refused = "provider_mismatch"
+            self.server.metrics.streams_refused[self.refused] += 1
+            logger.warning("stream.provider_mismatch", admitted_as=admitted,
+                           stream_format="twilio or signalwire" if told == "signalwire"
+                           else told, route_provider=self.route.provider)
 
     def log_closed_before_start(self, reason: StopReason) -> None:
         logger.info("stream.closed_before_start", reason=reason,
@@ -206,6 +235,8 @@ class CallCore:
                 self._on_media(event)
             elif isinstance(event, BadFrame):
                 self._log_bad_frame(event)
+                if self._admitted_as is not None and self.refused is None:
+                    self._check_format(frame)
             elif isinstance(event, wire.Start):
                 self._begin()
             else:
@@ -223,15 +254,27 @@ class CallCore:
 
     def _begin(self) -> None:
         """``start`` came: bind the call's ids into this connection's log lines, then start
-        the handlers, at once or (in a fleet) once the call's context is looked up."""
+        the handlers, at once or (in a fleet) once the call's context is looked up and its
+        stream id claimed. A stream whose id a live stream already has (here or on another
+        instance of the fleet) is refused: the first keeps it, and its talk-back."""
         session = self.session
         structlog.contextvars.bind_contextvars(
             call_sid=session.call_sid, stream_sid=session.stream_sid
         )
         self._no_longer_pending()
+        assert session.stream_sid is not None  # set by start
+        if self.refused is not None:  # a frame in another provider's format came first
+            self._held, self._on_media = [], _ignore
+            self.close_for_policy(f"{self.refused}: refused before its start")
+            return
+        if session.stream_sid in self.server.streams:
+            self._refuse_duplicate("this instance")
+            return
+        self.server.streams[session.stream_sid] = session
         found = self.server.contexts.look_up(session.codec.correlation_id or session.call_sid,
                                              session.call_sid)
-        if isinstance(found, CallContext):  # this process's store: at once
+        fleet = self.server.fleet
+        if fleet is None and isinstance(found, CallContext):  # this process's store
             self._started(found)
             return
         # A shared store: until it answers (within redis_timeout_ms) what handlers would
@@ -240,9 +283,17 @@ class CallCore:
         self._on_media = self._hold_media
         self._starting = asyncio.get_running_loop().create_task(self._look_up(found))
 
-    async def _look_up(self, found: Awaitable[CallContext]) -> None:
+    async def _look_up(self, found: Awaitable[CallContext] | CallContext) -> None:
         session = self.session
-        lookup = await found
+        fleet = self.server.fleet
+        if fleet is not None:
+            owner, lookup = await asyncio.gather(fleet.claim(session, time.time()),
+                                                 _ready(found))
+            if owner is not None:
+                self._refuse_duplicate(owner)
+                return
+        else:
+            lookup = await _ready(found)
         self._started(lookup)
         held, self._held = self._held or [], None
         for event in held:
@@ -252,6 +303,19 @@ class CallCore:
                 self.chain.dispatch(event)
         if session.bidirectional:
             self._flush_quietly()
+
+    def _refuse_duplicate(self, owner: str) -> None:
+        """A live stream (on ``owner``) has this stream's id: close this one (1008) before
+        any handler sees it, logged ``stream.duplicate_stream_sid`` and counted."""
+        self.refused = "duplicate_stream_sid"
+        self._held = []  # what still comes is dropped (bounded), never dispatched
+        self._on_media = _ignore
+        self.server.metrics.streams_refused[self.refused] += 1
+        fleet = self.server.fleet
+        logger.warning("stream.duplicate_stream_sid", owner=owner,
+                       claimant=fleet.instance if fleet is not None else "this instance",
+                       refused="claimant")
+        self.close_for_policy("duplicate_stream_sid: a live stream has this stream id")
 
     def _no_longer_pending(self) -> None:
         if self.awaiting_start:
@@ -338,14 +402,10 @@ class CallCore:
                 budget_bytes=session.parameter_budget_bytes,
             )
         assert session.stream_sid is not None  # set by start
-        if session.stream_sid in self.server.streams:
-            logger.warning("stream.duplicate_stream_sid")
-        self.server.streams[session.stream_sid] = session
         self.server.metrics.calls_started += 1
         self.context_budget = lookup.budget
         fleet = self.server.fleet
         if fleet is not None:
-            fleet.register(session, time.time())
             self.server.fleet_calls[session.stream_sid] = self
         if session.bidirectional:
             self.start_writer()
@@ -400,6 +460,8 @@ class CallCore:
     async def finish(self, reason: StopReason) -> None:
         if self._starting is not None and not self._starting.done():
             await self._starting  # bounded by redis_timeout_ms
+        if self.refused is not None:
+            return  # never started: no handler saw it, nothing to summarize
         if reason == "closed" and self.session.codec.stops_on_close:
             reason = "stop"  # the provider has no stop message: its close is the stop
         if self.moved:
@@ -411,7 +473,7 @@ class CallCore:
         if fleet is not None and stream_sid is not None:
             if self.server.fleet_calls.get(stream_sid) is self:
                 del self.server.fleet_calls[stream_sid]
-            fleet.unregister(stream_sid)
+            fleet.unregister(stream_sid)  # only if this instance holds it
             if self._audio is not None:
                 self._audio.flush()
         self.session.abandon_marks()  # no echo can come any more
@@ -455,3 +517,7 @@ class CallCore:
 
 def _ignore(media: wire.Media) -> None:
     pass
+
+
+async def _ready(found: Awaitable[CallContext] | CallContext) -> CallContext:
+    return found if isinstance(found, CallContext) else await found

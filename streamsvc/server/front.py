@@ -28,17 +28,24 @@ from streamsvc.web.webhooks import HttpRequest, HttpResponse
 
 logger = structlog.get_logger("streamsvc.web.front")
 
-__all__ = ["Answer", "HttpFront", "Upgrade"]
+__all__ = ["Answer", "HttpFront", "Upgrade", "screened", "write_answer"]
 
 # Longest request head accepted (request line and headers); Twilio's are under 2 KiB.
 MAX_HEAD_BYTES: Final = 16 * 1024
+# Longest request target, and most header fields, accepted (nginx's defaults: 8 KiB lines;
+# a provider's webhook sends about 20 fields).
+MAX_TARGET_BYTES: Final = 8 * 1024
+MAX_HEADER_FIELDS: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
 class Upgrade:
-    """A WebSocket handshake: ``data`` is everything read from the connection so far."""
+    """A WebSocket handshake: ``data`` is everything read from the connection so far;
+    ``target`` and ``headers`` (as they came) its request's."""
 
     data: bytes
+    target: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,35 @@ def write_answer(transport: asyncio.Transport,
     task = asyncio.ensure_future(_write_later(transport, response))
     _LATER.add(task)
     task.add_done_callback(_LATER.discard)
+
+
+def screened(transport: asyncio.Transport,
+             screening: Awaitable[HttpResponse | None] | None,
+             proceed: Callable[[], None]) -> None:
+    """Go on with an upgrade (``proceed``) once ``screening`` (the server's
+    :meth:`~streamsvc.server.stream_server.StreamServer.screen`) finds nothing against it, or
+    answer what it found and close; reading waits meanwhile."""
+    if screening is None:
+        proceed()
+        return
+    transport.pause_reading()
+    task = asyncio.ensure_future(_after_screening(transport, screening, proceed))
+    _LATER.add(task)
+    task.add_done_callback(_LATER.discard)
+
+
+async def _after_screening(transport: asyncio.Transport,
+                           screening: Awaitable[HttpResponse | None],
+                           proceed: Callable[[], None]) -> None:
+    refusal = await screening
+    if transport.is_closing():
+        return
+    if refusal is not None:
+        transport.write(refusal.serialize())
+        transport.close()
+        return
+    proceed()
+    transport.resume_reading()
 
 
 async def _write_later(transport: asyncio.Transport,
@@ -94,6 +130,7 @@ class HttpFront:
         self._refuse = refuse
         self._max_body_bytes = max_body_bytes
         self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._max_head_bytes = max_head_bytes
         self._read = bytearray()  # what the WebSocket protocol gets on an upgrade
         self._request: HttpRequest | None = None
         self._body = bytearray()
@@ -136,6 +173,19 @@ class HttpFront:
                 return None
 
     def _on_head(self, event: h11.Request) -> Upgrade | Answer | None:
+        # h11 bounds a head only while it is incomplete: one that came whole in a single
+        # read is measured here.
+        size = len(event.method) + len(event.target) + sum(
+            len(name) + len(value) + 4 for name, value in event.headers)
+        if len(event.target) > MAX_TARGET_BYTES:
+            self._request = HttpRequest(event.method.decode("latin-1"),
+                                        event.target[:200].decode("latin-1"), {})
+            return self._refused(http.HTTPStatus.REQUEST_URI_TOO_LONG, "target_too_long")
+        if len(event.headers) > MAX_HEADER_FIELDS or size > self._max_head_bytes:
+            self._request = HttpRequest(event.method.decode("latin-1"),
+                                        event.target.decode("latin-1"), {})
+            return self._refused(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 "head_too_large")
         headers: dict[str, str] = {}
         for raw_name, raw_value in event.headers:
             name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
@@ -145,7 +195,9 @@ class HttpFront:
         self._request = HttpRequest(event.method.decode("latin-1"),
                                     event.target.decode("latin-1"), headers)
         if self._request.method == "GET" and "websocket" in headers.get("upgrade", "").lower():
-            return Upgrade(bytes(self._read))
+            return Upgrade(bytes(self._read), self._request.target,
+                           tuple((name.decode("latin-1"), value.decode("latin-1"))
+                                 for name, value in event.headers))
         length = headers.get("content-length")
         if length is not None and int(length) > self._max_body_bytes:  # h11 checked it
             return self._refused(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body_too_large")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Protocol
 
 from streamsvc.config import Settings
@@ -80,6 +80,12 @@ class TransportHost(CallHost, Protocol):
         """The stream handshake admitted, or the HTTP answer refusing it."""
 
     def http_front(self) -> HttpFront: ...
+
+    def screen(self, target: str, headers: Iterable[tuple[str, str]]
+               ) -> Awaitable[HttpResponse | None] | None:
+        """What an upgrade must wait for before the handshake (a fleet's nonce check):
+        None when nothing, else the refusal or None once known."""
+        ...
 
     def call_began(self) -> None: ...
 

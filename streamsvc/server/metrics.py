@@ -80,6 +80,8 @@ class Metrics(Collector):
         self.outbound_dropped = 0  # frames for peers that stopped reading
         self.unread_closes = 0  # connections closed: the peer did not read what it caused
         self.pending_evicted = 0  # connections awaiting a start closed to make room
+        # Streams closed (1008) after their start, before any handler saw them, by reason.
+        self.streams_refused: collections.Counter[str] = collections.Counter()
         self.bus: FleetNode | None = None  # a fleet's link to Redis (redis_url)
         self.stream_status_callbacks: collections.Counter[str] = collections.Counter()
         # Voice webhook answers by outcome: served, over_budget, or a rejection reason.
@@ -152,6 +154,10 @@ class Metrics(Collector):
         yield _counter("streamsvc_pending_evicted",
                        "Connections that had not sent their start, closed (1008) to make room "
                        "for a newer one (max_pending_starts).", self.pending_evicted)
+        yield _labelled("streamsvc_streams_refused",
+                        "Streams closed (1008) after their start before any handler saw them, "
+                        "by reason (duplicate_stream_sid, provider_mismatch).", "reason",
+                        self.streams_refused)
         yield _counter("streamsvc_log_lines_dropped",
                        "Log lines lost: the log reader fell behind or a write failed.",
                        dropped_lines())

@@ -13,6 +13,7 @@ import http
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Final
+from urllib.parse import urlsplit
 
 import structlog
 from websockets.asyncio.server import Server
@@ -24,7 +25,8 @@ from streamsvc.fleet.node import FleetNode
 from streamsvc.fleet.store import RedisContextStore
 from streamsvc.live import LiveSession
 from streamsvc.providers.acs_auth import AcsAuthenticator
-from streamsvc.providers.credentials import NonceMemory
+from streamsvc.providers.credentials import NONCE_TTL_S, NonceMemory
+from streamsvc.providers.plivo import NONCE_HEADER as PLIVO_NONCE_HEADER
 from streamsvc.server.admission import Admitted, Refused, credentials_of, decide, route_auth
 from streamsvc.server.front import HttpFront
 from streamsvc.server.host import HostedCall, PendingCall, ShellCall
@@ -242,6 +244,35 @@ class StreamServer:
         finally:
             await self.stop()
 
+    def screen(self, target: str, headers: Iterable[tuple[str, str]]
+               ) -> Awaitable[HttpResponse | None] | None:
+        """What an upgrade waits for before its handshake, or None (the usual case): in a
+        fleet, a Plivo upgrade whose signature holds asks Redis whether another instance
+        saw its nonce (``streamsvc:nonce:plivo:<sha256>``, within ``redis_timeout_ms``),
+        so that a captured signature opens one stream in the whole fleet."""
+        fleet = self.fleet
+        if fleet is None:
+            return None
+        split = urlsplit(target)
+        path = self.settings.local_path(split.path)
+        upgrade = Upgrade.of(path, split.query, headers)
+        nonce = upgrade.get(PLIVO_NONCE_HEADER)
+        route = self.settings.route_for(path)
+        if not nonce or route is None:
+            return None
+        decision = decide(route, upgrade, dataclasses.replace(self.credentials, nonces=None))
+        if not isinstance(decision, Admitted) or decision.provider.name != "plivo":
+            return None  # not a Plivo credential that holds: admission says why
+        return self._first_in_fleet(fleet, decision, nonce)
+
+    async def _first_in_fleet(self, fleet: FleetNode, admitted: Admitted,
+                              nonce: str) -> HttpResponse | None:
+        if await fleet.first_use(admitted.provider.name, nonce, NONCE_TTL_S):
+            return None
+        return self._refusal(Refused(http.HTTPStatus.FORBIDDEN, "replayed_signature",
+                                     admitted.provider.name, admitted.provider.credential_env),
+                             admitted.upgrade.path)
+
     def admit(self, path: str, query: str, headers: Iterable[tuple[str, str]],
               address: str | None = None) -> Admitted | HttpResponse:
         """Decide a stream handshake for ``path`` (without the public prefix): the route's
@@ -259,6 +290,10 @@ class StreamServer:
             decision = self._room_for(decision, address)
             if isinstance(decision, Admitted):
                 return decision
+        return self._refusal(decision, path)
+
+    def _refusal(self, decision: Refused, path: str) -> HttpResponse:
+        """A handshake refused: logged (``handshake.rejected``), counted, answered."""
         status, reason = decision.status, decision.reason
         self.metrics.handshakes_rejected[reason] += 1
         fields: dict[str, object] = {}

@@ -39,7 +39,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.server.admission import Admitted
 from streamsvc.server.call import CLOSE_GRACE_S, CallCore
-from streamsvc.server.front import Upgrade, write_answer
+from streamsvc.server.front import Upgrade, screened, write_answer
 from streamsvc.server.host import TransportHost
 from streamsvc.session import State, StopReason
 from streamsvc.web.webhooks import HttpResponse
@@ -99,6 +99,7 @@ class _FrontProtocol(asyncio.Protocol):
 
     def __init__(self, server: TransportHost,
                  websocket_protocol: Callable[[str | None], WSProtocol]) -> None:
+        self.server = server
         self.front = server.http_front()
         self.websocket_protocol = websocket_protocol
         self.head_timeout_s = server.settings.handshake_timeout_s
@@ -121,11 +122,16 @@ class _FrontProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         if isinstance(decision, Upgrade):
-            peer = transport.get_extra_info("peername")
-            protocol = self.websocket_protocol(str(peer[0]) if peer else None)
-            transport.set_protocol(protocol)
-            protocol.connection_made(transport)
-            _feed(protocol, decision.data)
+            upgrade = decision
+
+            def proceed() -> None:
+                peer = transport.get_extra_info("peername")
+                protocol = self.websocket_protocol(str(peer[0]) if peer else None)
+                transport.set_protocol(protocol)
+                protocol.connection_made(transport)
+                _feed(protocol, upgrade.data)
+
+            screened(transport, self.server.screen(upgrade.target, upgrade.headers), proceed)
             return
         write_answer(transport, decision.response)
 

@@ -26,7 +26,7 @@ from websockets.http11 import Request, Response
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.server.admission import Admitted
 from streamsvc.server.call import CLOSE_GRACE_S, CallCore
-from streamsvc.server.front import HttpFront, Upgrade, write_answer
+from streamsvc.server.front import HttpFront, Upgrade, screened, write_answer
 from streamsvc.server.host import TransportHost
 from streamsvc.session import State, StopReason
 from streamsvc.wire import BinaryFrame
@@ -134,7 +134,9 @@ def _http_aware_connection(server: TransportHost) -> type[ServerConnection]:
                 return
             self._front = None
             if isinstance(decision, Upgrade):
-                super().data_received(decision.data)
+                upgrade = decision
+                screened(self.transport, server.screen(upgrade.target, upgrade.headers),
+                         lambda: super(HttpAwareConnection, self).data_received(upgrade.data))
                 return
             write_answer(self.transport, decision.response)
 
