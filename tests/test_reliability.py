@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,37 @@ async def test_one_address_may_hold_at_most_max_streams_per_address(
         await server.stop()
     assert (429, True) == (refused.value.response.status_code, result.ok)
     assert ["address_limit"] == [line["reason"] for line in events(logs, "handshake.rejected")]
+
+
+async def test_a_flood_of_oversized_frames_is_counted_not_logged_line_by_line(
+        transport: str, logs: LogEvents, caplog: pytest.LogCaptureFixture) -> None:
+    """40 connections each sending one frame over max_message_bytes: each is closed (1009),
+    none is an error-level line, at most a line a second says so (the rest counted), and an
+    honest call beside them is whole."""
+    server = StreamServer(Settings(port=0, transport=transport, max_message_bytes=4096,
+                                   routes=(Route("/stream", ()),)))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/stream"
+
+    async def oversized() -> int | None:
+        async with connect(url, max_size=None) as connection:
+            with contextlib.suppress(ConnectionClosed):
+                await connection.send("x" * 10_000)
+                await asyncio.wait_for(connection.recv(), 5)
+        return connection.close_code
+
+    try:
+        fixture = load_fixture(FIXTURES / "inbound_params.jsonl")
+        honest, *codes = await asyncio.gather(replay_session(fixture, url, speed=4),
+                                              *(oversized() for _ in range(40)))
+        metrics = server.metrics.render().decode()
+    finally:
+        await server.stop()
+    assert honest.ok, honest.error
+    assert {1009} == set(codes)
+    assert [] == [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert [] == [line for line in logs if line["log_level"] in ("error", "critical")]
+    if transport == "picows":
+        faults = events(logs, "connection.peer_fault")
+        assert 1 <= len(faults) <= 3
+        assert 'streamsvc_peer_faults_total{kind="bad_frame"} 40.0' in metrics

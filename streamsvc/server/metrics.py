@@ -80,6 +80,8 @@ class Metrics(Collector):
         self.outbound_dropped = 0  # frames for peers that stopped reading
         self.unread_closes = 0  # connections closed: the peer did not read what it caused
         self.pending_evicted = 0  # connections awaiting a start closed to make room
+        # Faults of peers the transport reported (picows: bad_frame, not_reading), by kind.
+        self.peer_faults: collections.Counter[str] = collections.Counter()
         # Streams closed (1008) after their start, before any handler saw them, by reason.
         self.streams_refused: collections.Counter[str] = collections.Counter()
         self.bus: FleetNode | None = None  # a fleet's link to Redis (redis_url)
@@ -158,6 +160,10 @@ class Metrics(Collector):
                         "Streams closed (1008) after their start before any handler saw them, "
                         "by reason (duplicate_stream_sid, provider_mismatch).", "reason",
                         self.streams_refused)
+        yield _labelled("streamsvc_peer_faults",
+                        "Faults of peers the transport closed connections for (a malformed or "
+                        "oversized frame), or saw (a peer that stopped reading), by kind.",
+                        "kind", self.peer_faults)
         yield _counter("streamsvc_log_lines_dropped",
                        "Log lines lost: the log reader fell behind or a write failed.",
                        dropped_lines())

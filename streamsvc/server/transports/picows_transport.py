@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import structlog
@@ -41,11 +42,12 @@ from streamsvc.server.admission import Admitted
 from streamsvc.server.call import CLOSE_GRACE_S, CallCore
 from streamsvc.server.front import Upgrade, screened, write_answer
 from streamsvc.server.host import TransportHost
+from streamsvc.server.metrics import Metrics
 from streamsvc.session import State, StopReason
 from streamsvc.web.webhooks import HttpResponse
 from streamsvc.wire import BinaryFrame
 
-__all__ = ["serve"]
+__all__ = ["PicowsLog", "serve"]
 
 logger = structlog.get_logger("streamsvc.server")
 
@@ -57,6 +59,45 @@ _TEXT, _BINARY, _CONTINUATION, _CLOSE, _PING = (
     WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE, WSMsgType.PING)
 # RFC 6455 5.5: a control frame carries at most 125 bytes.
 MAX_CONTROL_PAYLOAD: Final = 125
+# picows' lines about a peer's fault (by how they begin), and what they are counted as.
+PEER_FAULTS: Final = (("WS parser error", "bad_frame"),
+                      ("Protocol writing pause", "not_reading"),
+                      ("Protocol writing resume", "not_reading"))
+PEER_FAULT_LOG_INTERVAL_S: Final = 1.0
+
+
+class PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows' own lines. A peer's faults (a malformed or oversized frame, a peer that
+    stops reading and resumes) are the peer's, not ours: counted
+    (``streamsvc_peer_faults_total``) and logged as ``connection.peer_fault`` warnings, at
+    most one a second with how many were not (``not_logged``), so that a client cannot
+    fill the log. picows' other lines pass as they are."""
+
+    def __init__(self, logger: logging.Logger, metrics: Metrics) -> None:
+        super().__init__(logger, {})
+        self.metrics = metrics
+        self.last_line = -PEER_FAULT_LOG_INTERVAL_S
+        self.not_logged = 0
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        kind = next((kind for prefix, kind in PEER_FAULTS if isinstance(msg, str)
+                     and msg.startswith(prefix)), None)
+        if kind is None:
+            super().log(level, msg, *args, **kwargs)
+            return
+        self.metrics.peer_faults[kind] += 1
+        now = time.monotonic()
+        if now - self.last_line < PEER_FAULT_LOG_INTERVAL_S:
+            self.not_logged += 1
+            return
+        self.last_line = now
+        try:
+            detail = str(msg) % args if args else str(msg)
+        except (TypeError, ValueError):
+            detail = str(msg)
+        logger.warning("connection.peer_fault", kind=kind, detail=detail[:300],
+                       not_logged=self.not_logged)
+        self.not_logged = 0
 
 
 async def serve(server: TransportHost) -> asyncio.Server:
@@ -65,7 +106,7 @@ async def serve(server: TransportHost) -> asyncio.Server:
     is handed to a picows protocol, any other request is answered by the HTTP side."""
     settings = server.settings
     pinging = settings.ping_interval_s > 0
-    picows_logger = logging.getLogger("streamsvc.picows")
+    picows_logger = PicowsLog(logging.getLogger("streamsvc.picows"), server.metrics)
 
     def websocket_protocol(address: str | None) -> WSProtocol:
         # ws_create_server's own factory, with the same arguments (picows 2.x).
