@@ -96,6 +96,7 @@ class Settings:
     public_url: str | None = None
     auth_token: str | None = field(default=None, repr=False)
     auth_token_previous: str | None = field(default=None, repr=False)
+    twilio_account_sid: str | None = None
     insecure: bool = False
     acs_audience: str | None = None
     acs_jwks_url: str = "https://acscallautomation.communication.azure.com/calling/keys"
@@ -109,6 +110,7 @@ class Settings:
     plivo_auth_token: str | None = field(default=None, repr=False)
     vonage_token: str | None = field(default=None, repr=False)
     vonage_signature_secret: str | None = field(default=None, repr=False)
+    vonage_application_id: str | None = None
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -230,6 +232,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("auth_token_previous", ("STREAMSVC_AUTH_TOKEN_PREVIOUS",
                                     "TWILIO_AUTH_TOKEN_PREVIOUS"), str,
             "a second token also accepted, while the account's token is rotated", secret=True),
+    Setting("twilio_account_sid", ("STREAMSVC_TWILIO_ACCOUNT_SID", "TWILIO_ACCOUNT_SID"), str,
+            "the Twilio account (AC...): when set, a twilio stream whose start names another "
+            "accountSid is refused (1008), so that a captured signed upgrade cannot carry "
+            "another account's call"),
     Setting("insecure", ("STREAMSVC_INSECURE",), bool,
             "allow a non-loopback host without a credential for each route's provider "
             "(streams unchecked)"),
@@ -276,6 +282,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "the Vonage account's signature secret, for an NCCO websocket endpoint with "
             "authorization {type: vonage}: when set, upgrades on vonage routes need "
             "Authorization: Bearer <a JWT it signed> (403 otherwise)", secret=True),
+    Setting("vonage_application_id", ("STREAMSVC_VONAGE_APPLICATION_ID",
+                                      "VONAGE_APPLICATION_ID"), str,
+            "the Vonage application's id: when set, a Vonage JWT (upgrade or answer "
+            "request) must carry it as application_id (403 otherwise)"),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,

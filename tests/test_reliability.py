@@ -22,7 +22,7 @@ from streamsvc.fleet.node import FleetNode
 from streamsvc.handlers import resolve_handler
 from streamsvc.providers import REGISTRY, CodecOptions
 from streamsvc.providers.credentials import NonceMemory
-from streamsvc.replay import Signing, replay_session, upgrade_headers
+from streamsvc.replay import Signing, replay, replay_session, upgrade_headers
 from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 from streamsvc.server.stream_server import PENDING_GRACE_S
@@ -383,3 +383,32 @@ async def test_a_flood_of_oversized_frames_is_counted_not_logged_line_by_line(
         faults = events(logs, "connection.peer_fault")
         assert 1 <= len(faults) <= 3
         assert 'streamsvc_peer_faults_total{kind="bad_frame"} 40.0' in metrics
+
+
+@pytest.mark.parametrize("account", ["AC00000000000000000000000000000001",
+                                     "AC00000000000000000000000000000999"])
+async def test_a_twilio_start_for_another_account_is_refused_when_the_account_is_set(
+        account: str, transport: str, logs: LogEvents) -> None:
+    """A signature covers the URL, not the start: with twilio_account_sid set, a captured
+    signed upgrade cannot carry a call of another account."""
+    server = StreamServer(Settings(port=0, transport=transport, auth_token="token",
+                                   public_url="wss://voice.example.com",
+                                   twilio_account_sid=account,
+                                   routes=(Route("/stream", ()),)))
+    await server.start()
+    try:
+        fixture = load_fixture(FIXTURES / "inbound_params.jsonl")  # AC...0001's call
+        [session] = (await replay([fixture], f"ws://127.0.0.1:{server.port}/stream", speed=0,
+                                  auth_token="token",
+                                  public_url="wss://voice.example.com")).sessions
+    finally:
+        await server.stop()
+    if account.endswith("0001"):
+        assert session.ok, session.error
+        assert [] == events(logs, "stream.account_mismatch")
+    else:
+        assert not session.ok
+        [mismatch] = events(logs, "stream.account_mismatch")
+        assert (fixture.expect["account_sid"], account) == (mismatch["account_sid"],
+                                                            mismatch["expected"])
+        assert [] == events(logs, "stream.started")

@@ -29,7 +29,7 @@ from streamsvc.live import LiveSession
 from streamsvc.providers import codec_for
 from streamsvc.providers.auto import provider_from_message
 from streamsvc.providers.vonage import VonageCodec, jwt_problem, token_matches
-from streamsvc.replay import replay, replay_session
+from streamsvc.replay import Signing, replay, replay_session
 from streamsvc.replay.check import differences
 from streamsvc.replay.fixture import Fixture, FixtureFrame, dump_fixture, load_fixture
 from streamsvc.replay.synth import SessionPlan
@@ -236,6 +236,37 @@ def test_the_custom_value_and_the_signed_jwt() -> None:
     assert "missing_token" == jwt_problem(SECRET, None)
     unsigned_iat = jwt.encode({"iss": "Vonage"}, SECRET, algorithm="HS256")
     assert "bad_token" == jwt_problem(SECRET, f"Bearer {unsigned_iat}")
+
+
+def test_a_jwt_is_bound_to_the_application_when_its_id_is_set() -> None:
+    token = f"Bearer {signed_jwt()}"  # application_id app-1
+    assert None is jwt_problem(SECRET, token, application_id="app-1")
+    assert "wrong_application" == jwt_problem(SECRET, token, application_id="app-2")
+    no_claim = jwt.encode({"iat": int(time.time())}, SECRET, algorithm="HS256")
+    assert "wrong_application" == jwt_problem(SECRET, f"Bearer {no_claim}",
+                                              application_id="app-1")
+
+
+async def test_an_upgrade_signed_for_another_application_is_refused(
+        transport: str, logs: LogEvents) -> None:
+    """With vonage_application_id set, a JWT the account signed for another of its
+    applications opens no stream, and replay signs for the application it is given."""
+    server = StreamServer(Settings(
+        port=0, transport=transport, vonage_signature_secret=SECRET,
+        vonage_application_id="app-1", routes=(Route("/vonage", (), provider="vonage"),)))
+    await server.start()
+    try:
+        fixture = load_fixture(FIXTURES / "vonage_connect.jsonl")
+        url = f"ws://127.0.0.1:{server.port}/vonage"
+        [other], [own] = [(await replay([fixture], url, speed=0, signing=Signing(
+            vonage_signature_secret=SECRET, vonage_application_id=app))).sessions
+            for app in ("app-2", "app-1")]
+    finally:
+        await server.stop()
+    assert "HTTP 403" in (other.error or "")
+    assert own.ok, own.error
+    assert ["wrong_application"] == [line["reason"]
+                                     for line in events(logs, "handshake.rejected")]
 
 
 def test_a_fixture_keeps_binary_frames_byte_for_byte(tmp_path: Path) -> None:
@@ -448,3 +479,19 @@ def test_ncco_headers_stay_within_vonages_512_bytes() -> None:
     assert {"call_uuid": "U-1", "a": "x" * 300, "c": "z"} == headers
     assert ["b"] == left_out
     assert "authorization" not in document[0]["endpoint"][0]
+
+
+@pytest.mark.parametrize("transport", ["websockets"])
+async def test_the_answer_url_refuses_a_request_signed_for_another_application(
+        transport: str, logs: LogEvents) -> None:
+    server = StreamServer(Settings(
+        port=0, transport=transport, public_url="wss://voice.example.com",
+        vonage_signature_secret=SECRET, vonage_application_id="app-2",
+        routes=(Route("/vonage", (HandlerSpec("log", LogHandler),), provider="vonage"),)))
+    await server.start()
+    try:
+        status, _, _ = await asyncio.to_thread(answer, server.port, "/twiml?uuid=U-1")
+    finally:
+        await server.stop()
+    assert 403 == status
+    assert "wrong_application" == events(logs, "webhook.rejected")[0]["reason"]

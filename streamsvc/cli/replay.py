@@ -38,6 +38,9 @@ _CREDENTIAL_FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("--vonage-signature-secret", ("STREAMSVC_VONAGE_SIGNATURE_SECRET",
                                    "VONAGE_SIGNATURE_SECRET"),
      "Vonage fixtures: a fresh HS256 JWT signed with it (preferred over --vonage-token)"),
+    ("--vonage-application-id", ("STREAMSVC_VONAGE_APPLICATION_ID", "VONAGE_APPLICATION_ID"),
+     "Vonage fixtures: the application_id the JWT carries (the server's "
+     "vonage_application_id)"),
 )
 
 
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
             exotel_basic_auth=args.exotel_basic_auth, plivo_auth_token=args.plivo_auth_token,
             vonage_token=args.vonage_token,
             vonage_signature_secret=args.vonage_signature_secret,
+            vonage_application_id=args.vonage_application_id,
             acs_key_pem=Path(args.acs_token).read_bytes() if args.acs_token else None,
             acs_audience=args.acs_audience, acs_kid=args.acs_kid)
     except (ValueError, OSError) as exc:

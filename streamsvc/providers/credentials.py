@@ -94,6 +94,7 @@ class Credentials:
     plivo_auth_token: str | None = None
     vonage_token: str | None = None
     vonage_signature_secret: str | None = None
+    vonage_application_id: str | None = None  # bound into Vonage's JWTs when set
     # Plivo's nonces seen (None: not remembered).
     nonces: NonceMemory | None = None
 
@@ -227,9 +228,13 @@ def vonage_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
     if not authorization:
         return "missing_token"
     secret = credentials.vonage_signature_secret
-    if secret and vonage.jwt_problem(secret, authorization) is None:
-        return None
+    problem = None
+    if secret:
+        problem = vonage.jwt_problem(secret, authorization,
+                                     application_id=credentials.vonage_application_id)
+        if problem is None:
+            return None
     token = credentials.vonage_token
     if token and vonage.token_matches(token, authorization):
         return None
-    return "bad_token"
+    return "wrong_application" if problem == "wrong_application" else "bad_token"

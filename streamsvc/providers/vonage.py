@@ -190,9 +190,10 @@ def token_matches(expected: str, authorization: str | None) -> bool:
 
 
 def jwt_problem(secret: str, authorization: str | None, *,
-                now: float | None = None) -> str | None:
+                now: float | None = None, application_id: str | None = None) -> str | None:
     """Why ``Authorization: Bearer <JWT>`` is not one Vonage signed with ``secret`` (HS256,
-    issued within :data:`MAX_JWT_AGE_S`, not expired), or None when it is."""
+    issued within :data:`MAX_JWT_AGE_S`, not expired, for ``application_id`` when that is
+    given: ``wrong_application``), or None when it is."""
     scheme, _, token = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return "missing_token"
@@ -207,4 +208,6 @@ def jwt_problem(secret: str, authorization: str | None, *,
     if (not isinstance(issued, int | float) or issued > moment + JWT_LEEWAY_S
             or moment - issued > MAX_JWT_AGE_S):
         return "bad_token"
+    if application_id is not None and claims.get("application_id") != application_id:
+        return "wrong_application"
     return None

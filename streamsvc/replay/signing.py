@@ -58,6 +58,7 @@ class Signing:
     plivo_auth_token: str | None = None
     vonage_token: str | None = None
     vonage_signature_secret: str | None = None
+    vonage_application_id: str | None = None  # the JWT's application_id claim
     acs_key_pem: bytes | None = None
     acs_audience: str | None = None
     acs_kid: str = DEFAULT_ACS_KID
@@ -145,6 +146,8 @@ def _plivo(url: str, signing: Signing) -> dict[str, str]:
 def _vonage(url: str, signing: Signing) -> dict[str, str]:
     if signing.vonage_signature_secret:
         claims = {"iat": int(time.time()), "jti": str(uuid.uuid4())}
+        if signing.vonage_application_id:
+            claims["application_id"] = signing.vonage_application_id
         return _bearer(jwt.encode(claims, signing.vonage_signature_secret,
                                   algorithm="HS256"))
     return _bearer(signing.vonage_token)

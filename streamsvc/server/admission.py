@@ -59,6 +59,7 @@ def credentials_of(settings: Settings, acs: AcsTokenCheck | None = None,
         plivo_auth_token=settings.plivo_auth_token,
         vonage_token=settings.vonage_token,
         vonage_signature_secret=settings.vonage_signature_secret,
+        vonage_application_id=settings.vonage_application_id,
         nonces=nonces,
     )
 

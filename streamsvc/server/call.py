@@ -267,6 +267,15 @@ class CallCore:
             self._held, self._on_media = [], _ignore
             self.close_for_policy(f"{self.refused}: refused before its start")
             return
+        expected = self.server.settings.twilio_account_sid
+        if (expected and session.codec.provider == "twilio"
+                and session.account_sid != expected):
+            # A signature covers the URL, not the start: a captured upgrade must not carry
+            # another account's call.
+            logger.warning("stream.account_mismatch", account_sid=session.account_sid,
+                           expected=expected)
+            self._refuse("account_mismatch", "the start names another account")
+            return
         if session.stream_sid in self.server.streams:
             self._refuse_duplicate("this instance")
             return
@@ -305,17 +314,22 @@ class CallCore:
             self._flush_quietly()
 
     def _refuse_duplicate(self, owner: str) -> None:
-        """A live stream (on ``owner``) has this stream's id: close this one (1008) before
-        any handler sees it, logged ``stream.duplicate_stream_sid`` and counted."""
-        self.refused = "duplicate_stream_sid"
-        self._held = []  # what still comes is dropped (bounded), never dispatched
-        self._on_media = _ignore
-        self.server.metrics.streams_refused[self.refused] += 1
+        """A live stream (on ``owner``) has this stream's id: refused, logged
+        ``stream.duplicate_stream_sid``."""
         fleet = self.server.fleet
         logger.warning("stream.duplicate_stream_sid", owner=owner,
                        claimant=fleet.instance if fleet is not None else "this instance",
                        refused="claimant")
-        self.close_for_policy("duplicate_stream_sid: a live stream has this stream id")
+        self._refuse("duplicate_stream_sid", "a live stream has this stream id")
+
+    def _refuse(self, reason: str, why: str) -> None:
+        """Close a stream that sent its start (1008, ``reason: why``) before any handler
+        sees it, counted by ``reason``."""
+        self.refused = reason
+        self._held = []  # what still comes is dropped (bounded), never dispatched
+        self._on_media = _ignore
+        self.server.metrics.streams_refused[reason] += 1
+        self.close_for_policy(f"{reason}: {why}")
 
     def _no_longer_pending(self) -> None:
         if self.awaiting_start:

@@ -158,7 +158,8 @@ class Metrics(Collector):
                        "for a newer one (max_pending_starts).", self.pending_evicted)
         yield _labelled("streamsvc_streams_refused",
                         "Streams closed (1008) after their start before any handler saw them, "
-                        "by reason (duplicate_stream_sid, provider_mismatch).", "reason",
+                        "by reason (duplicate_stream_sid, provider_mismatch, account_mismatch).",
+                        "reason",
                         self.streams_refused)
         yield _labelled("streamsvc_peer_faults",
                         "Faults of peers the transport closed connections for (a malformed or "

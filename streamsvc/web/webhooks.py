@@ -327,8 +327,9 @@ class Webhooks:
         (:mod:`streamsvc.web.ncco`)."""
         settings = self.settings
         secret = settings.vonage_signature_secret
-        if secret and (problem := vonage_jwt_problem(secret,
-                                                     request.headers.get("authorization"))):
+        if secret and (problem := vonage_jwt_problem(
+                secret, request.headers.get("authorization"),
+                application_id=settings.vonage_application_id)):
             return self.refuse(http.HTTPStatus.FORBIDDEN, problem, request)
         if settings.vonage_token and not secret:
             # The NCCO would carry the stream credential to whoever asks: only a request
