@@ -6,7 +6,9 @@ Every attack is one the service must survive without losing an honest call's fra
 growing without bound or stalling: ping floods that read no pong, oversized messages (one
 frame, and fragments), thousands of track names with huge timestamp gaps, DTMF and mark
 spam, binary messages at a text-only route, idle and half-open sockets, slow request heads,
-and junk HTTP.
+and junk HTTP; JSON nested past any decoder's limit, starts at absurd sample rates, a second
+stream with a live stream's ids, upgrades that never start, repeated headers and request
+heads past the limits written in one piece.
 """
 
 from __future__ import annotations
@@ -162,6 +164,98 @@ async def junk_http(port: int) -> None:
         writer.close()
 
 
+async def deep_json(port: int) -> None:
+    # JSON nested far past any decoder's recursion limit (about 2 kB each), before and after
+    # a start: each a counted bad frame.
+    sid = "MZ" + os.urandom(16).hex()
+    _, writer = await _open(port)
+    deep = b"[" * 1000 + b"]" * 1000
+    nested = b'{"event":"media","media":' + b'{"a":' * 1000 + b"1" + b"}" * 1001
+    await _send(writer, ws_frame(0x1, deep))
+    await _send(writer, ws_frame(0x1, _start(sid, ["inbound"])))
+    for _ in range(200):
+        await _send(writer, ws_frame(0x1, deep) + ws_frame(0x1, nested))
+    writer.close()
+
+
+async def rate_bomb(port: int) -> None:
+    # Starts at rates no provider streams at (a recorder sized from them would take
+    # gigabytes; zero would divide by zero): each refused as a bad start.
+    for rate in (100_000_000, 0, -8000, 7):
+        sid = "MZ" + os.urandom(16).hex()
+        _, writer = await _open(port)
+        start = json.loads(_start(sid, ["inbound"]))
+        start["start"]["mediaFormat"]["sampleRate"] = rate
+        await _send(writer, ws_frame(0x1, json.dumps(start).encode()))
+        for timestamp in range(0, 2000, 20):
+            await _send(writer, ws_frame(0x1, _media(sid, "inbound", timestamp)))
+        writer.close()
+
+
+async def duplicate_ids(port: int) -> None:
+    # A second stream with a live stream's ids: refused (1008) before any handler sees it,
+    # so no recording or capture is ever shared.
+    sid = "MZ" + os.urandom(16).hex()
+    _, first = await _open(port)
+    await _send(first, ws_frame(0x1, _start(sid, ["inbound"])))
+    for _ in range(5):
+        reader, second = await _open(port)
+        with contextlib.suppress(OSError):  # refused: the server closes it at once
+            await _send(second, ws_frame(0x1, _start(sid, ["inbound"])))
+            for timestamp in range(0, 400, 20):
+                await _send(second, ws_frame(0x1, _media(sid, "inbound", timestamp)))
+            await reader.read()
+        second.close()
+    for timestamp in range(0, 1000, 20):
+        await _send(first, ws_frame(0x1, _media(sid, "inbound", timestamp)))
+    first.close()
+
+
+async def idle_upgrades(port: int) -> None:
+    # Upgrades that never send a start, held: bounded apart from calls
+    # (max_pending_starts), the oldest evicted for newer ones.
+    writers = []
+    for _ in range(300):
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            _, writer = await _open(port)
+            writers.append(writer)
+    await asyncio.sleep(4)
+    for writer in writers:
+        writer.close()
+
+
+async def repeated_headers(port: int) -> None:
+    # A header sent twice (a proxy's second X-Forwarded-For) and a credential twice.
+    for extra in (b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n",
+                  b"X-Twilio-Signature: a\r\nX-Twilio-Signature: b\r\n",
+                  b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\n"):
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            key = base64.b64encode(os.urandom(16))
+            await _send(writer, b"GET /stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n" + extra + b"\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+
+
+async def big_heads(port: int) -> None:
+    # Heads past the limits written whole in one write: a 17 KB field, a 20 KB request
+    # line, 500 fields.
+    heads = [
+        b"GET /stream HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 17_000 + b"\r\n\r\n",
+        b"GET /stream?" + b"q" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: 1\r\n" % n for n in range(500)) + b"\r\n",
+    ]
+    for head in heads * 10:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(OSError):
+            await _send(writer, head)
+            await reader.read()
+        writer.close()
+
+
 async def _bounded(attack: Callable[[int], Awaitable[None]], port: int) -> None:
     with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):
         async with asyncio.timeout(ATTACK_LIMIT_S):
@@ -176,6 +270,12 @@ _RAW_ATTACKS: dict[str, Callable[[int], Awaitable[None]]] = {
     "binary_frames": binary_frames,
     "idle_sockets": idle_sockets,
     "junk_http": junk_http,
+    "deep_json": deep_json,
+    "rate_bomb": rate_bomb,
+    "duplicate_ids": duplicate_ids,
+    "idle_upgrades": idle_upgrades,
+    "repeated_headers": repeated_headers,
+    "big_heads": big_heads,
 }
 
 

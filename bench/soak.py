@@ -125,6 +125,7 @@ async def soak(port: int, pid: int, minutes: float, concurrency: int, sample_s: 
             "honest_lateness_p99_ms": round(lateness[int(len(lateness) * 0.99)], 1)
             if lateness else None,
             "honest_calls_incomplete": len(incomplete),
+            "server_error_lines": len(ERROR_LINES),
         })
     print(json.dumps(report))
 
@@ -164,8 +165,16 @@ def main() -> None:
         server.wait()
 
 
+# Error-level lines and tracebacks the server wrote (a peer's fault must never be one).
+ERROR_LINES: list[str] = []
+
+
 def _read_log(stream: IO[str], stopped: dict[str, dict[str, object]]) -> None:
     for line in stream:
+        if '"level":"error"' in line or '"level":"critical"' in line or "Traceback" in line:
+            ERROR_LINES.append(line.strip()[:300])
+            if len(ERROR_LINES) <= 5:
+                print("server error line:", ERROR_LINES[-1], flush=True)
         if '"stream.stopped"' not in line:
             continue
         with contextlib.suppress(ValueError):

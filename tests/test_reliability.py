@@ -4,11 +4,13 @@ a counted bad frame."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 from websockets.asyncio.client import connect
@@ -16,10 +18,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamsvc import wire
 from streamsvc.config import Route, Settings
-from streamsvc.fleet import Fleet
-from streamsvc.fleet.keys import resumed_key
+from streamsvc.fleet import Fleet, FleetError
+from streamsvc.fleet.keys import context_key, registry_key, resume_key, resumed_key
 from streamsvc.fleet.node import FleetNode
 from streamsvc.handlers import resolve_handler
+from streamsvc.live import LiveSession
 from streamsvc.providers import REGISTRY, CodecOptions
 from streamsvc.providers.credentials import NonceMemory
 from streamsvc.replay import Signing, replay, replay_session, upgrade_headers
@@ -30,6 +33,7 @@ from streamsvc.session import TOO_DEEP, Session, State
 
 from .conftest import BUNDLED, LogEvents, events, until
 from .fleet_support import RedisServer
+from .test_session import start
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 # About 2 kB: far past the decoder's recursion limit.
@@ -210,24 +214,52 @@ async def test_a_stream_id_live_on_one_instance_is_refused_on_another_and_keeps_
     assert 1 == len(events(logs, "stream.started"))
 
 
-async def test_a_poisoned_resume_marker_never_stops_a_call(tmp_path: Path) -> None:
-    """``streamsvc:resumed:<CallSid>`` holding bytes that are not a stream id (not UTF-8,
-    or far too long) is ignored with a warning: the call starts as if it were not there."""
+async def test_every_poisoned_redis_value_is_ignored_with_a_warning(
+        tmp_path: Path, logs: LogEvents) -> None:
+    """Whatever another process wrote where the fleet keeps its values (not UTF-8, not
+    JSON, the wrong shape, far too long) is ignored with bus.bad_value: the call starts as
+    if it were not there, a stream claims its id over a registry entry that is not one, a
+    status callback's lookup finds nothing, and the fleet client says what is wrong."""
     store = RedisServer(tmp_path)
     store.start()
-    node = FleetNode(Settings(redis_url=store.url, redis_timeout_ms=1000), {})
+    node = FleetNode(Settings(redis_url=store.url, redis_timeout_ms=1000, instance_id="a"),
+                     {})
+    session = LiveSession(wake=lambda: None)
+    session.receive_message(start("MZ-poisoned"))
+    session.events_received()
     try:
         poison = redis.Redis.from_url(store.url)
         poison.set(resumed_key("CA1"), b"\xff\xfe\xfd")
         poison.set(resumed_key("CA2"), b"M" * 100_000)
+        records = [b"\xff", b"[1, 2]", b'{"context": "x"}', b'{"context": {}, "p": "' +
+                   b"x" * 2_000_000 + b'"}']
+        for n, record in enumerate(records):
+            poison.set(context_key(f"CR{n}"), record)
+        poison.set(registry_key("MZ-poisoned"), b'{"instance": ["a list"]}')
+        poison.set(registry_key("MZ-garbage"), b"\x00garbage")
+        poison.set(resume_key("CA9"), b"MZ-before")
+        poison.set(context_key("CA9"), b"not json")
+        resumed = [await node.look_up(call, call) for call in ("CA1", "CA2")]
+        looked_up = [await node.look_up(f"CR{n}", f"CR{n}") for n in range(len(records))]
+        claimed = await node.claim(session, 0.0)
+        held = orjson.loads(poison.get(registry_key("MZ-poisoned")) or b"{}")
+        live = await node.live_stream("MZ-garbage")
+        resume = await node.resume_of("CA9")
+        async with Fleet(store.url) as fleet:
+            with pytest.raises(FleetError, match="not one streamsvc wrote"):
+                await fleet.owner("MZ-garbage")
         poison.close()
-        first = await node.look_up("CA1", "CA1")
-        second = await node.look_up("CA2", "CA2")
     finally:
         await node.redis.aclose()
         await node.subscriber.aclose()
         store.stop()
-    assert (None, None) == (first.resumed_from, second.resumed_from)
+    assert [None, None] == [lookup.resumed_from for lookup in resumed]
+    assert [None] * len(records) == [lookup.context for lookup in looked_up]
+    assert (None, "a", None) == (claimed, held.get("instance"), live)
+    assert resume is not None
+    assert ("MZ-before", {}) == (resume.resumed_from, resume.parameters)
+    kinds = collections.Counter(line["kind"] for line in events(logs, "bus.bad_value"))
+    assert {"stream id": 2, "call record": 5, "registry entry": 2} == kinds
 
 
 def test_a_plivo_nonce_opens_one_stream_within_its_window() -> None:

@@ -70,6 +70,9 @@ MAX_COMMAND_BYTES: Final = 4 * 1024 * 1024
 FRAME_RATE_SHARE: Final = 0.5
 # A stream id kept in Redis (resume markers) longer than this is not one.
 MAX_STREAM_ID_BYTES: Final = 256
+# A call's record (context, parameters, budget report) read back larger than this is not
+# one streamsvc wrote (a context is bounded by the webhook's body limit, 64 KiB).
+MAX_RECORD_BYTES: Final = 1024 * 1024
 # The registry's entries are claimed, refreshed and given back only by the instance that
 # holds them: set when absent or still ours, deleted only while ours.
 KEEP_IF_OURS: Final = """
@@ -439,16 +442,12 @@ class FleetNode:
             self.lookups["missing"] += 1
             return Lookup(resumed_from=resumed_from)
         self.lookups["found"] += 1
-        try:
-            value = orjson.loads(stored)
-            context = {str(k): str(v) for k, v in value["context"].items()}
-            parameters = {str(k): str(v) for k, v in (value.get("parameters") or {}).items()}
-            budget = value.get("budget")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        record = _call_record(stored)
+        if record is None:
             self.lookups["undecodable"] += 1
             return Lookup(resumed_from=resumed_from)
-        return Lookup(context, parameters, budget if isinstance(budget, dict) else None,
-                      resumed_from)
+        context, parameters, budget = record
+        return Lookup(context, parameters, budget, resumed_from)
 
     async def _get_and_take(self, key: str, once_key: str) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -477,12 +476,8 @@ class FleetNode:
             logger.warning("bus.resume_unavailable", call_sid=call_sid,
                            error=str(exc) or type(exc).__name__)
             return None
-        parameters: dict[str, str] = {}
-        if stored is not None:
-            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
-                kept = orjson.loads(stored).get("parameters") or {}
-                parameters = {str(k): str(v) for k, v in kept.items()}
-        return Resume(resumed_from, parameters)
+        record = _call_record(stored) if stored is not None else None
+        return Resume(resumed_from, record[1] if record is not None else {})
 
     async def first_use(self, provider: str, nonce: str, ttl_s: float) -> bool:
         """True unless an instance of the fleet has seen ``provider``'s signature ``nonce``
@@ -506,13 +501,12 @@ class FleetNode:
         except (TimeoutError, RedisError, OSError):
             self.lookups["registry_unavailable"] += 1
             return None
-        if raw is None:
+        if raw is None or _registry_owner(raw) is None:
             return None
-        try:
-            entry = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        return entry if isinstance(entry, dict) else None
+        entry = orjson.loads(raw)
+        path = entry.get("path")
+        return {"instance": entry["instance"],
+                "path": path[:MAX_STREAM_ID_BYTES] if isinstance(path, str) else None}
 
     # -- talk-back ----------------------------------------------------------------------
 
@@ -612,6 +606,27 @@ class FleetNode:
             await asyncio.wait_for(self.redis.publish(reply_to, body), 1.0)
 
 
+def _length(value: object) -> int:
+    return len(value) if isinstance(value, bytes | str) else -1
+
+
+def _call_record(value: object) -> tuple[dict[str, str], dict[str, str],
+                                         dict[str, Any] | None] | None:
+    """A call's record read back from Redis: its context, parameters and budget report, or
+    None when the value is not a record streamsvc wrote (logged, ignored)."""
+    try:
+        if not isinstance(value, bytes) or len(value) > MAX_RECORD_BYTES:
+            raise TypeError("not a record")
+        record = orjson.loads(value)
+        context = {str(k): str(v) for k, v in record["context"].items()}
+        parameters = {str(k): str(v) for k, v in (record.get("parameters") or {}).items()}
+        budget = record.get("budget")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        logger.warning("bus.bad_value", kind="call record", length=_length(value))
+        return None
+    return context, parameters, budget if isinstance(budget, dict) else None
+
+
 def _registry_owner(value: object) -> str | None:
     """The instance a registry entry read back from Redis names, or None when the value is
     not an entry streamsvc wrote (logged)."""
@@ -623,7 +638,7 @@ def _registry_owner(value: object) -> str | None:
         if not isinstance(instance, str) or not 0 < len(instance) <= MAX_STREAM_ID_BYTES:
             raise TypeError(instance)
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
-        logger.warning("bus.bad_value", kind="registry entry", length=len(str(value)))
+        logger.warning("bus.bad_value", kind="registry entry", length=_length(value))
         return None
     return instance
 
@@ -633,7 +648,7 @@ def _stream_id(value: object) -> str | None:
     process could have poisoned is never a reason to fail a call)."""
     if not isinstance(value, bytes) or not 0 < len(value) <= MAX_STREAM_ID_BYTES:
         if value is not None:
-            logger.warning("bus.bad_value", kind="stream id", length=len(str(value)))
+            logger.warning("bus.bad_value", kind="stream id", length=_length(value))
         return None
     try:
         return value.decode("utf-8")
