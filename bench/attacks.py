@@ -156,7 +156,12 @@ async def junk_http(port: int) -> None:
         b"POST /stream-status HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
     ]
-    for request in requests * 20:
+    await _each_answered(port, requests * 20)
+
+
+async def _each_answered(port: int, requests: list[bytes]) -> None:
+    """Each request on a connection of its own, written in one piece, read to the end."""
+    for request in requests:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         with contextlib.suppress(OSError):
             await _send(writer, request)
@@ -248,12 +253,7 @@ async def big_heads(port: int) -> None:
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
         + b"".join(b"X-%d: 1\r\n" % n for n in range(500)) + b"\r\n",
     ]
-    for head in heads * 10:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        with contextlib.suppress(OSError):
-            await _send(writer, head)
-            await reader.read()
-        writer.close()
+    await _each_answered(port, heads * 10)
 
 
 async def _bounded(attack: Callable[[int], Awaitable[None]], port: int) -> None:
