@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--sample-s", type=float, default=10)
-    parser.add_argument("--transport", choices=["websockets", "picows"], default="websockets")
+    parser.add_argument("--transport", choices=["auto", "websockets", "picows"],
+                        default="auto", help="the server's transport (default: the "
+                        "service's own default, picows where it is installed)")
     parser.add_argument("--adversarial", action="store_true",
                         help="run the attacks of bench/attacks.py beside the honest calls")
     args = parser.parse_args()
@@ -152,7 +154,9 @@ def main() -> None:
         stdout=subprocess.PIPE, text=True, env={**os.environ, "STREAMSVC_LOG_FORMAT": "json"})
     try:
         assert server.stdout is not None
-        port = json.loads(server.stdout.readline())["port"]
+        listening = json.loads(server.stdout.readline())
+        port = listening["port"]
+        print(f"transport: {listening['transport']}", flush=True)
         # Keep reading the server's log (so that its pipe never fills), keeping each
         # stream's summary.
         stopped: dict[str, dict[str, object]] = {}
