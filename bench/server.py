@@ -118,8 +118,10 @@ def warm_up(url: str) -> int:
     serves each 256 KiB read buffer with mmap/munmap, a cost a running server no longer
     pays; measuring before that made the stock-asyncio baselines look slower than they are.
     Returns the frames it sent (the server counts them too)."""
+    # Ids of their own: a stream id still live on the server would be refused.
     done = subprocess.run([sys.executable, "-m", "bench.loadgen", "--url", url, "--calls",
-                           "4", "--seconds", "0.5"], capture_output=True, text=True,
+                           "4", "--seconds", "0.5", "--first", "1000000"],
+                          capture_output=True, text=True,
                           check=True, timeout=60, preexec_fn=pin(LOAD_CPU))
     return int(json.loads(done.stdout.splitlines()[-1])["frames_sent"])
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -51,11 +53,15 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+# Each honest call's copy number: fresh ids for every call, across the concurrent loops (a
+# second stream with a live stream's ids is refused).
+COPIES = itertools.count(1)
+
+
 async def call_loop(url: str, deadline: float, results: list[SessionResult]) -> None:
     fixture = load_fixture(FIXTURE)
     while time.monotonic() < deadline:
-        copy = len(results) + 1  # fresh streamSid and callSid for every call
-        results.append(await replay_session(fixture, url, speed=1, copy=copy))
+        results.append(await replay_session(fixture, url, speed=1, copy=next(COPIES)))
 
 
 async def attack_loop(name: str, port: int, deadline: float, counts: dict[str, int]) -> None:
@@ -108,6 +114,7 @@ async def soak(port: int, pid: int, minutes: float, concurrency: int, sample_s: 
     report: dict[str, object] = {
         "minutes": minutes, "concurrency": concurrency, "calls": len(results),
         "failed": sum(not r.ok for r in results),
+        "failures": dict(collections.Counter(str(r.error)[:120] for r in results if not r.ok)),
         "rss_drift_kb": statistics.median(s[1] for s in last)
         - statistics.median(s[1] for s in first),
         "fd_drift": statistics.median(s[2] for s in last)
