@@ -118,6 +118,9 @@ class Settings:
     max_streams_per_address: int = 0
     max_unread_bytes: int = 8 * 1024 * 1024
     parameter_budget_bytes: int = 800
+    context_max_bytes: int = 16384
+    # Who may read a call's context (GET /calls/<call id>/context); unset: nobody.
+    context_api_token: str | None = field(default=None, repr=False)
     # Timeouts
     handshake_timeout_s: float = 5.0
     start_timeout_s: float = 10.0
@@ -303,6 +306,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "read) beyond which it is disconnected", minimum=65536),
     Setting("parameter_budget_bytes", ("STREAMSVC_PARAMETER_BUDGET_BYTES",), int,
             "custom parameter bytes above which a warning is logged (kept whole)", minimum=0),
+    Setting("context_max_bytes", ("STREAMSVC_CONTEXT_MAX_BYTES",), int,
+            "bytes (UTF-8 names and values) a call's whole context may take: an update "
+            "beyond raises LocalProtocolError in the handler", minimum=256),
+    Setting("context_api_token", ("STREAMSVC_CONTEXT_API_TOKEN",), str,
+            "the bearer token GET /calls/<call id>/context asks for (an agent's app reads "
+            "the call's context there); unset, the path answers 404", secret=True),
     # Timeouts
     Setting("handshake_timeout_s", ("STREAMSVC_HANDSHAKE_TIMEOUT_S",), float,
             "seconds from connect to a whole request head (HTTP or WebSocket handshake); "

@@ -16,6 +16,8 @@ A broken invariant of streamsvc itself is not one of these: it is left to crash.
 from __future__ import annotations
 
 __all__ = [
+    "CLOSE_POLICY_VIOLATION",
+    "HANDED_OFF_REASON",
     "ConfigError",
     "LocalProtocolError",
     "ProtocolError",
@@ -25,6 +27,8 @@ __all__ = [
 
 # Close code for a policy violation (RFC 6455 section 7.4.1): the hint for bad peer input.
 CLOSE_POLICY_VIOLATION = 1008
+# The close reason (with 1000) of a stream the service ended to hand its call to a person.
+HANDED_OFF_REASON = "handed off"
 
 
 class StreamsvcError(Exception):

@@ -156,6 +156,7 @@ BUILTIN_HANDLERS: Final[Mapping[str, str]] = {
     "dtmf": "streamsvc.builtins.dtmf:DtmfHandler",
     "echo": "streamsvc.builtins.echo:EchoHandler",
     "forward": "streamsvc.builtins.forward:ForwardHandler",
+    "handoff": "streamsvc.builtins.handoff:HandOffHandler",
 }
 # Built-ins that talk back, so only make sense on bidirectional routes.
 BIDIRECTIONAL_ONLY: Final = frozenset({"echo"})
@@ -182,7 +183,8 @@ QUEUE_SIZE_OPTION: Final = "queue_size"
 def resolve_handler(name: str, options: Mapping[str, Any], *, key: str) -> HandlerSpec:
     """Resolve a built-in name or ``"package.module:Factory"`` and check that ``options``
     fit the factory's signature (``queue_size`` is taken by the chain, for queued
-    handlers). Raises :class:`ConfigError` naming ``key`` otherwise."""
+    handlers), and its ``check_options(**options)`` when it has one. Raises
+    :class:`ConfigError` naming ``key`` otherwise."""
     factory = _import_factory(BUILTIN_HANDLERS.get(name, name), key=key)
     options = dict(options)
     queue_size = options.pop(QUEUE_SIZE_OPTION, None)
@@ -195,6 +197,12 @@ def resolve_handler(name: str, options: Mapping[str, Any], *, key: str) -> Handl
         raise ConfigError(key, f"options do not fit handler {name!r}: {exc}") from None
     except ValueError:  # no signature to check (some builtins); creation will tell
         pass
+    check = getattr(factory, "check_options", None)
+    if callable(check):  # a factory that can tell a bad option before any call
+        try:
+            check(**options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"handlers.{name}", str(exc)) from None
     return HandlerSpec(name, factory, options, queue_size)
 
 

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 from streamsvc.audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
 from streamsvc.exceptions import LocalProtocolError
-from streamsvc.session import Session
+from streamsvc.session import Session, parameters_size
 
-__all__ = ["LiveSession", "MarkResult", "PlaybackObserver"]
+__all__ = ["DEFAULT_CONTEXT_MAX_BYTES", "HandOffResult", "LiveSession", "MarkResult",
+           "PlaybackObserver"]
 
 MarkResult: TypeAlias = Literal["played", "cleared"]
 
@@ -37,6 +39,9 @@ MarkResult: TypeAlias = Literal["played", "cleared"]
 CHUNK_BYTES: Final = 160
 # Marks awaiting their echo; beyond this a handler is sending marks nobody can await.
 MAX_PENDING_MARKS: Final = 1000
+# The call's whole context, in bytes (UTF-8 names and values), unless configured
+# (context_max_bytes).
+DEFAULT_CONTEXT_MAX_BYTES: Final = 16384
 
 
 @runtime_checkable
@@ -56,6 +61,25 @@ class PlaybackObserver(Protocol):
         the caller's audio had arrived."""
 
 
+@dataclass(frozen=True, slots=True)
+class HandOffResult:
+    """How a hand-off went: the ``target``, the ``mechanism`` that carried it
+    (``connect_action``: the ``<Connect action>`` request answered with the hand-off's
+    TwiML), the names ``sent`` (name -> value as sent), ``dropped`` and ``truncated`` under
+    the target's limits, ``ok``, and the ``error`` when not."""
+
+    target: str
+    mechanism: str
+    sent: Mapping[str, str]
+    dropped: tuple[str, ...] = ()
+    truncated: tuple[str, ...] = ()
+    ok: bool = True
+    error: str | None = None
+
+
+HandOff = Callable[[str, Mapping[str, str]], "asyncio.Future[HandOffResult]"]
+
+
 @dataclass(slots=True)
 class _PendingMark:
     name: str
@@ -69,17 +93,29 @@ class LiveSession(Session):
 
     __slots__ = (
         "_clears_sent",
+        "_context_updated",
         "_mark_timers",
         "_observers",
         "_pending_marks",
         "_playback_ends",
         "_resamplers",
         "_wake",
+        "context_max_bytes",
     )
 
-    def __init__(self, *, wake: Callable[[], None], **session_options: Any) -> None:
+    def __init__(self, *, wake: Callable[[], None],
+                 context_updated: Callable[[Sequence[str]], None] | None = None,
+                 context_max_bytes: int = DEFAULT_CONTEXT_MAX_BYTES,
+                 hand_off: HandOff | None = None,
+                 **session_options: Any) -> None:
         super().__init__(**session_options)
         self._wake = wake
+        # Told the names each update_context() set (the server logs, stores, publishes).
+        self._context_updated = context_updated
+        self.context_max_bytes = context_max_bytes
+        self.context_updated_at: float | None = None  # Unix time of the last change
+        self._hand_off = hand_off  # the server's way to hand the call to a person
+        self.hand_offs: list[dict[str, Any]] = []  # the call's hand-offs, in order
         self._pending_marks: collections.deque[_PendingMark] = collections.deque()
         self._clears_sent = 0
         self._resamplers: dict[int, Resampler] = {}
@@ -88,6 +124,47 @@ class LiveSession(Session):
         # loop's clock, and the timers that resolve marks then.
         self._playback_ends = 0.0
         self._mark_timers: dict[int, asyncio.TimerHandle] = {}
+
+    def update_context(self, mapping: Mapping[str, str]) -> None:
+        """Add to the call's :attr:`context` what a handler learned (an account number, an
+        intent, a summary): text names and values, replacing those of the same name. The
+        whole record stays within ``context_max_bytes`` (UTF-8, names and values):
+        beyond, :class:`~streamsvc.exceptions.LocalProtocolError` and nothing changes. The
+        update is logged (``call.context_updated``, names only), kept in the context store
+        (in a fleet, for every instance) and goes along when the call is handed off."""
+        for name, value in mapping.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(f"context names and values are text: {name!r}: "
+                                f"{type(value).__name__}")
+        merged = {**self.context, **mapping}
+        size = parameters_size(merged)
+        if size > self.context_max_bytes:
+            raise LocalProtocolError(
+                f"the call's context would take {size} bytes, over context_max_bytes "
+                f"({self.context_max_bytes}): nothing was added")
+        self.set_context(merged)
+        self.context_updated_at = time.time()
+        if self._context_updated is not None and mapping:
+            self._context_updated(list(mapping))
+
+    def hand_off(self, to: str, *,
+                 parameters: Mapping[str, str] | None = None) -> asyncio.Future[HandOffResult]:
+        """Hand the call to a person with its context: ``to`` is ``client:<identity>``,
+        ``sip:<uri>``, ``tel:<E.164>`` or ``queue:<name>``; the call's id goes first, then
+        ``parameters``, then what the route's ``[routes.handoff]`` picks of
+        :attr:`context`, within the target's limits. The future resolves once the call is
+        handed over (the stream then ends, ``stream.stopped`` reason ``handed_off``). On a
+        Twilio or SignalWire ``<Connect>`` route the ``<Connect action>`` request is answered
+        with the hand-off's TwiML. :class:`~streamsvc.exceptions.LocalProtocolError` where
+        the call cannot be handed off (another provider, a ``<Start>`` route, a hand-off
+        already made); ValueError for a target that is not one."""
+        if self._hand_off is None:
+            raise LocalProtocolError("this session is not on a running server: nothing can "
+                                     "hand its call off")
+        for name, value in (parameters or {}).items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(f"hand-off parameters are text: {name!r}")
+        return self._hand_off(to, dict(parameters or {}))
 
     def observe_playback(self, observer: PlaybackObserver) -> None:
         """Tell ``observer`` about every piece of audio sent and every ``clear``."""
@@ -115,14 +192,16 @@ class LiveSession(Session):
         if self._observers:
             pcm = mulaw_to_pcm16(payload) if self._mulaw else payload
             for observer in self._observers:
-                observer.audio_sent(pcm, self._heard_ms())
+                observer.audio_sent(pcm, self.heard_ms())
 
     def send_clear(self) -> None:
         super().send_clear()
         for observer in self._observers:
-            observer.audio_cleared(self._heard_ms())
+            observer.audio_cleared(self.heard_ms())
 
-    def _heard_ms(self) -> int:
+    def heard_ms(self) -> int:
+        """Media milliseconds of the caller's audio so far (first frame to the end of the
+        latest, on the media timeline)."""
         stats = self.track_stats.get("inbound")
         if stats is None or stats.first_timestamp_ms < 0:
             return 0

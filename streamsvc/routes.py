@@ -8,6 +8,7 @@ voice webhook answers for it. Read from ``[[routes]]`` tables::
     provider = "twilio"          # acs, telnyx, signalwire, exotel, plivo, vonage, auto
 
     [routes.context]             # the call's context -> <Parameter>s (streamsvc.context.twiml)
+    [routes.handoff]             # what goes along to an agent (streamsvc.context.handoff)
     [routes.twiml]               # track, follow-on TwiML
 
 Errors raise :class:`~streamsvc.exceptions.ConfigError` naming the key (``routes[0].path``).
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from streamsvc.context.handoff import HandOffMapping
 from streamsvc.context.twiml import ContextMapping, render_stream_twiml
 from streamsvc.exceptions import ConfigError
 from streamsvc.handlers import BIDIRECTIONAL_ONLY, HandlerSpec, resolve_handler
@@ -41,6 +43,7 @@ class Route:
     provider: str = "twilio"  # whose wire protocol the streams speak (streamsvc.providers)
     unmixed: bool = False  # ACS: each participant its own track
     publish_audio: bool = False  # fleet: the audio goes to streamsvc:audio:<stream_sid>
+    handoff: HandOffMapping = field(default_factory=HandOffMapping)  # what goes to an agent
 
 
 # The embedded default: <Start><Stream> calls on /stream, <Connect><Stream> on /connect.
@@ -83,7 +86,7 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
     check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml", "provider",
-                      "unmixed", "publish_audio"}, key + ".")
+                      "unmixed", "publish_audio", "handoff"}, key + ".")
     provider = raw.get("provider", "twilio")
     if provider not in PROVIDERS:
         raise ConfigError(key + ".provider",
@@ -117,8 +120,9 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
                             track=track, after=after)
     except (ValueError, TypeError) as exc:
         raise ConfigError(key + ".twiml", str(exc)) from None
+    handoff = HandOffMapping.from_table(table(raw, "handoff"), key=key + ".handoff")
     return Route(path, specs, bidirectional, context, track, after, provider, unmixed,
-                 publish_audio)
+                 publish_audio, handoff)
 
 
 def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:

@@ -59,7 +59,8 @@ MAX_DTMF_DIGITS: Final = 256
 # How much of a bad frame is kept for the log line.
 BAD_FRAME_EXCERPT_CHARS: Final = 120
 
-StopReason: TypeAlias = Literal["stop", "closed", "aborted", "error", "shutdown", "moved"]
+StopReason: TypeAlias = Literal["stop", "closed", "aborted", "error", "shutdown", "moved",
+                              "handed_off"]
 
 
 class State(enum.Enum):
@@ -186,6 +187,9 @@ class CallSummary:
     # The voice webhook's parameter budget report for this call, when this service served
     # the TwiML that started the stream (streamsvc.context.twiml.ParameterSelection.report).
     context_budget: Mapping[str, object] | None = None
+    # The call's hand-off, when a handler handed it to a person: target, mechanism, what
+    # was sent, dropped and truncated, and the media time it happened (``media_ms``).
+    hand_off: Mapping[str, object] | None = None
 
     def log_fields(self) -> dict[str, object]:
         """The summary as plain JSON-ready fields for ``stream.stopped``."""
@@ -206,6 +210,7 @@ class CallSummary:
             "handlers": {name: dict(report) for name, report in self.handlers.items()},
             "context_budget": (dict(self.context_budget) if self.context_budget is not None
                                else None),
+            "hand_off": dict(self.hand_off) if self.hand_off is not None else None,
         }
 
 
@@ -281,9 +286,10 @@ class Session:
         self.media_format: wire.MediaFormat | None = None
         self.custom_parameters: Mapping[str, str] = _EMPTY_PARAMETERS
         self.custom_parameters_bytes = 0
-        # In a fleet: the context the voice webhook stored for this call (whole, before any
-        # budget cut), and the stream a drained instance closed for this one to resume.
-        self.context: dict[str, str] | None = None
+        # Everything known about the call (read-only): what its ways in carried (the voice
+        # webhook's whole context, the stream's parameters) and what handlers added; and, in
+        # a fleet, the stream a drained instance closed for this one to resume.
+        self.context: Mapping[str, str] = _EMPTY_PARAMETERS
         self.resumed_from: str | None = None
         self.track_stats: dict[str, TrackStats] = {}
         self.bad_frames = 0
@@ -434,6 +440,10 @@ class Session:
         kept = dict(parameters)
         self.custom_parameters = MappingProxyType(kept)
         self.custom_parameters_bytes = parameters_size(kept)
+
+    def set_context(self, context: Mapping[str, str]) -> None:
+        """The call's whole context, as it is known now (kept read-only)."""
+        self.context = MappingProxyType(dict(context))
 
     def _bad_frame(self, reason: str, frame: bytes | str) -> None:
         self.bad_frames += 1

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
 import wave
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,14 +28,15 @@ from websockets.exceptions import ConnectionClosed
 from streamsvc import wire
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
-from streamsvc.handlers import HandlerSpec, resolve_handler
+from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
+from streamsvc.live import LiveSession
 from streamsvc.providers import REGISTRY, CodecOptions, codec_for
 from streamsvc.replay import Signing, replay, upgrade_headers, write_acs_keys
 from streamsvc.replay.check import differences
 from streamsvc.replay.fixture import Fixture, load_fixture
 from streamsvc.replay.signing import SIGNERS
 from streamsvc.server import StreamServer
-from streamsvc.session import Session
+from streamsvc.session import CallSummary, Session
 from tests.conftest import BUNDLED, LogEvents, events, outcome_of, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -39,6 +44,7 @@ PUBLIC = "wss://voice.example.com"
 AUDIENCE = "acs-resource-0001"
 # Each provider's bundled fixture, and one whose talk-back is exercised.
 PROVIDERS = [row.name for row in REGISTRY if row.name != "auto"]
+CONTEXT_TOKEN = "context-api-token"
 SECRETS = {"auth_token": "twilio-token", "signalwire_token": "signalwire-token",
            "telnyx_stream_token": "telnyx-token", "exotel_basic_auth": "key:exotel-token",
            "plivo_auth_token": "plivo-token", "vonage_signature_secret": "vonage-secret-" * 3}
@@ -47,6 +53,31 @@ SECRETS = {"auth_token": "twilio-token", "signalwire_token": "signalwire-token",
 def test_every_provider_of_the_registry_has_a_bundled_fixture_and_a_signer() -> None:
     assert sorted(PROVIDERS) == sorted(BUNDLED)
     assert {row.name for row in REGISTRY if row.check is not None} == set(SIGNERS)
+
+
+class Enricher(Handler):
+    """What a handler learns during the call joins the call's context."""
+
+    def on_start(self, session: LiveSession) -> None:
+        self.session = session
+        session.update_context({"learned": f"on {session.codec.provider}"})
+
+    def on_stop(self, session: LiveSession, summary: CallSummary) -> None:
+        session.update_context({"summary": f"{summary.frames.get('inbound', 0)} frames"})
+
+
+def read_context(port: int, call_id: str, token: str | None = CONTEXT_TOKEN
+                 ) -> tuple[int, dict[str, Any]]:
+    """``GET /calls/<call id>/context`` as an agent's app asks it."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/calls/{urllib.parse.quote(call_id)}/context",
+        headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {}
 
 
 @dataclass
@@ -81,7 +112,7 @@ async def server(tmp_path: Path, receiver: Receiver) -> AsyncIterator[StreamServ
                    "recorder": {"dir": str(tmp_path / "recordings" / name)},
                    "capture": {"dir": str(tmp_path / "captures" / name)},
                    "levels": {}, "dtmf": {}}
-        return (HandlerSpec("log", LogHandler),
+        return (HandlerSpec("log", LogHandler), HandlerSpec("enricher", Enricher),
                 *(resolve_handler(kind, opts, key="handlers") for kind, opts in options.items()))
 
     echo = resolve_handler("echo", {"delay_ms": 100, "mark_every_ms": 400}, key="handlers")
@@ -91,7 +122,7 @@ async def server(tmp_path: Path, receiver: Receiver) -> AsyncIterator[StreamServ
     routes.append(Route("/auto", handlers("auto"), provider="auto"))
     running = StreamServer(Settings(
         port=0, routes=tuple(routes), public_url=PUBLIC, acs_audience=AUDIENCE,
-        acs_jwks_url=jwks.as_uri(), **SECRETS))
+        acs_jwks_url=jwks.as_uri(), context_api_token=CONTEXT_TOKEN, **SECRETS))
     await running.start()
     yield running
     await running.stop()
@@ -172,6 +203,46 @@ def session_frame_ms(stopped: dict[str, Any], audio: bytes, rate: int) -> int:
     """Milliseconds per media frame of this stream, from its audio and frame count."""
     samples = len(audio) // 2
     return round(samples * 1000 / rate / stopped["frames"]["inbound"])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_the_calls_context_goes_in_is_enriched_and_is_read_by_the_agent_on_every_provider(
+        provider: str, server: StreamServer, tmp_path: Path, logs: LogEvents) -> None:
+    """What the call's way in carried and what a handler added, through the context API
+    with its token only (401 without, 404 for a call nobody knows), values never logged."""
+    fixture = load_fixture(FIXTURES / BUNDLED[provider])
+    report = await replay([fixture], f"ws://127.0.0.1:{server.port}/{provider}", speed=0,
+                          signing=signing(tmp_path),
+                          acs_events_url=f"http://127.0.0.1:{server.port}/acs/events")
+    assert report.sessions[0].ok, report.sessions[0].error
+    await until(lambda: events(logs, "stream.stopped"))
+    [started] = events(logs, "stream.started")
+    call_id = started["correlation_id"] or started["call_sid"]
+    status, answer = await asyncio.to_thread(read_context, server.port, call_id)
+    assert 200 == status
+    assert started["call_sid"] == answer["call_sid"]
+    context = answer["context"]
+    # The ways in (the stream's parameters, or what ACS's IncomingCall stored) are there,
+    # with what the handler added at the start and at the end.
+    assert {**started["custom_parameters"], **(started["context"] or {})}.items() <= (
+        context.items())
+    assert (f"on {provider}", f"{started_frames(logs)} frames") == (
+        context["learned"], context["summary"])
+    assert answer["updated_at"].endswith("Z")
+    assert (401, 401, 404) == (
+        (await asyncio.to_thread(read_context, server.port, call_id, None))[0],
+        (await asyncio.to_thread(read_context, server.port, call_id, "wrong"))[0],
+        (await asyncio.to_thread(read_context, server.port, "CA-nobody"))[0])
+    updates = events(logs, "call.context_updated")
+    assert [["learned"], ["summary"]] == [line["names"] for line in updates]
+    assert not any("frames" in str(line) for line in updates)  # names, never values
+    [stopped] = events(logs, "stream.stopped")
+    assert 2 == stopped["context_updates"]
+
+
+def started_frames(logs: LogEvents) -> int:
+    [stopped] = events(logs, "stream.stopped")
+    return int(stopped["frames"].get("inbound", 0))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

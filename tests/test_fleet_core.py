@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from streamsvc.config import load_settings
+from streamsvc.context.store import CallContext
 from streamsvc.context.twiml import render_stream_twiml
 from streamsvc.exceptions import ConfigError
 from streamsvc.live import LiveSession
@@ -95,12 +96,12 @@ async def test_a_context_write_holds_the_answer_at_most_redis_timeout_ms() -> No
 
     settings = Settings(redis_url="redis://127.0.0.1:9/0", redis_timeout_ms=50, bus_buffer=1)
     fleet = FleetNode(settings, {})  # not started: nothing drains the buffer
-    done = fleet.put_context("CA1", {"a": "1"}, None)
+    done = fleet.put_context("CA1", CallContext({"a": "1"}))
     assert not done.done()  # waits for Redis
     began = time.monotonic()
     await fleet.written(done)  # a slow Redis costs the context, not the call
     assert 0.04 <= time.monotonic() - began < 1.0
-    dropped = fleet.put_context("CA2", {"a": "1"}, None)  # the buffer is full
+    dropped = fleet.put_context("CA2", CallContext({"a": "1"}))  # the buffer is full
     assert dropped.done()
     assert 1 == fleet.dropped["context"]
     await fleet.redis.aclose()

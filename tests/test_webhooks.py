@@ -434,8 +434,15 @@ async def test_a_bidirectional_route_answers_connect_stream(server: StreamServer
     status, _, document = await asyncio.to_thread(
         _twilio_post, server.port, "/twiml/talk", {"CallSid": CALL_SID, "From": "+15550100"})
     assert 200 == status
-    assert '<Connect><Stream url="wss://example.ngrok.app/talk"' in document
+    # The action comes back here when the <Connect> ends: a hand-off answers it.
+    assert ('<Connect action="https://example.ngrok.app/twiml/talk?streamsvc_action=connect">'
+            '<Stream url="wss://example.ngrok.app/talk"') in document
     assert {"From": "+15550100", "CallSid": CALL_SID} == parameters_from_twiml(document)
+    status, _, after = await asyncio.to_thread(
+        _twilio_post, server.port, "/twiml/talk?streamsvc_action=connect",
+        {"CallSid": CALL_SID})
+    assert (200, '<?xml version="1.0" encoding="UTF-8"?><Response></Response>') == (
+        status, after)  # no hand-off pending: the route's follow-on TwiML (none)
 
 
 async def test_the_bare_webhook_path_serves_the_first_route_and_get_is_signed_over_the_url(

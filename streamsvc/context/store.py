@@ -31,10 +31,13 @@ DEFAULT_TTL_S: Final = 3600.0
 class CallContext:
     """What the store knows of one call (every part may be missing)."""
 
-    context: dict[str, str] | None = None  # the webhook's whole context, before any budget
+    context: dict[str, str] | None = None  # the call's whole context (ways in, handlers')
     parameters: dict[str, str] | None = None  # what the stream was given to carry
     budget: dict[str, Any] | None = None  # the budget report of the answer
     resumed_from: str | None = None  # the stream a drained instance closed for this call
+    call_sid: str | None = None  # the call's own id, where the record's key is another
+    updated_at: float | None = None  # when the record was last written (Unix time)
+    hand_offs: tuple[dict[str, Any], ...] = ()  # the call's hand-offs, in order
 
 
 class ContextStore(Protocol):
@@ -53,6 +56,10 @@ class ContextStore(Protocol):
         """The record for the stream of ``call_id`` (``call_sid``: the call's own sid,
         when a drained instance may have handed it over), at once or (shared store)
         bounded in time; an empty record when there is none."""
+
+    def read(self, call_id: str) -> CallContext | Awaitable[CallContext | None] | None:
+        """The record kept under ``call_id`` as it is (None when there is none), at once or
+        (shared store) bounded in time; unlike :meth:`look_up` it takes nothing."""
 
 
 class MemoryContextStore:
@@ -77,11 +84,14 @@ class MemoryContextStore:
         return None
 
     def look_up(self, call_id: str | None, call_sid: str | None = None) -> CallContext:
-        entry = self._entries.get(call_id) if call_id else None
+        return (self.read(call_id) if call_id else None) or CallContext()
+
+    def read(self, call_id: str) -> CallContext | None:
+        entry = self._entries.get(call_id)
         if entry is None:
-            return CallContext()
+            return None
         expires, record = entry
         if self._clock() >= expires:
-            del self._entries[call_id]  # type: ignore[arg-type]
-            return CallContext()
+            del self._entries[call_id]
+            return None
         return record

@@ -96,16 +96,12 @@ class ContextMapping:
         values: dict[str, Any] = {}
         for name in ("query", "sip_headers", "custom_fields"):
             if name in table:
-                values[name] = _star_or_names(table[name], f"{key}.{name}")
+                values[name] = star_or_names(table[name], f"{key}.{name}")
         for name in ("webhook_fields", "priority"):
             if name in table:
-                values[name] = _names(table[name], f"{key}.{name}")
+                values[name] = names_of(table[name], f"{key}.{name}")
         if "rename" in table:
-            rename = table["rename"]
-            if not isinstance(rename, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) and v for k, v in rename.items()):
-                raise ConfigError(f"{key}.rename", "must be a table of field = \"name\"")
-            values["rename"] = dict(rename)
+            values["rename"] = rename_of(table["rename"], f"{key}.rename")
         if "budget_bytes" in table:
             budget = table["budget_bytes"]
             if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
@@ -115,13 +111,21 @@ class ContextMapping:
         return cls(**values)
 
 
-def _star_or_names(value: Any, key: str) -> str | tuple[str, ...]:
+def star_or_names(value: Any, key: str) -> str | tuple[str, ...]:
     if value == "*":
         return "*"
-    return _names(value, key)
+    return names_of(value, key)
 
 
-def _names(value: Any, key: str) -> tuple[str, ...]:
+def rename_of(value: Any, key: str) -> dict[str, str]:
+    """A ``rename`` table (``{name = "new name"}``); :class:`ConfigError` naming ``key``."""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+        raise ConfigError(key, 'must be a table of name = "new name"')
+    return dict(value)
+
+
+def names_of(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(key, f'must be "*" or an array of names, got {value!r}')
     return tuple(value)

@@ -9,7 +9,7 @@ import base64
 import contextlib
 import inspect
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -22,10 +22,12 @@ from redis.exceptions import ResponseError
 from streamsvc.fleet.keys import (
     EVENTS_STREAM,
     REPLIES_PREFIX,
+    call_key,
     commands_channel,
     default_consumer_name,
     registry_key,
 )
+from streamsvc.live import HandOffResult
 
 __all__ = ["Consumer", "Entry", "Fleet", "FleetError"]
 
@@ -250,6 +252,33 @@ class Fleet:
         if outcome not in ("played", "cleared"):
             raise FleetError(f"unexpected mark outcome {outcome!r}")
         return outcome  # type: ignore[no-any-return]
+
+    async def hand_off(self, call_id: str, to: str, *,
+                       parameters: Mapping[str, str] | None = None,
+                       timeout_s: float | None = None) -> HandOffResult:
+        """Hand the live call ``call_id`` (its sid; ACS: the correlation id) to a person,
+        as its stream's :meth:`~streamsvc.live.LiveSession.hand_off` does, on whichever
+        instance has it. :class:`FleetError` when no live stream has the call, or the
+        hand-off was refused (the reason)."""
+        raw = await self.redis.get(call_key(call_id))
+        if raw is None:
+            raise FleetError(f"no live call {call_id!r} in the registry")
+        try:
+            stream_sid = raw.decode() if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:
+            raise FleetError(f"the registry's entry for call {call_id!r} is not one "
+                             "streamsvc wrote") from None
+        reply = await self._command(stream_sid, {"op": "hand_off", "to": to,
+                                                 "parameters": dict(parameters or {})},
+                                    self.timeout_s if timeout_s is None else timeout_s)
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise FleetError(f"unexpected hand-off result {result!r}")
+        return HandOffResult(
+            str(result.get("target")), str(result.get("mechanism")),
+            dict(result.get("sent") or {}), tuple(result.get("dropped") or ()),
+            tuple(result.get("truncated") or ()), bool(result.get("ok")),
+            result.get("error"))
 
     async def clear(self, stream_sid: str) -> None:
         """Stop what is playing and drop what is queued (pending marks resolve

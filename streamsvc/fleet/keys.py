@@ -11,6 +11,7 @@ from typing import Final
 
 __all__ = [
     "AUDIO_PREFIX",
+    "CALL_PREFIX",
     "COMMANDS_PREFIX",
     "CONTEXT_PREFIX",
     "EVENTS_STREAM",
@@ -20,6 +21,7 @@ __all__ = [
     "RESUMED_PREFIX",
     "RESUME_PREFIX",
     "audio_key",
+    "call_key",
     "commands_channel",
     "context_key",
     "default_consumer_name",
@@ -38,6 +40,7 @@ RESUMED_PREFIX: Final = "streamsvc:resumed:"
 COMMANDS_PREFIX: Final = "streamsvc:commands:"
 REPLIES_PREFIX: Final = "streamsvc:replies:"
 NONCE_PREFIX: Final = "streamsvc:nonce:"
+CALL_PREFIX: Final = "streamsvc:call:"
 
 
 def audio_key(stream_sid: str) -> str:
@@ -46,6 +49,11 @@ def audio_key(stream_sid: str) -> str:
 
 def context_key(call_id: str) -> str:
     return CONTEXT_PREFIX + call_id
+
+
+def call_key(call_id: str) -> str:
+    """A live call's stream (its id), for what addresses the call by its own id."""
+    return CALL_PREFIX + call_id
 
 
 def registry_key(stream_sid: str) -> str:

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from streamsvc.context.store import CallContext
 from streamsvc.exceptions import LocalProtocolError
 from streamsvc.fleet.keys import (
     audio_key,
+    call_key,
     commands_channel,
     context_key,
     default_consumer_name,
@@ -138,6 +140,7 @@ class FleetNode:
         # The registry entries this instance holds (stream id -> entry as written): a
         # stream id is claimed once in the fleet; only its holder refreshes or removes it.
         self.claims: dict[str, bytes] = {}
+        self.calls: dict[str, str] = {}  # stream id -> the call's own id, while claimed
         self.duplicates = 0  # streams refused: their id was live on another instance
 
     # -- life ---------------------------------------------------------------------------
@@ -219,15 +222,16 @@ class FleetNode:
         self._put(("xadd", audio_key(stream_sid), fields, AUDIO_MAXLEN,
                    int(self.settings.context_ttl_s) if expire else None), "audio")
 
-    def put_context(self, call_id: str, context: Mapping[str, str],
-                    budget: Mapping[str, Any] | None,
-                    parameters: Mapping[str, str] | None = None) -> asyncio.Future[None]:
-        """Keep the call's whole context (the webhook's budget report, and the
-        ``<Parameter>``s it sent) for the stream, on whichever instance it lands. The
-        future is done once Redis has it: answer the provider after :meth:`written` of it,
-        so that the stream's lookup, on any instance, comes after the write."""
-        value = orjson.dumps({"context": dict(context), "budget": budget,
-                              "parameters": dict(parameters or {})})
+    def put_context(self, call_id: str, record: CallContext) -> asyncio.Future[None]:
+        """Keep the call's record (its whole context, the ``<Parameter>``s it sent, the
+        webhook's budget report, its hand-offs) for the stream and the context API, on
+        whichever instance they are asked. The future is done once Redis has it: answer the
+        provider after :meth:`written` of it, so that the stream's lookup, on any instance,
+        comes after the write."""
+        value = orjson.dumps({"context": dict(record.context or {}), "budget": record.budget,
+                              "parameters": dict(record.parameters or {}),
+                              "call_sid": record.call_sid, "updated_at": record.updated_at,
+                              "hand_offs": list(record.hand_offs)}, default=str)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self._put(("set", context_key(call_id), value,
                           int(self.settings.context_ttl_s), done), "context"):
@@ -253,16 +257,20 @@ class FleetNode:
         entry = self._registry_entry(session, started_at)
         key = registry_key(sid)
         self.claims[sid] = entry
+        if session.call_sid:
+            self.calls[sid] = session.call_sid
         try:
             if self.outage_since is not None:
                 raise TimeoutError("redis is unavailable")
             claimed = await asyncio.wait_for(
                 self.redis.set(key, entry, nx=True, ex=REGISTRY_TTL_S), self.timeout_s)
             if claimed:
+                self._index_call(sid)
                 return None
             held = await asyncio.wait_for(self.redis.get(key), self.timeout_s)
         except (TimeoutError, RedisError, OSError):
             self._put(("eval", key, KEEP_IF_OURS, entry, REGISTRY_TTL_S), "registry")
+            self._index_call(sid)
             return None
         owner = _registry_owner(held)
         if held is not None and owner in (None, self.instance):
@@ -271,10 +279,13 @@ class FleetNode:
             with contextlib.suppress(TimeoutError, RedisError, OSError):
                 await asyncio.wait_for(self.redis.set(key, entry, ex=REGISTRY_TTL_S),
                                        self.timeout_s)
+            self._index_call(sid)
             return None
         if held is None and await self._keep_if_ours(key, entry):
+            self._index_call(sid)
             return None  # given back meanwhile: claimed now
         del self.claims[sid]
+        self.calls.pop(sid, None)
         self.duplicates += 1
         if owner is None:
             return "unknown"
@@ -289,11 +300,22 @@ class FleetNode:
                 self.timeout_s))
         return True
 
+    def _index_call(self, sid: str) -> None:
+        """Let what addresses the call by its own id find its stream
+        (``streamsvc:call:<call id>``)."""
+        call_id = self.calls.get(sid)
+        if call_id:
+            self._put(("set", call_key(call_id), sid.encode(), REGISTRY_TTL_S), "registry")
+
     def unregister(self, stream_sid: str) -> None:
         """Give the stream's id back (only if this instance holds it)."""
         entry = self.claims.pop(stream_sid, None)
         if entry is not None:
             self._put(("eval", registry_key(stream_sid), GIVE_BACK_IF_OURS, entry), "registry")
+        call_id = self.calls.pop(stream_sid, None)
+        if call_id:
+            self._put(("eval", call_key(call_id), GIVE_BACK_IF_OURS, stream_sid.encode()),
+                      "registry")
 
     def mark_resumable(self, call_sid: str, stream_sid: str) -> None:
         """A drain closes this call's <Connect> stream: the next instance it reaches
@@ -413,7 +435,10 @@ class FleetNode:
                     for sid, entry in claims:
                         pipe.eval(KEEP_IF_OURS, 1, registry_key(sid), entry,  # type: ignore[no-untyped-call, unused-ignore]
                                   REGISTRY_TTL_S)
-                    kept = await asyncio.wait_for(pipe.execute(), self.timeout_s * 10)
+                    for sid, call_id in list(self.calls.items()):
+                        pipe.set(call_key(call_id), sid.encode(), ex=REGISTRY_TTL_S)
+                    kept = (await asyncio.wait_for(pipe.execute(),
+                                                   self.timeout_s * 10))[:len(claims)]
                 for (sid, entry), ours in zip(claims, kept, strict=True):
                     if not ours and self.claims.get(sid) == entry:
                         del self.claims[sid]
@@ -446,8 +471,23 @@ class FleetNode:
         if record is None:
             self.lookups["undecodable"] += 1
             return Lookup(resumed_from=resumed_from)
-        context, parameters, budget = record
-        return Lookup(context, parameters, budget, resumed_from)
+        return dataclasses.replace(record, resumed_from=resumed_from)
+
+    async def read_context(self, call_id: str) -> CallContext | None:
+        """The call's record as it is (None when there is none, or when Redis does not
+        answer within ``redis_timeout_ms``)."""
+        stored = await self._get(context_key(call_id), "read_unavailable")
+        return None if stored is None else _call_record(stored)
+
+    async def _get(self, key: str, unavailable: str) -> bytes | None:
+        """``GET key`` within ``redis_timeout_ms``; None (counted as ``unavailable``) when
+        Redis does not answer."""
+        try:
+            value = await asyncio.wait_for(self.redis.get(key), self.timeout_s)
+        except (TimeoutError, RedisError, OSError):
+            self.lookups[unavailable] += 1
+            return None
+        return value if isinstance(value, bytes) else None
 
     async def _get_and_take(self, key: str, once_key: str) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -477,7 +517,8 @@ class FleetNode:
                            error=str(exc) or type(exc).__name__)
             return None
         record = _call_record(stored) if stored is not None else None
-        return Resume(resumed_from, record[1] if record is not None else {})
+        return Resume(resumed_from, dict(record.parameters or {}) if record is not None
+                      else {})
 
     async def first_use(self, provider: str, nonce: str, ttl_s: float) -> bool:
         """True unless an instance of the fleet has seen ``provider``'s signature ``nonce``
@@ -495,12 +536,7 @@ class FleetNode:
     async def live_stream(self, stream_sid: str) -> dict[str, Any] | None:
         """The registry's entry for a stream live on any instance (None when not live, or
         when Redis does not answer within ``redis_timeout_ms``)."""
-        try:
-            raw = await asyncio.wait_for(self.redis.get(registry_key(stream_sid)),
-                                         self.timeout_s)
-        except (TimeoutError, RedisError, OSError):
-            self.lookups["registry_unavailable"] += 1
-            return None
+        raw = await self._get(registry_key(stream_sid), "registry_unavailable")
         if raw is None or _registry_owner(raw) is None:
             return None
         entry = orjson.loads(raw)
@@ -559,6 +595,17 @@ class FleetNode:
             elif op == "clear":
                 session.clear()
                 self._reply(reply_to, command_id, op)
+            elif op == "hand_off":
+                parameters = command.get("parameters") or {}
+                if not isinstance(parameters, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in parameters.items()):
+                    raise ValueError("parameters: an object of text values")
+                handed = session.hand_off(str(command["to"]), parameters=parameters)
+                handed.add_done_callback(
+                    lambda done: self._reply(reply_to, command_id, op,
+                                             result=dataclasses.asdict(done.result()))
+                    if not done.cancelled() else self._reply(reply_to, command_id, op,
+                                                             error="the stream ended"))
             elif op == "mark":
                 future = session.mark(str(command["name"]))
                 future.add_done_callback(
@@ -570,7 +617,7 @@ class FleetNode:
         except (LocalProtocolError, ValueError, KeyError, TypeError) as exc:
             self._reply(reply_to, command_id, op, error=str(exc))
 
-    def _reply(self, reply_to: str, command_id: object, op: str, *, result: str | None = None,
+    def _reply(self, reply_to: str, command_id: object, op: str, *, result: object = None,
                error: str | None = None) -> None:
         self.commands[f"{op}:{'refused' if error else 'applied'}"] += 1
         if len(self._replies) >= MAX_REPLIES_IN_FLIGHT:
@@ -610,10 +657,9 @@ def _length(value: object) -> int:
     return len(value) if isinstance(value, bytes | str) else -1
 
 
-def _call_record(value: object) -> tuple[dict[str, str], dict[str, str],
-                                         dict[str, Any] | None] | None:
-    """A call's record read back from Redis: its context, parameters and budget report, or
-    None when the value is not a record streamsvc wrote (logged, ignored)."""
+def _call_record(value: object) -> CallContext | None:
+    """A call's record read back from Redis, or None when the value is not a record
+    streamsvc wrote (logged, ignored)."""
     try:
         if not isinstance(value, bytes) or len(value) > MAX_RECORD_BYTES:
             raise TypeError("not a record")
@@ -621,10 +667,18 @@ def _call_record(value: object) -> tuple[dict[str, str], dict[str, str],
         context = {str(k): str(v) for k, v in record["context"].items()}
         parameters = {str(k): str(v) for k, v in (record.get("parameters") or {}).items()}
         budget = record.get("budget")
+        call_sid = record.get("call_sid")
+        updated_at = record.get("updated_at")
+        hand_offs = tuple(entry for entry in record.get("hand_offs") or ()
+                          if isinstance(entry, dict))
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         logger.warning("bus.bad_value", kind="call record", length=_length(value))
         return None
-    return context, parameters, budget if isinstance(budget, dict) else None
+    return CallContext(context, parameters, budget if isinstance(budget, dict) else None,
+                       call_sid=call_sid if isinstance(call_sid, str) else None,
+                       updated_at=float(updated_at)
+                       if isinstance(updated_at, int | float) else None,
+                       hand_offs=hand_offs)
 
 
 def _registry_owner(value: object) -> str | None:

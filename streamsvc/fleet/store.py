@@ -21,11 +21,13 @@ class RedisContextStore:
         self.node = node
 
     def put(self, call_id: str, record: CallContext) -> asyncio.Future[None]:
-        return self.node.put_context(call_id, record.context or {}, record.budget,
-                                     record.parameters)
+        return self.node.put_context(call_id, record)
 
     async def written(self, *done: asyncio.Future[None]) -> None:
         await self.node.written(*done)
 
     def look_up(self, call_id: str | None, call_sid: str | None) -> Awaitable[CallContext]:
         return self.node.look_up(call_id, call_sid)
+
+    def read(self, call_id: str) -> Awaitable[CallContext | None]:
+        return self.node.read_context(call_id)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from xml.etree import ElementTree
 
+from streamsvc.exceptions import HANDED_OFF_REASON
 from streamsvc.providers.signature import SIGNATURE_HEADER, sign
 from streamsvc.replay.client import SessionResult, replay_session, signature_headers
 from streamsvc.replay.fixture import Fixture, FixtureFrame
@@ -31,6 +32,7 @@ __all__ = ["CallLeg", "StreamVerb", "replay_call", "stream_verb"]
 # A call moved this many times in one replay is a loop, not a deploy.
 MAX_LEGS: Final = 8
 GOING_AWAY: Final = 1001
+NORMAL_CLOSURE: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,9 @@ class CallLeg:
     result: SessionResult
     stream: StreamVerb
     moved: bool  # the service closed it (1001) and the call went on through the action
+    # The service handed the call off (closed the stream, 1000 "handed off"): what the
+    # <Connect action> answered (the hand-off's TwiML), else None.
+    hand_off: str | None = None
 
 
 def stream_verb(document: str) -> StreamVerb | None:
@@ -79,6 +84,14 @@ def _request_twiml(url: str, fields: Mapping[str, str], auth_token: str | None,
                                      method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return str(response.read().decode())
+
+
+def _reached(action: str, webhook_url: str) -> str:
+    """The action URL as this replay reaches the service: on the webhook URL's origin (the
+    action names the public origin, which signatures cover)."""
+    parts, webhook = urllib.parse.urlsplit(action), urllib.parse.urlsplit(webhook_url)
+    return urllib.parse.urlunsplit((webhook.scheme, webhook.netloc, parts.path, parts.query,
+                                    ""))
 
 
 def _public(url: str, public_url: str | None) -> str:
@@ -162,14 +175,21 @@ async def replay_call(fixture: Fixture, webhook_url: str, *, speed: float = 1.0,
         headers = signature_headers(stream.url, auth_token)
         result = await replay_session(leg_fixture, target, speed=speed, headers=headers)
         moved = result.close_code == GOING_AWAY and stream.action is not None
-        if moved:  # the call went on elsewhere: this leg ended as it should
+        handed_off = (result.close_code == NORMAL_CLOSURE and stream.action is not None
+                      and result.close_reason == HANDED_OFF_REASON)
+        if moved or handed_off:  # the call went on elsewhere: this leg ended as it should
             result.ok, result.error = True, None
         legs.append(CallLeg(result, stream, moved))
+        if handed_off:  # Twilio requests the action: its answer hands the call over
+            assert stream.action is not None
+            legs[-1].hand_off = await asyncio.to_thread(
+                _request_twiml, _reached(stream.action, webhook_url), form, auth_token,
+                public_url)
         if not moved:
             break
         sent_of_body = max(0, result.frames_sent - len(opening))
         body = body[sent_of_body:]
         assert stream.action is not None
-        document = await asyncio.to_thread(_request_twiml, stream.action, form, auth_token,
-                                           public_url)
+        document = await asyncio.to_thread(_request_twiml, _reached(stream.action, webhook_url),
+                                           form, auth_token, public_url)
     return legs

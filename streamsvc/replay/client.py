@@ -69,6 +69,7 @@ class SessionResult:
     frames_sent: int = 0
     frames_received: int = 0
     close_code: int | None = None
+    close_reason: str | None = None  # what the server said when it closed the stream
     lateness_ms: list[float] = field(default_factory=list)
     audio_bytes_received: int = 0
     marks_played: list[str] = field(default_factory=list)
@@ -191,6 +192,7 @@ async def replay_session(
                 await reader
                 peer.stop()
             result.close_code = connection.close_code
+            result.close_reason = connection.close_reason
             result.ok = connection.close_code in (1000, None)
             if not result.ok:
                 result.error = (f"server closed with {connection.close_code}"
@@ -205,6 +207,7 @@ async def replay_session(
         result.error = f"cannot connect: {exc}"
     except ConnectionClosed as exc:
         result.close_code = exc.rcvd.code if exc.rcvd else None
+        result.close_reason = exc.rcvd.reason if exc.rcvd else None
         result.error = (f"server closed the stream early ({result.close_code})"
                         + _no_start(result.close_code, exc.rcvd.reason if exc.rcvd else None,
                                     fixture.provider))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 import msgspec
@@ -19,16 +19,17 @@ import structlog
 
 from streamsvc import wire
 from streamsvc.chain import HandlerChain
+from streamsvc.context.handoff import HandOffPlan, parse_target, plan_twiml
 from streamsvc.context.store import CallContext
-from streamsvc.exceptions import LocalProtocolError, RemoteProtocolError
+from streamsvc.exceptions import HANDED_OFF_REASON, LocalProtocolError, RemoteProtocolError
 from streamsvc.fleet.audio import AudioBatcher
 from streamsvc.handlers import RawFrame
-from streamsvc.live import LiveSession
+from streamsvc.live import HandOffResult, LiveSession
 from streamsvc.providers import AUTO, CodecOptions
 from streamsvc.providers.auto import provider_from_message
 from streamsvc.server.admission import Admitted
 from streamsvc.server.host import CallHost
-from streamsvc.session import BadFrame, State, StopReason
+from streamsvc.session import BadFrame, State, StopReason, parameters_size
 
 __all__ = ["CLOSE_GRACE_S", "CallCore"]
 
@@ -40,6 +41,13 @@ MAX_HELD_EVENTS: Final = 1000
 # DTMF and mark entries one call may put on the fleet's events stream (as the log handler
 # caps its lines): a flood of digits costs its own call entries, never another call's.
 MAX_CALL_EVENTS_PUBLISHED: Final = 1000
+# Providers whose transfers carry no context: their agents read it from the context API.
+NO_HAND_OFF_CHANNEL: Final = frozenset({"plivo", "exotel"})
+CONNECT_ACTION: Final = "connect_action"
+# Context updates logged per call (the rest counted in stream.stopped's context_updates),
+# and how often a call's record is written to the context store at most.
+CONTEXT_UPDATES_LOGGED: Final = 100
+CONTEXT_WRITE_INTERVAL_S: Final = 0.2
 # Bad frames logged individually per call; the rest are only counted.
 BAD_FRAMES_LOGGED: Final = 5
 # Frames before `start` kept for handlers that record raw frames (connected, start, a few
@@ -66,6 +74,9 @@ class CallCore:
         "__weakref__",
         "_admitted_as",
         "_audio",
+        "_context_write",
+        "_context_written_at",
+        "_handing_off",
         "_held",
         "_idle_seen",
         "_on_media",
@@ -77,10 +88,12 @@ class CallCore:
         "chain",
         "connected_at",
         "context_budget",
+        "context_updates",
         "early_frames",
         "events_not_published",
         "events_published",
         "frames_received",
+        "hand_off_entry",
         "idle_closed",
         "moved",
         "outbound_dropped",
@@ -98,6 +111,9 @@ class CallCore:
                                l16_little_endian=settings.signalwire_l16_little_endian)
         self.session = LiveSession(
             wake=self._flush,
+            context_updated=self._context_updated,
+            context_max_bytes=settings.context_max_bytes,
+            hand_off=self._hand_off,
             path=route.path,
             bidirectional=route.bidirectional,
             parameter_budget_bytes=settings.parameter_budget_bytes,
@@ -133,6 +149,12 @@ class CallCore:
         self._starting: asyncio.Task[None] | None = None
         self._audio: AudioBatcher | None = None
         self.moved = False  # closed by a drain for another instance to resume
+        # Handlers' context updates: how many, and the store write that keeps them.
+        self.context_updates = 0
+        self.hand_off_entry: dict[str, object] | None = None  # this call's hand-off
+        self._handing_off: asyncio.Task[None] | None = None
+        self._context_write: asyncio.TimerHandle | None = None
+        self._context_written_at = -CONTEXT_WRITE_INTERVAL_S
         self.refused: str | None = None  # why a stream that sent start was closed at once
 
     def outbound_full(self) -> bool:
@@ -361,6 +383,106 @@ class CallCore:
         if self._held is not None and len(self._held) < MAX_HELD_EVENTS:
             self._held.append(media)
 
+    def _context_updated(self, names: Sequence[str]) -> None:
+        """A handler added to the call's context: logged (names only; the first
+        :data:`CONTEXT_UPDATES_LOGGED` a call), published, and kept in the context store
+        (at most one write each :data:`CONTEXT_WRITE_INTERVAL_S`: a handler updating on
+        every frame costs the store nothing more)."""
+        self.context_updates += 1
+        if self.context_updates <= CONTEXT_UPDATES_LOGGED:
+            logger.info("call.context_updated", names=sorted(names)[:50],
+                        context_bytes=parameters_size(self.session.context),
+                        last_logged=self.context_updates == CONTEXT_UPDATES_LOGGED)
+        self._publish_frame_rate("call.context_updated", names=sorted(names)[:50])
+        if self._context_write is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._context_written_at + CONTEXT_WRITE_INTERVAL_S - loop.time())
+            self._context_write = loop.call_later(delay, self._store_context)
+
+    def _store_context(self) -> asyncio.Future[None] | None:
+        """Write the call's record as it is now to the context store (the future: done once
+        every instance can read it)."""
+        if self._context_write is not None:
+            self._context_write.cancel()
+            self._context_write = None
+        self._context_written_at = asyncio.get_running_loop().time()
+        session = self.session
+        call_id = session.codec.correlation_id or session.call_sid
+        if call_id is None:
+            return None
+        return self.server.contexts.put(call_id, CallContext(
+            dict(session.context), dict(session.custom_parameters), self.context_budget,
+            call_sid=session.call_sid, updated_at=session.context_updated_at,
+            hand_offs=tuple(session.hand_offs)))
+
+    def _hand_off(self, to: str,
+                  parameters: Mapping[str, str]) -> asyncio.Future[HandOffResult]:
+        """:meth:`LiveSession.hand_off`: on a Twilio or SignalWire ``<Connect>`` route the
+        hand-off's TwiML is kept in the call's record, the stream closes, and the
+        ``<Connect action>`` request (on any instance) is answered with it."""
+        session = self.session
+        provider = session.codec.provider
+        if self.hand_off_entry is not None:
+            raise LocalProtocolError("the call is already handed off")
+        if provider in NO_HAND_OFF_CHANNEL:
+            raise LocalProtocolError(
+                f"{provider} carries no context on a transfer: hand the call off in the "
+                "provider's own flow, and let the agent's app read the context at "
+                "GET /calls/<call id>/context")
+        if provider not in ("twilio", "signalwire") or not session.bidirectional:
+            raise LocalProtocolError(
+                f"a hand-off is made on a <Connect> route of Twilio or SignalWire (the "
+                f"<Connect action> answers with it); this {provider} "
+                f"{'bidirectional' if session.bidirectional else '<Start>'} route has none")
+        target = parse_target(to)
+        assert session.call_sid is not None  # started
+        plan = plan_twiml(target, session.call_sid, session.context, self.route.handoff,
+                          parameters=parameters)
+        entry: dict[str, object] = {
+            "target": str(target), "mechanism": CONNECT_ACTION, "sent": plan.sent,
+            "dropped": list(plan.dropped), "truncated": list(plan.truncated),
+            "status": "pending", "media_ms": session.heard_ms(), "at": time.time(),
+            "twiml": plan.twiml}
+        self.hand_off_entry = entry
+        session.hand_offs.append(entry)
+        future: asyncio.Future[HandOffResult] = asyncio.get_running_loop().create_future()
+        # Kept here while it runs (the loop holds tasks weakly).
+        self._handing_off = asyncio.get_running_loop().create_task(
+            self._hand_over_to(plan, entry, future))
+        return future
+
+    async def _hand_over_to(self, plan: HandOffPlan, entry: dict[str, object],
+                            future: asyncio.Future[HandOffResult]) -> None:
+        """Keep the hand-off where the action request will look (bounded by
+        ``redis_timeout_ms`` in a fleet), then end the stream."""
+        written = self._store_context()
+        if written is not None:
+            await self.server.contexts.written(written)
+        provider = self.session.codec.provider
+        result = HandOffResult(str(plan.target), CONNECT_ACTION, dict(plan.sent),
+                               plan.dropped, plan.truncated)
+        if written is not None and not written.done():
+            entry["status"] = "failed"
+            result = dataclasses.replace(
+                result, ok=False, error="the context store did not take the hand-off in "
+                "time: the call stays on the stream")
+            self.server.metrics.hand_offs[(provider, CONNECT_ACTION, "failed")] += 1
+            logger.warning("call.hand_off_failed", target=result.target, reason=result.error)
+        else:
+            self.server.metrics.hand_offs[(provider, CONNECT_ACTION, "ok")] += 1
+            fields = {"target": result.target, "mechanism": CONNECT_ACTION,
+                      "sent": list(plan.sent), "dropped": list(plan.dropped),
+                      "truncated": list(plan.truncated)}
+            logger.info("call.handed_off", **fields)
+            self._publish("call.handed_off", fields)
+            self.end_stream(HANDED_OFF_REASON)
+        if not future.done():
+            future.set_result(result)
+
+    def end_stream(self, reason: str) -> None:
+        """Close the stream normally (1000 with ``reason``): the call goes on elsewhere."""
+        raise NotImplementedError
+
     def _publish_frame_rate(self, event: str, **fields: object) -> None:
         """A DTMF or mark entry for the bus: at most :data:`MAX_CALL_EVENTS_PUBLISHED` a
         call (the rest counted in ``stream.stopped``'s ``events_not_published``)."""
@@ -384,13 +506,17 @@ class CallCore:
 
     def _started(self, lookup: CallContext) -> None:
         session = self.session
-        session.context = lookup.context
         session.resumed_from = lookup.resumed_from
         if (lookup.parameters and not session.custom_parameters
                 and not session.codec.context_on_wire):
             # The stream carries no parameters: those its webhook stored (which may have
             # reached another instance) are the stream's.
             session.set_custom_parameters(lookup.parameters)
+        # Everything known about the call: the stream's parameters, and the whole context
+        # its way in stored (which wins: the parameters may have been cut to a budget).
+        session.set_context({**session.custom_parameters, **(lookup.context or {})})
+        session.context_updated_at = lookup.updated_at or time.time()
+        session.hand_offs = list(lookup.hand_offs)
         media_format = session.media_format
         started = {
             "call_sid": session.call_sid,
@@ -480,6 +606,8 @@ class CallCore:
             reason = "stop"  # the provider has no stop message: its close is the stop
         if self.moved:
             reason = "moved"
+        elif self.hand_off_entry is not None and self.hand_off_entry["status"] != "failed":
+            reason = "handed_off"
         stream_sid = self.session.stream_sid
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
             del self.server.streams[stream_sid]
@@ -493,8 +621,11 @@ class CallCore:
         self.session.abandon_marks()  # no echo can come any more
         await asyncio.sleep(0)  # their callbacks run before the handlers report
         closed = dataclasses.replace(self.session.close(reason),
-                                     context_budget=self.context_budget)
+                                     context_budget=self.context_budget,
+                                     hand_off=_hand_off_fields(self.hand_off_entry))
         summary = await self.chain.finish(self.session, closed, self._handler_grace_s())
+        if self._context_write is not None:
+            self._store_context()  # what handlers added last (on_stop too) is kept
         self.server.metrics.call_ended(summary, self.chain.errors(), self.chain.drops())
         stopped = dict(
             call_sid=self.session.call_sid,
@@ -504,6 +635,7 @@ class CallCore:
             handler_drops=self.chain.drops(),
             outbound_dropped=self.outbound_dropped,
             events_not_published=self.events_not_published,
+            context_updates=self.context_updates,
             custom_parameters_bytes=self.session.custom_parameters_bytes,
             wall_ms=round((time.monotonic() - self.connected_at) * 1000),
         )
@@ -531,6 +663,16 @@ class CallCore:
 
 def _ignore(media: wire.Media) -> None:
     pass
+
+
+def _hand_off_fields(entry: Mapping[str, object] | None) -> dict[str, object] | None:
+    """A hand-off as the summary and the log carry it: the names sent, never the values
+    (the context API, behind its token, has those), nor the TwiML."""
+    if entry is None:
+        return None
+    fields = {k: v for k, v in entry.items() if k != "twiml"}
+    fields["sent"] = list(dict(entry.get("sent") or {}))  # type: ignore[call-overload]
+    return fields
 
 
 async def _ready(found: Awaitable[CallContext] | CallContext) -> CallContext:

@@ -80,6 +80,8 @@ class Metrics(Collector):
         self.outbound_dropped = 0  # frames for peers that stopped reading
         self.unread_closes = 0  # connections closed: the peer did not read what it caused
         self.pending_evicted = 0  # connections awaiting a start closed to make room
+        # Hand-offs by (provider, mechanism, outcome).
+        self.hand_offs: collections.Counter[tuple[str, str, str]] = collections.Counter()
         # Faults of peers the transport reported (picows: bad_frame, not_reading), by kind.
         self.peer_faults: collections.Counter[str] = collections.Counter()
         # Streams closed (1008) after their start, before any handler saw them, by reason.
@@ -161,6 +163,12 @@ class Metrics(Collector):
                         "by reason (duplicate_stream_sid, provider_mismatch, account_mismatch).",
                         "reason",
                         self.streams_refused)
+        hand_offs = CounterMetricFamily(
+            "streamsvc_hand_offs", "Calls handed to a person, by provider, mechanism and "
+            "outcome (ok, failed).", labels=["provider", "mechanism", "outcome"])
+        for labels, count in sorted(self.hand_offs.items()):
+            hand_offs.add_metric(list(labels), count)
+        yield hand_offs
         yield _labelled("streamsvc_peer_faults",
                         "Faults of peers the transport closed connections for (a malformed or "
                         "oversized frame), or saw (a peer that stopped reading), by kind.",

@@ -34,6 +34,7 @@ from streamsvc.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamsvc.server.metrics import Metrics, WorkerShare
 from streamsvc.server.transports import websockets_transport
 from streamsvc.web.acs_events import AcsEvents
+from streamsvc.web.context_api import ContextApi
 from streamsvc.web.webhooks import MAX_BODY_BYTES as MAX_HTTP_BODY_BYTES
 from streamsvc.web.webhooks import HttpRequest, HttpResponse, Webhooks
 from streamsvc.wire import Upgrade
@@ -95,6 +96,8 @@ class StreamServer:
         self.fleet: FleetNode | None = None
         self.fleet_calls: dict[str, HostedCall] = {}  # by stream_sid, while a fleet is set
         self.acs_events = AcsEvents(settings, self.contexts)
+        self.context_api = ContextApi(settings, self.contexts, self.streams.values,
+                                      self.refuse_http)
         self.metrics.acs_events = self.acs_events.outcomes
         self.metrics.acs_callbacks = self.acs_events.callbacks
 
@@ -114,7 +117,7 @@ class StreamServer:
             self.webhooks.fleet = self.acs_events.fleet = self.metrics.bus = self.fleet
             # One store behind one interface: the fleet's, so any instance reads it.
             self.contexts = self.webhooks.store = self.acs_events.store = (
-                RedisContextStore(self.fleet))
+                self.context_api.store) = RedisContextStore(self.fleet)
         if s.acs_audience and any(route.provider in ("acs", "auto") for route in s.routes):
             self.acs_auth = AcsAuthenticator(s.acs_audience, s.acs_jwks_url)
             await self.acs_auth.start()
@@ -367,6 +370,8 @@ class StreamServer:
             return dataclasses.replace(answer, body=b"") if request.method == "HEAD" else answer
         if local in self.acs_events.paths:
             return self.acs_events.respond(request)
+        if self.context_api.handles(local):
+            return self.context_api.respond(request)
         if self.webhooks.handles(local):
             try:
                 return self.webhooks.respond(request)
@@ -404,9 +409,10 @@ class StreamServer:
         """Every path this service answers, for the log line of a request it does not."""
         settings = self.settings
         webhook = settings.webhook_path
+        context = ["/calls/<call id>/context"] if settings.context_api_token else []
         return [*(route.path for route in settings.routes), webhook, f"{webhook}/<route>",
                 settings.status_callback_path, settings.acs_events_path,
-                settings.acs_callback_path, HEALTH_PATH, READY_PATH, METRICS_PATH]
+                settings.acs_callback_path, *context, HEALTH_PATH, READY_PATH, METRICS_PATH]
 
     def call_began(self) -> None:
         self.metrics.active_calls += 1

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hmac
 import http
 from collections.abc import Awaitable, Iterable, Mapping
@@ -64,8 +65,11 @@ __all__ = ["HttpRequest", "HttpResponse", "Webhooks", "answer_when_written"]
 logger = structlog.get_logger("streamsvc.web.webhooks")
 
 MAX_BODY_BYTES: Final = 64 * 1024  # Twilio's webhook bodies are a few kB
-# In a fleet, <Connect> carries an action URL: the webhook URL with this query parameter.
+# <Connect> carries an action URL (on Twilio and SignalWire routes, and on every route in a
+# fleet): the webhook URL with this query parameter.
 ACTION_PARAMETER: Final = "streamsvc_action"
+# The forms whose <Connect action> can answer a hand-off.
+HAND_OFF_FORMS: Final = frozenset({"twiml", "cxml"})
 # Status callbacks whose log line waits for the registry at once (each bounded in time).
 MAX_PENDING_STATUS: Final = 1000
 # SignalWire signs its cXML requests as Twilio does, with the project's signing key.
@@ -177,8 +181,8 @@ class Webhooks:
         query = dict(query_fields)
         if form in ("plivo", "exotel"):
             return self._answer(route, form, fields, query)
-        if query.get(ACTION_PARAMETER) == "connect" and self.fleet is not None:
-            return self._connect_action(route, fields, self.fleet, form)
+        if query.get(ACTION_PARAMETER) == "connect":
+            return self._connect_action(route, fields, form)
         return self._twiml(route, fields, query, form)
 
     def _request_problem(self, form: str | None, request: HttpRequest,
@@ -285,9 +289,10 @@ class Webhooks:
         assert origin is not None
         assert http_origin is not None
         action = None
-        if self.fleet is not None and route.bidirectional:
-            # Where Twilio goes when the <Connect> ends: a drained instance's call resumes
-            # there (on any instance), any other call gets the route's follow-on TwiML.
+        if route.bidirectional and (self.fleet is not None or form in HAND_OFF_FORMS):
+            # Where Twilio goes when the <Connect> ends: a call handed off gets its
+            # hand-off's TwiML there, a drained instance's call resumes (on any instance),
+            # any other call gets the route's follow-on TwiML.
             action = (f"{http_origin}{self.settings.webhook_path}{route.path}"
                       f"?{ACTION_PARAMETER}=connect")
         extra: dict[str, str] = {}
@@ -302,12 +307,17 @@ class Webhooks:
             action=action, stream_attributes=extra,
         )
 
-    async def _connect_action(self, route: Route, fields: dict[str, str], fleet: FleetNode,
+    async def _connect_action(self, route: Route, fields: dict[str, str],
                               form: str | None = "twiml") -> HttpResponse:
-        """Twilio's request when a <Connect> ends: a fresh <Connect><Stream> with the same
-        parameters when a draining instance handed the call over, else what follows."""
+        """Twilio's request when a <Connect> ends: the hand-off's TwiML when the call was
+        handed off; a fresh <Connect><Stream> with the same parameters when a draining
+        instance handed the call over; else what follows."""
         call_sid = fields.get("CallSid")
-        resume = await fleet.resume_of(call_sid) if call_sid else None
+        handed = await self._hand_off_answer(call_sid) if call_sid else None
+        if handed is not None:
+            return handed
+        resume = (await self.fleet.resume_of(call_sid)
+                  if call_sid and self.fleet is not None else None)
         if resume is None:
             self.outcomes["connect_action_ended"] += 1
             logger.info("twiml.connect_ended", call_sid=call_sid, path=route.path)
@@ -320,6 +330,27 @@ class Webhooks:
         logger.info("twiml.resumed", call_sid=call_sid, path=route.path,
                     resumed_from=resume.resumed_from, parameters=list(resume.parameters))
         return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
+
+    async def _hand_off_answer(self, call_sid: str) -> HttpResponse | None:
+        """The TwiML of the call's pending hand-off (then marked answered), or None."""
+        found = self.store.read(call_sid)
+        record = found if found is None or isinstance(found, CallContext) else await found
+        if record is None:
+            return None
+        pending = [entry for entry in record.hand_offs if entry.get("status") == "pending"]
+        if not pending or not isinstance(pending[-1].get("twiml"), str):
+            return None
+        entry = pending[-1]
+        answered = tuple({**e, "status": "answered"} if e is entry else e
+                         for e in record.hand_offs)
+        written = self.store.put(call_sid, dataclasses.replace(record, hand_offs=answered))
+        if written is not None:
+            await self.store.written(written)
+        self.outcomes["hand_off_served"] += 1
+        logger.info("twiml.hand_off_served", call_sid=call_sid, target=entry.get("target"),
+                    sent=list(dict(entry.get("sent") or {})))
+        return HttpResponse(http.HTTPStatus.OK, str(entry["twiml"]).encode(),
+                            "application/xml")
 
     def _ncco(self, route: Route,
               request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:

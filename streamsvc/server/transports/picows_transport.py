@@ -383,6 +383,9 @@ class _PicowsCall(CallCore):
         self.moved = True
         self._close(WSCloseCode.GOING_AWAY, "moving to another instance", "shutdown")
 
+    def end_stream(self, reason: str) -> None:
+        self._close(WSCloseCode.OK, reason, "handed_off", await_answer=True)
+
     def close_for_policy(self, reason: str) -> None:
         self.timed_out_before_start = True  # said by evict()
         self._close(WSCloseCode(CLOSE_POLICY_VIOLATION), reason, "error")

@@ -179,6 +179,10 @@ class _Call(CallCore):
         self.closer = asyncio.get_running_loop().create_task(
             self.connection.close(CLOSE_GOING_AWAY, "moving to another instance"))
 
+    def end_stream(self, reason: str) -> None:
+        self.closer = asyncio.get_running_loop().create_task(
+            self.connection.close(1000, reason))
+
     def close_for_policy(self, reason: str) -> None:
         self.closer = asyncio.get_running_loop().create_task(
             self.connection.close(CLOSE_POLICY_VIOLATION, reason))

@@ -1,0 +1,197 @@
+"""Handing a call to a person with its context, end to end: a <Connect> call through the
+voice webhook (its query as context), the caller presses 0 at a route with the ``handoff``
+handler, the <Connect action> answers with <Dial><Client> carrying the context (the call id
+first, within the limits), and the agent's app reads the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from streamsvc.config import Route, Settings, load_settings
+from streamsvc.context.handoff import CALL_ID_NAME, HandOffMapping
+from streamsvc.exceptions import LocalProtocolError
+from streamsvc.fleet import Fleet, FleetError
+from streamsvc.handlers import resolve_handler
+from streamsvc.live import LiveSession
+from streamsvc.replay.call import replay_call
+from streamsvc.replay.fixture import Fixture, FixtureFrame, load_fixture
+from streamsvc.server import StreamServer
+
+from .conftest import LogEvents, events, until
+from .fleet_support import RedisServer
+from .test_conformance import read_context
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+TOKEN = "twilio-token"
+PUBLIC = "https://voice.example.com"
+CONTEXT_TOKEN = "context-api-token"
+
+
+def pressing_zero() -> Fixture:
+    """The bundled <Connect> session (keys 4, 2, #), with 0 pressed instead of #."""
+    fixture = load_fixture(FIXTURES / "bidirectional_dtmf_marks.jsonl")
+    frames = []
+    for frame in fixture.frames:
+        text = frame.text
+        if text is not None and '"dtmf"' in text:
+            message = json.loads(text)
+            if message.get("dtmf", {}).get("digit") == "#":
+                message["dtmf"]["digit"] = "0"
+                text = json.dumps(message)
+        frames.append(FixtureFrame(frame.at_ms, text, frame.binary))
+    return Fixture(**{**{f: getattr(fixture, f) for f in fixture.__slots__},
+                      "frames": tuple(frames)})
+
+
+@pytest.fixture
+async def server(transport: str, tmp_path: Path) -> StreamServer:
+    handoff = resolve_handler("handoff", {"to": "client:support", "on_dtmf": "0"},
+                              key="handlers")
+    dtmf = resolve_handler("dtmf", {}, key="handlers")
+    recorder = resolve_handler("recorder", {"dir": str(tmp_path)}, key="handlers")
+    running = StreamServer(Settings(
+        port=0, transport=transport, auth_token=TOKEN, public_url=PUBLIC,
+        context_api_token=CONTEXT_TOKEN,
+        routes=(Route("/connect", (dtmf, recorder, handoff), bidirectional=True,
+                      handoff=HandOffMapping(priority=("intent",))),
+                Route("/stream", (handoff,)))))
+    await running.start()
+    yield running  # type: ignore[misc]
+    await running.stop()
+
+
+async def test_pressing_0_hands_the_call_to_a_client_with_its_context(
+        server: StreamServer, logs: LogEvents) -> None:
+    notes = "n" * 300  # over a Client parameter's 128 bytes: cut
+    legs = await replay_call(
+        pressing_zero(),
+        f"http://127.0.0.1:{server.port}/twiml/connect?customerID=cus_8812&intent=billing"
+        f"&notes={notes}",
+        speed=0, auth_token=TOKEN, public_url=PUBLIC,
+        stream_url=f"ws://127.0.0.1:{server.port}/connect")
+    [leg] = legs
+    assert leg.result.ok, leg.result.error
+    assert leg.hand_off is not None
+    root = ElementTree.fromstring(leg.hand_off)
+    assert "support" == root.findtext("./Dial/Client/Identity")
+    parameters = [(p.attrib["name"], p.attrib["value"]) for p in root.iter("Parameter")]
+    call_sid = leg.result.call_sid
+    assert [(CALL_ID_NAME, call_sid), ("intent", "billing")] == parameters[:2]
+    assert ("customerID", "cus_8812") in parameters
+    assert ("notes", "n" * 128) in parameters
+    await until(lambda: events(logs, "stream.stopped"))
+    [stopped] = events(logs, "stream.stopped")
+    [handed] = events(logs, "call.handed_off")
+    assert ("handed_off", "client:support", "connect_action") == (
+        stopped["reason"], handed["target"], handed["mechanism"])
+    assert ["notes"] == handed["truncated"]
+    hand_off = stopped["hand_off"]
+    assert ("twiml" not in hand_off, CALL_ID_NAME) == (True, hand_off["sent"][0])
+    assert 0 < hand_off["media_ms"]
+    sidecar = json.loads(Path(stopped["handlers"]["recorder"]["file"]).with_suffix(
+        ".json").read_text())
+    assert hand_off == sidecar["summary"]["hand_off"]
+    assert stopped["handlers"]["handoff"]["ok"] is True
+    assert 0 < stopped["handlers"]["handoff"]["pressed_at_ms"]
+    assert call_sid is not None
+    status, answer = await asyncio.to_thread(read_context, server.port, call_sid,
+                                             CONTEXT_TOKEN)
+    assert 200 == status
+    [entry] = answer["hand_offs"]
+    assert ("client:support", "answered") == (entry["target"], entry["status"])
+    assert notes == answer["context"]["notes"]  # whole for the agent's app
+    assert 'streamsvc_hand_offs_total{mechanism="connect_action",outcome="ok",' \
+           'provider="twilio"} 1.0' in server.metrics.render().decode()
+
+
+async def test_a_start_route_says_why_it_cannot_hand_off_and_the_call_goes_on(
+        server: StreamServer, logs: LogEvents) -> None:
+    legs = await replay_call(
+        pressing_zero(), f"http://127.0.0.1:{server.port}/twiml/stream?customerID=c1",
+        speed=0, auth_token=TOKEN, public_url=PUBLIC,
+        stream_url=f"ws://127.0.0.1:{server.port}/stream")
+    [leg] = legs
+    assert leg.result.ok, leg.result.error
+    assert leg.hand_off is None
+    await until(lambda: events(logs, "stream.stopped"))
+    [failed] = events(logs, "call.hand_off_failed")
+    assert "<Start>" in failed["reason"]
+    [stopped] = events(logs, "stream.stopped")
+    assert ("stop", False) == (stopped["reason"], stopped["handlers"]["handoff"]["ok"])
+
+
+def test_a_session_off_a_server_cannot_hand_off() -> None:
+    session = LiveSession(wake=lambda: None)
+    with pytest.raises(LocalProtocolError, match="not on a running server"):
+        session.hand_off("client:support")
+
+
+def test_the_handoff_handler_refuses_a_bad_configuration() -> None:
+    for options in ({"to": "support"}, {"to": "client:a", "on_dtmf": "00"},
+                    {"to": "client:a", "include": "intent"}):
+        with pytest.raises(Exception, match=r"to|on_dtmf|include|target"):
+            resolve_handler("handoff", options, key="handlers")
+
+
+def test_the_docs_handoff_configuration_loads(tmp_path: Path) -> None:
+    page = (Path(__file__).parent.parent / "docs" / "context.md").read_text(encoding="utf-8")
+    [text] = [block.split("```", 1)[0] for block in page.split("```toml\n")[1:]]
+    config = tmp_path / "streamsvc.toml"
+    config.write_text(text)
+    settings = load_settings(config_path=str(config), env={})
+    [route] = settings.routes
+    assert (("customerID", "intent", "account"), ("account",), {"intent": "Intent"}) == (
+        route.handoff.include, route.handoff.priority, dict(route.handoff.rename))
+    assert ["handoff"] == [spec.name for spec in route.handlers]
+    assert {"to": "client:support", "on_dtmf": "0"} == dict(route.handlers[0].options)
+
+
+async def test_a_worker_hands_off_a_call_live_on_another_instance(
+        tmp_path: Path, transport: str, logs: LogEvents) -> None:
+    """Fleet.hand_off by the call's id, from any process: the instance with the stream hands
+    it off, and the action request, reaching the other instance, is answered from Redis."""
+    store = RedisServer(tmp_path)
+    store.start()
+    route = (Route("/connect", (), bidirectional=True),)
+    servers = [StreamServer(Settings(port=0, transport=transport, auth_token=TOKEN,
+                                     public_url=PUBLIC, redis_url=store.url, instance_id=name,
+                                     routes=route)) for name in ("a", "b")]
+    for running in servers:
+        await running.start()
+    a, b = servers
+    try:
+        call = asyncio.ensure_future(replay_call(
+            load_fixture(FIXTURES / "bidirectional_dtmf_marks.jsonl"),
+            f"http://127.0.0.1:{b.port}/twiml/connect?customerID=cus_8812", speed=2,
+            auth_token=TOKEN, public_url=PUBLIC,
+            stream_url=f"ws://127.0.0.1:{a.port}/connect"))
+        await until(lambda: events(logs, "stream.started"))
+        call_sid = events(logs, "stream.started")[0]["call_sid"]
+        async with Fleet(store.url) as fleet:
+            with pytest.raises(FleetError, match="no live call"):
+                await fleet.hand_off("CA-nobody", "client:x")
+            for _ in range(100):  # the call's index reaches Redis through the buffer
+                with contextlib.suppress(FleetError):
+                    result = await fleet.hand_off(call_sid, "sip:agent@pbx.example.com")
+                    break
+                await asyncio.sleep(0.02)
+        [leg] = await call
+    finally:
+        for running in servers:
+            await running.stop()
+        store.stop()
+    assert result.ok, result.error
+    assert (CALL_ID_NAME, call_sid) == next(iter(result.sent.items()))
+    assert "customerID" in result.sent
+    assert leg.hand_off is not None
+    uri = ElementTree.fromstring(leg.hand_off).findtext("./Dial/Sip") or ""
+    assert uri.startswith("sip:agent@pbx.example.com?X-streamsvc_call=" + call_sid)
+    assert "X-customerID=cus_8812" in uri
+    [served] = events(logs, "twiml.hand_off_served")
+    assert call_sid == served["call_sid"]
