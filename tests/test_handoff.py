@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -19,7 +21,8 @@ from streamsvc.exceptions import LocalProtocolError
 from streamsvc.fleet import Fleet, FleetError
 from streamsvc.handlers import resolve_handler
 from streamsvc.live import LiveSession
-from streamsvc.replay.call import replay_call
+from streamsvc.providers.signature import SIGNATURE_HEADER, sign
+from streamsvc.replay.call import replay_call, stream_verb
 from streamsvc.replay.fixture import Fixture, FixtureFrame, load_fixture
 from streamsvc.server import StreamServer
 
@@ -109,6 +112,49 @@ async def test_pressing_0_hands_the_call_to_a_client_with_its_context(
     assert 'streamsvc_hand_offs_total{mechanism="connect_action",outcome="ok",' \
            'provider="twilio"} 1.0' in server.metrics.render().decode()
 
+    # Twilio reports the agent's leg, then asks what next: the agent did not answer, and
+    # the caller goes back to the route's stream with the call's context.
+    client = root.find("./Dial/Client")
+    dial = root.find("./Dial")
+    assert client is not None
+    assert dial is not None
+    assert "initiated ringing answered completed" == client.attrib["statusCallbackEvent"]
+    for status in ("initiated", "ringing", "no-answer"):
+        assert 204 == (await asyncio.to_thread(signed_post, server.port,
+                                               client.attrib["statusCallback"], {
+            "CallSid": "CA-agent-leg", "ParentCallSid": call_sid, "CallStatus": status}))[0]
+    status, back = await asyncio.to_thread(signed_post, server.port, dial.attrib["action"], {
+        "CallSid": call_sid, "DialCallStatus": "no-answer",
+        "DialSipHeader_X-Reason": "agent away"})
+    assert 200 == status
+    verb = stream_verb(back)
+    assert verb is not None
+    assert verb.connect
+    assert "no-answer" == verb.parameters["hand_off_status"]
+    assert ["initiated", "ringing", "no-answer"] == [
+        line["call_status"] for line in events(logs, "call.hand_off_progress")]
+    [ended] = events(logs, "call.hand_off_ended")
+    assert ("no-answer", "stream", ["sip_Reason"]) == (
+        ended["dial_status"], ended["next"], ended["learned"])
+    _, answer = await asyncio.to_thread(read_context, server.port, call_sid, CONTEXT_TOKEN)
+    [entry] = answer["hand_offs"]
+    assert ["initiated", "ringing", "no-answer"] == [p["status"] for p in entry["progress"]]
+    assert ("no-answer", "agent away", "no-answer") == (
+        entry["dial_status"], answer["context"]["sip_Reason"],
+        answer["context"]["hand_off_status"])
+
+
+def signed_post(port: int, url: str, fields: dict[str, str]) -> tuple[int, str]:
+    """POST ``fields`` to the service's public ``url`` as Twilio does (signed)."""
+    parts = urllib.parse.urlsplit(url)
+    local = f"http://127.0.0.1:{port}{parts.path}?{parts.query}"
+    request = urllib.request.Request(local, data=urllib.parse.urlencode(fields).encode(),
+                                     method="POST", headers={
+                                         "Content-Type": "application/x-www-form-urlencoded",
+                                         SIGNATURE_HEADER: sign(TOKEN, url, fields.items())})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status, response.read().decode()
+
 
 async def test_a_start_route_says_why_it_cannot_hand_off_and_the_call_goes_on(
         server: StreamServer, logs: LogEvents) -> None:
@@ -195,3 +241,25 @@ async def test_a_worker_hands_off_a_call_live_on_another_instance(
     assert "X-customerID=cus_8812" in uri
     [served] = events(logs, "twiml.hand_off_served")
     assert call_sid == served["call_sid"]
+
+
+async def test_a_missed_agent_can_leave_the_routes_own_twiml(transport: str,
+                                                             logs: LogEvents) -> None:
+    running = StreamServer(Settings(
+        port=0, transport=transport, auth_token=TOKEN, public_url=PUBLIC,
+        routes=(Route("/connect", (), bidirectional=True, handoff=HandOffMapping(
+            on_no_answer="<Say>Please leave a message.</Say><Record/>")),)))
+    await running.start()
+    try:
+        status, answer = await asyncio.to_thread(
+            signed_post, running.port, f"{PUBLIC}/twiml/connect?streamsvc_action=dial",
+            {"CallSid": "CA1", "DialCallStatus": "busy"})
+        _, after_answered = await asyncio.to_thread(
+            signed_post, running.port, f"{PUBLIC}/twiml/connect?streamsvc_action=dial",
+            {"CallSid": "CA1", "DialCallStatus": "completed"})
+    finally:
+        await running.stop()
+    assert 200 == status
+    assert "<Response><Say>Please leave a message.</Say><Record/></Response>" in answer
+    assert after_answered.endswith("<Response></Response>")  # the agent took it: it ends
+    assert ["twiml", "ends"] == [line["next"] for line in events(logs, "call.hand_off_ended")]

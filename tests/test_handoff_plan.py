@@ -136,7 +136,23 @@ def test_every_plan_is_xml_within_its_limits_and_accounts_for_every_name(
     ({"include": 3}, "handoff.include"), ({"rename": {"a": ""}}, "handoff.rename"),
     ({"workflow_sid": "WX1"}, "handoff.workflow_sid"),
     ({"client_value_bytes": 0}, "handoff.client_value_bytes"), ({"colour": 1}, "handoff.colour"),
+    ({"on_no_answer": "<Say>unclosed"}, "handoff.on_no_answer"),
+    ({"on_no_answer": 3}, "handoff.on_no_answer"),
 ])
 def test_a_bad_handoff_table_names_the_key(table: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         HandOffMapping.from_table(table, key="handoff")
+
+
+def test_the_agents_leg_reports_back_and_its_end_asks_what_next() -> None:
+    plan = plan_twiml(parse_target("sip:agent@pbx"), CALL, {}, HandOffMapping(),
+                      dial_action="https://h/twiml/c?streamsvc_action=dial",
+                      status_callback="https://h/twiml/c?streamsvc_action=hand_off_status")
+    root = ElementTree.fromstring(plan.twiml.encode())
+    dial, sip = root.find("./Dial"), root.find("./Dial/Sip")
+    assert dial is not None
+    assert sip is not None
+    assert "https://h/twiml/c?streamsvc_action=dial" == dial.attrib["action"]
+    assert ("https://h/twiml/c?streamsvc_action=hand_off_status",
+            "initiated ringing answered completed") == (
+        sip.attrib["statusCallback"], sip.attrib["statusCallbackEvent"])

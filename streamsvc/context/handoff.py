@@ -14,7 +14,11 @@ What goes along (per route, ``[routes.handoff]``, the shape of ``[routes.context
 * the limits, each overridable: ``client_name_bytes`` (32), ``client_value_bytes`` (128),
   ``client_max_parameters`` (8), ``sip_value_bytes`` (256), ``sip_uri_bytes`` (1,024),
   ``twiml_chars`` (4,000: Twilio's limit for inline TwiML);
-* ``workflow_sid``: the TaskRouter workflow a ``queue:`` hand-off's task goes to.
+* ``workflow_sid``: the TaskRouter workflow a ``queue:`` hand-off's task goes to;
+* ``on_no_answer``: what a missed agent (``DialCallStatus`` ``no-answer``, ``busy``,
+  ``failed``, ``canceled``) leaves: ``"stream"`` (default: the caller goes back to the
+  route's stream, the bot takes the call back) or TwiML verbs of the route's own (voicemail,
+  a queue).
 
 Deterministic policy: ``streamsvc_call`` (the call's id, so that the agent's app can fetch
 the rest at ``/calls/<id>/context``) always goes first; then the hand-off's own
@@ -34,16 +38,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape, quoteattr
 
 from streamsvc.context.twiml import names_of, rename_of, star_or_names, xml_safe
 from streamsvc.exceptions import ConfigError
 
-__all__ = ["CALL_ID_NAME", "HandOffMapping", "HandOffPlan", "Target", "parse_target",
-           "plan_twiml"]
+__all__ = ["BACK_TO_STREAM", "CALL_ID_NAME", "MISSED", "HandOffMapping", "HandOffPlan", "Target",
+           "parse_target", "plan_twiml"]
 
 # The name the call's id goes along as, first, on every hand-off.
 CALL_ID_NAME: Final = "streamsvc_call"
+# What Twilio reports of the agent's leg (statusCallbackEvent).
+STATUS_CALLBACK_EVENTS: Final = "initiated ringing answered completed"
+# What a missed agent leaves: the caller goes back to the route's stream (the bot), unless
+# the route's [routes.handoff] on_no_answer is TwiML of its own.
+BACK_TO_STREAM: Final = "stream"
+# How Twilio says the agent did not take the call (DialCallStatus).
+MISSED: Final = frozenset({"no-answer", "busy", "failed", "canceled"})
 KINDS: Final = ("client", "sip", "tel", "queue", "acs")
 # What a SIP header name may hold (RFC 3261 token characters).
 _SIP_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
@@ -100,6 +112,7 @@ class HandOffMapping:
     sip_uri_bytes: int = 1024
     twiml_chars: int = 4000
     workflow_sid: str | None = None
+    on_no_answer: str = BACK_TO_STREAM
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], *, key: str) -> HandOffMapping:
@@ -107,7 +120,7 @@ class HandOffMapping:
         key."""
         limits = ("client_name_bytes", "client_value_bytes", "client_max_parameters",
                   "sip_value_bytes", "sip_uri_bytes", "twiml_chars")
-        known = {"include", "rename", "priority", "workflow_sid", *limits}
+        known = {"include", "rename", "priority", "workflow_sid", "on_no_answer", *limits}
         for name in table:
             if name not in known:
                 raise ConfigError(f"{key}.{name}", f"unknown; known: {', '.join(sorted(known))}")
@@ -124,6 +137,18 @@ class HandOffMapping:
                 raise ConfigError(f"{key}.workflow_sid", f"must be a TaskRouter workflow sid "
                                   f"(WW and 32 hex digits), got {sid!r}")
             values["workflow_sid"] = sid
+        if "on_no_answer" in table:
+            after = table["on_no_answer"]
+            if not isinstance(after, str):
+                raise ConfigError(f"{key}.on_no_answer", f'"stream" or TwiML verbs, got '
+                                  f"{after!r}")
+            if after != BACK_TO_STREAM:
+                try:
+                    ElementTree.fromstring(f"<Response>{after}</Response>")
+                except ElementTree.ParseError as exc:
+                    raise ConfigError(f"{key}.on_no_answer", f"not well-formed TwiML: "
+                                      f"{exc}") from None
+            values["on_no_answer"] = after
         for name in limits:
             if name in table:
                 limit = table[name]
@@ -173,10 +198,16 @@ def _cut(value: str, limit: int) -> str:
 
 def plan_twiml(target: Target, call_id: str, context: Mapping[str, str],
                mapping: HandOffMapping, *, parameters: Mapping[str, str] | None = None,
+               dial_action: str | None = None, status_callback: str | None = None,
                ) -> HandOffPlan:
     """The TwiML handing the call to ``target`` with what of ``context`` (and the
     hand-off's own ``parameters``) fits the target's limits; ValueError for a target
-    TwiML cannot dial (``acs:``)."""
+    TwiML cannot dial (``acs:``). ``dial_action``: where Twilio asks what next when the
+    agent's leg ends (``<Dial action>``); ``status_callback``: where it reports the agent's
+    leg (``initiated ringing answered completed``)."""
+    dial = f"<Dial action={quoteattr(dial_action)}>" if dial_action else "<Dial>"
+    leg = (f" statusCallback={quoteattr(status_callback)}"
+           f' statusCallbackEvent="{STATUS_CALLBACK_EVENTS}"' if status_callback else "")
     pairs = ordered(call_id, context, parameters or {}, mapping)
     sent: dict[str, str] = {}
     dropped: list[str] = []
@@ -186,12 +217,12 @@ def plan_twiml(target: Target, call_id: str, context: Mapping[str, str],
         if target.kind == "client":
             children = "".join(f"<Parameter name={quoteattr(n)} value={quoteattr(v)}/>"
                                for n, v in sent.items())
-            verb = (f"<Dial><Client><Identity>{escape(target.address)}</Identity>"
+            verb = (f"{dial}<Client{leg}><Identity>{escape(target.address)}</Identity>"
                     f"{children}</Client></Dial>")
         elif target.kind == "sip":
-            verb = f"<Dial><Sip>{escape(_sip_uri(target.address, sent))}</Sip></Dial>"
+            verb = f"{dial}<Sip{leg}>{escape(_sip_uri(target.address, sent))}</Sip></Dial>"
         elif target.kind == "tel":
-            verb = f"<Dial><Number>{escape(target.address)}</Number></Dial>"
+            verb = f"{dial}<Number{leg}>{escape(target.address)}</Number></Dial>"
         else:
             workflow = (f" workflowSid={quoteattr(mapping.workflow_sid)}"
                         if mapping.workflow_sid else "")

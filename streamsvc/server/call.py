@@ -30,6 +30,7 @@ from streamsvc.providers.auto import provider_from_message
 from streamsvc.server.admission import Admitted
 from streamsvc.server.host import CallHost
 from streamsvc.session import BadFrame, State, StopReason, parameters_size
+from streamsvc.web.webhooks import ACTION_PARAMETER, DIAL_ACTION, HAND_OFF_STATUS
 
 __all__ = ["CLOSE_GRACE_S", "CallCore"]
 
@@ -436,8 +437,14 @@ class CallCore:
                 f"{'bidirectional' if session.bidirectional else '<Start>'} route has none")
         target = parse_target(to)
         assert session.call_sid is not None  # started
-        plan = plan_twiml(target, session.call_sid, session.context, self.route.handoff,
-                          parameters=parameters)
+        settings = self.server.settings
+        origin = settings.public_base("http")
+        back = f"{origin}{settings.webhook_path}{self.route.path}" if origin else None
+        plan = plan_twiml(
+            target, session.call_sid, session.context, self.route.handoff,
+            parameters=parameters,
+            dial_action=f"{back}?{ACTION_PARAMETER}={DIAL_ACTION}" if back else None,
+            status_callback=f"{back}?{ACTION_PARAMETER}={HAND_OFF_STATUS}" if back else None)
         entry: dict[str, object] = {
             "target": str(target), "mechanism": CONNECT_ACTION, "sent": plan.sent,
             "dropped": list(plan.dropped), "truncated": list(plan.truncated),

@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import hmac
 import http
+import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -45,6 +46,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 import structlog
 
+from streamsvc.context.handoff import BACK_TO_STREAM, MISSED
 from streamsvc.context.store import CallContext, ContextStore, MemoryContextStore
 from streamsvc.context.twiml import candidates, render_stream_twiml, select_parameters
 from streamsvc.providers import provider
@@ -70,6 +72,13 @@ MAX_BODY_BYTES: Final = 64 * 1024  # Twilio's webhook bodies are a few kB
 ACTION_PARAMETER: Final = "streamsvc_action"
 # The forms whose <Connect action> can answer a hand-off.
 HAND_OFF_FORMS: Final = frozenset({"twiml", "cxml"})
+# The other values of ACTION_PARAMETER: a hand-off's <Dial action> (the agent's leg ended)
+# and its statusCallback (the agent's leg, as it goes).
+DIAL_ACTION: Final = "dial"
+HAND_OFF_STATUS: Final = "hand_off_status"
+DIAL_SIP_HEADER_PREFIX: Final = "DialSipHeader_X-"
+# Reports of the agent's leg kept per hand-off (Twilio sends four).
+MAX_HAND_OFF_PROGRESS: Final = 20
 # Status callbacks whose log line waits for the registry at once (each bounded in time).
 MAX_PENDING_STATUS: Final = 1000
 # SignalWire signs its cXML requests as Twilio does, with the project's signing key.
@@ -181,8 +190,13 @@ class Webhooks:
         query = dict(query_fields)
         if form in ("plivo", "exotel"):
             return self._answer(route, form, fields, query)
-        if query.get(ACTION_PARAMETER) == "connect":
+        action = query.get(ACTION_PARAMETER)
+        if action == "connect":
             return self._connect_action(route, fields, form)
+        if action == HAND_OFF_STATUS:
+            return self._hand_off_status(fields)
+        if action == DIAL_ACTION:
+            return self._dial_ended(route, fields, form)
         return self._twiml(route, fields, query, form)
 
     def _request_problem(self, form: str | None, request: HttpRequest,
@@ -331,10 +345,80 @@ class Webhooks:
                     resumed_from=resume.resumed_from, parameters=list(resume.parameters))
         return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
 
+    async def _record(self, call_sid: str) -> CallContext | None:
+        found = self.store.read(call_sid)
+        return found if found is None or isinstance(found, CallContext) else await found
+
+    async def _keep(self, call_sid: str, record: CallContext) -> None:
+        written = self.store.put(call_sid, record)
+        if written is not None:
+            await self.store.written(written)
+
+    async def _hand_off_status(self, fields: dict[str, str]) -> HttpResponse:
+        """Twilio's report of the agent's leg (the hand-off's ``statusCallback``): logged as
+        ``call.hand_off_progress``, published, and kept with the hand-off in the call's
+        record (the context API lists it)."""
+        call_sid = fields.get("ParentCallSid") or fields.get("CallSid") or ""
+        progress = {"status": fields.get("CallStatus"), "agent_call_sid": fields.get("CallSid"),
+                    "duration_s": fields.get("CallDuration"), "at": time.time()}
+        line = {"call_sid": call_sid, "call_status": progress["status"],
+                "agent_call_sid": progress["agent_call_sid"],
+                "parent_call_sid": fields.get("ParentCallSid"),
+                "call_duration": progress["duration_s"]}
+        self.outcomes["hand_off_progress"] += 1
+        logger.info("call.hand_off_progress", **line)
+        if self.fleet is not None:
+            self.fleet.publish("call.hand_off_progress", line)
+        record = await self._record(call_sid) if call_sid else None
+        if record is not None and record.hand_offs:
+            *before, last = record.hand_offs
+            kept = list(last.get("progress") or [])[-MAX_HAND_OFF_PROGRESS + 1:]
+            last = {**last, "progress": [*kept, progress]}
+            await self._keep(call_sid, dataclasses.replace(
+                record, hand_offs=(*before, last)))
+        return HttpResponse(http.HTTPStatus.NO_CONTENT)
+
+    async def _dial_ended(self, route: Route, fields: dict[str, str],
+                          form: str | None) -> HttpResponse:
+        """The hand-off's ``<Dial action>``: the agent's leg ended. ``DialSipHeader_X-*``
+        fields join the call's context; a missed agent (``no-answer``, ``busy``,
+        ``failed``, ``canceled``) leaves what the route's ``on_no_answer`` says: back to
+        the route's stream (the call's context, and ``hand_off_status``, go with it) or the
+        route's own TwiML; else the call ends."""
+        call_sid = fields.get("CallSid") or ""
+        status = fields.get("DialCallStatus", "")
+        record = await self._record(call_sid) if call_sid else None
+        learned = {f"sip_{name[len(DIAL_SIP_HEADER_PREFIX):]}": value
+                   for name, value in fields.items()
+                   if name.startswith(DIAL_SIP_HEADER_PREFIX)}
+        missed = status in MISSED
+        after = route.handoff.on_no_answer
+        goes = ("stream" if after == BACK_TO_STREAM else "twiml") if missed else "ends"
+        if record is not None:
+            context = {**(record.context or {}), **learned}
+            if missed:
+                context["hand_off_status"] = status
+            hand_offs = record.hand_offs
+            if hand_offs:
+                *before, last = hand_offs
+                hand_offs = (*before, {**last, "dial_status": status})
+            await self._keep(call_sid, dataclasses.replace(
+                record, context=context, hand_offs=hand_offs, updated_at=time.time()))
+        self.outcomes[f"hand_off_{'missed' if missed else 'ended'}"] += 1
+        logger.info("call.hand_off_ended", call_sid=call_sid, dial_status=status,
+                    next=goes, learned=sorted(learned))
+        if goes == "stream":
+            parameters = dict(record.parameters or {}) if record is not None else {}
+            parameters["hand_off_status"] = status
+            document = self._render(route, parameters, form)
+        else:
+            verbs = after if goes == "twiml" else ""
+            document = f'<?xml version="1.0" encoding="UTF-8"?><Response>{verbs}</Response>'
+        return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
+
     async def _hand_off_answer(self, call_sid: str) -> HttpResponse | None:
         """The TwiML of the call's pending hand-off (then marked answered), or None."""
-        found = self.store.read(call_sid)
-        record = found if found is None or isinstance(found, CallContext) else await found
+        record = await self._record(call_sid)
         if record is None:
             return None
         pending = [entry for entry in record.hand_offs if entry.get("status") == "pending"]
@@ -343,9 +427,7 @@ class Webhooks:
         entry = pending[-1]
         answered = tuple({**e, "status": "answered"} if e is entry else e
                          for e in record.hand_offs)
-        written = self.store.put(call_sid, dataclasses.replace(record, hand_offs=answered))
-        if written is not None:
-            await self.store.written(written)
+        await self._keep(call_sid, dataclasses.replace(record, hand_offs=answered))
         self.outcomes["hand_off_served"] += 1
         logger.info("twiml.hand_off_served", call_sid=call_sid, target=entry.get("target"),
                     sent=list(dict(entry.get("sent") or {})))
