@@ -97,6 +97,9 @@ class Settings:
     auth_token: str | None = field(default=None, repr=False)
     auth_token_previous: str | None = field(default=None, repr=False)
     twilio_account_sid: str | None = None
+    twilio_api_key: str | None = None
+    twilio_api_secret: str | None = field(default=None, repr=False)
+    twilio_api_base_url: str = "https://api.twilio.com"
     insecure: bool = False
     acs_audience: str | None = None
     acs_jwks_url: str = "https://acscallautomation.communication.azure.com/calling/keys"
@@ -239,6 +242,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "the Twilio account (AC...): when set, a twilio stream whose start names another "
             "accountSid is refused (1008), so that a captured signed upgrade cannot carry "
             "another account's call"),
+    Setting("twilio_api_key", ("STREAMSVC_TWILIO_API_KEY", "TWILIO_API_KEY"), str,
+            "a Twilio API key (SK...) for the REST API (a hand-off on a <Start> route); "
+            "without it the account's auth token is used"),
+    Setting("twilio_api_secret", ("STREAMSVC_TWILIO_API_SECRET", "TWILIO_API_SECRET"), str,
+            "the API key's secret", secret=True),
+    Setting("twilio_api_base_url", ("STREAMSVC_TWILIO_API_BASE_URL",), str,
+            "where Twilio's REST API is reached (a local stand-in in tests)"),
     Setting("insecure", ("STREAMSVC_INSECURE",), bool,
             "allow a non-loopback host without a credential for each route's provider "
             "(streams unchecked)"),

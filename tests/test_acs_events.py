@@ -92,7 +92,8 @@ class AcsStandIn:
                                      "serverCallId": "srv-1", "correlationId": CORRELATION,
                                      "callConnectionState": "connecting",
                                      "callbackUri": "x", "targets": []}).encode()
-                self.send_response(200)
+                # ACS accepts a transfer with 202 (its outcome comes as a callback).
+                self.send_response(202 if ":transferToParticipant" in self.path else 200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()

@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import structlog
@@ -17,8 +18,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from streamsvc.builtins.log import LogHandler
 from streamsvc.config import Route, Settings
+from streamsvc.context.handoff import HandOffMapping
 from streamsvc.handlers import HandlerSpec, resolve_handler
 from streamsvc.replay import replay_session
+from streamsvc.replay.call import replay_call
 from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 
@@ -151,3 +154,33 @@ async def test_the_dtmf_bot_answers_key_presses_and_barges_in(logs: LogEvents,
     greeting = [m for m in events(logs, "bot.mark") if m["name"] == "greeting"]
     assert [("greeting", "cleared")] == [(m["name"], m["result"]) for m in greeting]
     await asyncio.sleep(0)
+
+
+async def test_the_handoff_bot_hands_the_caller_to_support_with_what_it_learned(
+        logs: LogEvents, transport: str) -> None:
+    bot = resolve_handler("examples.handoff_bot:HandOffBot", {}, key="t")
+    server = StreamServer(Settings(
+        port=0, transport=transport, auth_token="token", public_url="https://voice.example.com",
+        routes=(Route("/connect", (bot,), bidirectional=True,
+                      handoff=HandOffMapping(priority=("intent", "account"))),)))
+    await server.start()
+    try:
+        [leg] = await replay_call(
+            load_fixture(FIXTURES / "bidirectional_dtmf_marks.jsonl"),  # keys 4, 2, #
+            f"http://127.0.0.1:{server.port}/twiml/connect?customerID=cus_8812", speed=0,
+            auth_token="token", public_url="https://voice.example.com",
+            stream_url=f"ws://127.0.0.1:{server.port}/connect")
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await server.stop()
+    assert leg.hand_off is not None
+    root = ElementTree.fromstring(leg.hand_off)
+    assert "support" == root.findtext("./Dial/Client/Identity")
+    parameters = [(p.attrib["name"], p.attrib["value"]) for p in root.iter("Parameter")]
+    assert [("streamsvc_call", leg.result.call_sid), ("intent", "other"),
+            ("account", "2")] == parameters[:3]
+    assert ("customerID", "cus_8812") in parameters
+    [handed] = events(logs, "bot.handed_off")
+    assert handed["ok"] is True
+    [stopped] = events(logs, "stream.stopped")
+    assert "handed_off" == stopped["reason"]

@@ -6,8 +6,11 @@ first, within the limits), and the agent's app reads the rest."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import http.server
 import json
+import threading
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,12 +25,14 @@ from streamsvc.fleet import Fleet, FleetError
 from streamsvc.handlers import resolve_handler
 from streamsvc.live import LiveSession
 from streamsvc.providers.signature import SIGNATURE_HEADER, sign
+from streamsvc.replay import replay
 from streamsvc.replay.call import replay_call, stream_verb
 from streamsvc.replay.fixture import Fixture, FixtureFrame, load_fixture
 from streamsvc.server import StreamServer
 
 from .conftest import LogEvents, events, until
 from .fleet_support import RedisServer
+from .test_acs_events import AcsStandIn
 from .test_conformance import read_context
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -263,3 +268,164 @@ async def test_a_missed_agent_can_leave_the_routes_own_twiml(transport: str,
     assert "<Response><Say>Please leave a message.</Say><Record/></Response>" in answer
     assert after_answered.endswith("<Response></Response>")  # the agent took it: it ends
     assert ["twiml", "ends"] == [line["next"] for line in events(logs, "call.hand_off_ended")]
+
+
+ACCOUNT = "AC00000000000000000000000000000001"  # the bundled sessions' account
+
+
+class TwilioStandIn:
+    """Twilio's REST API on loopback: takes the SDK's call updates as Twilio would (Basic
+    auth, a form body), records them, and answers with a call resource, or an error."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.requests: list[tuple[str, str, str, dict[str, str]]] = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                stand_in.requests.append((self.command, self.path,
+                                          self.headers.get("Authorization", ""),
+                                          dict(urllib.parse.parse_qsl(body.decode()))))
+                sid = self.path.rsplit("/", 1)[-1].removesuffix(".json")
+                answer = ({"sid": sid, "account_sid": ACCOUNT, "status": "in-progress"}
+                          if stand_in.status == 200 else
+                          {"code": 20404, "message": "The requested resource was not found",
+                           "status": stand_in.status})
+                data = json.dumps(answer).encode()
+                self.send_response(stand_in.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("variant", ["inline", "api_key", "by_url", "refused"])
+async def test_a_start_route_hands_off_through_twilios_rest_api(
+        variant: str, transport: str, logs: LogEvents) -> None:
+    """The official SDK's real request reaches a stand-in: the call's update with the
+    hand-off's TwiML inline, with an API key instead of the auth token, by url= when over
+    the inline limit (the service then answers Twilio's fetch), or refused by Twilio."""
+    stand_in = TwilioStandIn(404 if variant == "refused" else 200)
+    handoff = resolve_handler("handoff", {"to": "client:support", "on_dtmf": "0"},
+                              key="handlers")
+    keys = ({"twilio_api_key": "SK" + "1" * 32, "twilio_api_secret": "api-secret"}
+            if variant == "api_key" else {})
+    running = StreamServer(Settings(
+        port=0, transport=transport, auth_token=TOKEN, public_url=PUBLIC,
+        twilio_account_sid=ACCOUNT, twilio_api_base_url=stand_in.url, **keys,
+        routes=(Route("/stream", (handoff,), handoff=HandOffMapping(
+            twiml_chars=200 if variant == "by_url" else 4000)),)))
+    await running.start()
+    try:
+        [leg] = await replay_call(
+            pressing_zero(), f"http://127.0.0.1:{running.port}/twiml/stream?customerID=c1",
+            speed=0, auth_token=TOKEN, public_url=PUBLIC,
+            stream_url=f"ws://127.0.0.1:{running.port}/stream")
+        await until(lambda: events(logs, "stream.stopped"))
+        fetched = None
+        if variant == "by_url":
+            [(_, _, _, form)] = stand_in.requests
+            fetched = (await asyncio.to_thread(signed_post, running.port, form["Url"],
+                                               {"CallSid": leg.result.call_sid or ""}))[1]
+    finally:
+        await running.stop()
+        stand_in.close()
+    assert leg.result.ok, leg.result.error
+    call_sid = leg.result.call_sid
+    [(method, path, authorization, form)] = stand_in.requests
+    assert ("POST", f"/2010-04-01/Accounts/{ACCOUNT}/Calls/{call_sid}.json") == (method, path)
+    user = "SK" + "1" * 32 if variant == "api_key" else ACCOUNT
+    secret = "api-secret" if variant == "api_key" else TOKEN
+    assert authorization == "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
+    [stopped] = events(logs, "stream.stopped")
+    if variant == "refused":
+        [failed] = events(logs, "call.hand_off_failed")
+        assert "Twilio answered 404" in failed["reason"]
+        assert (False, "failed") == (stopped["handlers"]["handoff"]["ok"],
+                                     stopped["hand_off"]["status"])
+        return
+    twiml = fetched if variant == "by_url" else form["Twiml"]
+    assert twiml is not None
+    root = ElementTree.fromstring(twiml)
+    assert "support" == root.findtext("./Dial/Client/Identity")
+    parameters = {p.attrib["name"]: p.attrib["value"] for p in root.iter("Parameter")}
+    assert (call_sid, "c1") == (parameters[CALL_ID_NAME], parameters["customerID"])
+    if variant == "by_url":
+        assert form["Url"].endswith("/twiml/stream?streamsvc_action=hand_off")
+        assert "POST" == form["Method"]
+    [handed] = events(logs, "call.handed_off")
+    assert ("call_update", "url" if variant == "by_url" else "inline") == (
+        handed["mechanism"], handed["twiml"])
+    assert "stop" == stopped["reason"]  # a <Start> stream goes on until the call ends
+
+
+@pytest.mark.parametrize(("to", "headers"), [("tel:+15550100", "sipHeaders"),
+                                             ("acs:8:acs:agent-0001", "voipHeaders")])
+async def test_an_acs_call_is_transferred_with_its_context_as_custom_calling_context(
+        to: str, headers: str, tmp_path: Path, transport: str, logs: LogEvents) -> None:
+    """Call Automation's transfer, through the official SDK, reaches a stand-in that checks
+    its signature: SIP X-MS-Custom- headers to a number, VoIP headers to an ACS user; ACS's
+    CallTransferAccepted callback then marks the hand-off accepted."""
+    stand_in = AcsStandIn(tmp_path, tls=False)
+    handoff = resolve_handler("handoff", {"to": to, "on_dtmf": "2"}, key="handlers")
+    running = StreamServer(Settings(
+        port=0, transport=transport, public_url=PUBLIC, context_api_token=CONTEXT_TOKEN,
+        acs_connection_string=stand_in.connection_string,
+        routes=(Route("/acs", (handoff,), provider="acs"),)))
+    await running.start()
+    fixture = load_fixture(FIXTURES / "acs_dtmf_gap.jsonl")  # keys 1, 2, #
+    correlation = fixture.headers["x-ms-call-correlation-id"]
+    try:
+        report = await replay([fixture], f"ws://127.0.0.1:{running.port}/acs", speed=0)
+        assert report.sessions[0].ok, report.sessions[0].error
+        await until(lambda: events(logs, "stream.stopped"))
+        accepted = {"type": "Microsoft.Communication.CallTransferAccepted", "data": {
+            "callConnectionId": fixture.headers["x-ms-call-connection-id"],
+            "correlationId": correlation,
+            "operationContext": f"streamsvc-hand-off:{correlation}"}}
+        status, _ = await asyncio.to_thread(post_json, running.port, "/acs/callbacks",
+                                            [accepted])
+        await until(lambda: events(logs, "call.hand_off_progress"))
+        await asyncio.sleep(0.05)
+        _, answer = await asyncio.to_thread(read_context, running.port, correlation,
+                                            CONTEXT_TOKEN)
+    finally:
+        await running.stop()
+        stand_in.http.shutdown()
+        stand_in.http.server_close()
+    [request] = stand_in.requests
+    connection = fixture.headers["x-ms-call-connection-id"]
+    assert request["path"].startswith(
+        f"/calling/callConnections/{connection}:transferToParticipant?api-version=")
+    assert request["signed"]
+    body = request["body"]
+    assert f"streamsvc-hand-off:{correlation}" == body["operationContext"]
+    sent = body["customCallingContext"][headers]
+    name = "X-MS-Custom-streamsvc_call" if headers == "sipHeaders" else "streamsvc_call"
+    assert correlation == sent[name]
+    assert 200 <= status < 300
+    [handed] = events(logs, "call.handed_off")
+    assert ("acs_transfer", to) == (handed["mechanism"], handed["target"])
+    [entry] = answer["hand_offs"]
+    assert "accepted" == entry["status"]
+
+
+def post_json(port: int, path: str, body: object) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status, response.read().decode()

@@ -14,6 +14,9 @@ What goes along (per route, ``[routes.handoff]``, the shape of ``[routes.context
 * the limits, each overridable: ``client_name_bytes`` (32), ``client_value_bytes`` (128),
   ``client_max_parameters`` (8), ``sip_value_bytes`` (256), ``sip_uri_bytes`` (1,024),
   ``twiml_chars`` (4,000: Twilio's limit for inline TwiML);
+* ACS's custom calling context: ``acs_sip_headers`` (5 ``X-MS-Custom-`` headers to a
+  phone number), ``acs_sip_value_chars`` (256), ``acs_voip_value_chars`` (1,024, to an ACS
+  user); a header's name with its prefix at most 64 characters;
 * ``workflow_sid``: the TaskRouter workflow a ``queue:`` hand-off's task goes to;
 * ``on_no_answer``: what a missed agent (``DialCallStatus`` ``no-answer``, ``busy``,
   ``failed``, ``canceled``) leaves: ``"stream"`` (default: the caller goes back to the
@@ -44,8 +47,19 @@ from xml.sax.saxutils import escape, quoteattr
 from streamsvc.context.twiml import names_of, rename_of, star_or_names, xml_safe
 from streamsvc.exceptions import ConfigError
 
-__all__ = ["BACK_TO_STREAM", "CALL_ID_NAME", "MISSED", "HandOffMapping", "HandOffPlan", "Target",
-           "parse_target", "plan_twiml"]
+__all__ = [
+    "ACS_OPERATION_PREFIX",
+    "BACK_TO_STREAM",
+    "CALL_ID_NAME",
+    "MISSED",
+    "HandOffMapping",
+    "HandOffPlan",
+    "HeaderPlan",
+    "Target",
+    "parse_target",
+    "plan_acs_headers",
+    "plan_twiml",
+]
 
 # The name the call's id goes along as, first, on every hand-off.
 CALL_ID_NAME: Final = "streamsvc_call"
@@ -111,6 +125,9 @@ class HandOffMapping:
     sip_value_bytes: int = 256
     sip_uri_bytes: int = 1024
     twiml_chars: int = 4000
+    acs_sip_headers: int = 5
+    acs_sip_value_chars: int = 256
+    acs_voip_value_chars: int = 1024
     workflow_sid: str | None = None
     on_no_answer: str = BACK_TO_STREAM
 
@@ -119,7 +136,8 @@ class HandOffMapping:
         """Build from a ``[routes.handoff]`` TOML table; :class:`ConfigError` names the
         key."""
         limits = ("client_name_bytes", "client_value_bytes", "client_max_parameters",
-                  "sip_value_bytes", "sip_uri_bytes", "twiml_chars")
+                  "sip_value_bytes", "sip_uri_bytes", "twiml_chars", "acs_sip_headers",
+                  "acs_sip_value_chars", "acs_voip_value_chars")
         known = {"include", "rename", "priority", "workflow_sid", "on_no_answer", *limits}
         for name in table:
             if name not in known:
@@ -273,6 +291,60 @@ def _carried(target: Target, mapping: HandOffMapping, name: str, value: str,
             return None
         return _cut(value, mapping.sip_value_bytes)
     return value
+
+
+# ACS: a custom header's name, with its prefix, is at most this long.
+ACS_HEADER_NAME_CHARS: Final = 64
+ACS_SIP_PREFIX: Final = "X-MS-Custom-"
+ACS_MAX_VOIP_HEADERS: Final = 1000
+# The operation context a hand-off's ACS transfer carries (then the call's id): its
+# callbacks are told apart by it.
+ACS_OPERATION_PREFIX: Final = "streamsvc-hand-off:"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPlan:
+    """What an ACS transfer carries: ``sip`` headers (named with their ``X-MS-Custom-``
+    prefix, to a phone number) or ``voip`` headers (to an ACS user); ``sent`` by the
+    context's names."""
+
+    target: Target
+    sip: dict[str, str]
+    voip: dict[str, str]
+    sent: dict[str, str]
+    dropped: tuple[str, ...] = ()
+    truncated: tuple[str, ...] = ()
+
+
+def plan_acs_headers(target: Target, call_id: str, context: Mapping[str, str],
+                     mapping: HandOffMapping, *,
+                     parameters: Mapping[str, str] | None = None) -> HeaderPlan:
+    """The custom calling context of an ACS transfer to ``target`` (``tel:``: SIP
+    headers; ``acs:``: VoIP headers) under ACS's limits; ValueError for other targets."""
+    if target.kind not in ("tel", "acs"):
+        raise ValueError("an ACS call is transferred to tel:<E.164> or acs:<user id>")
+    sip = target.kind == "tel"
+    prefix = ACS_SIP_PREFIX if sip else ""
+    most = mapping.acs_sip_headers if sip else ACS_MAX_VOIP_HEADERS
+    value_chars = mapping.acs_sip_value_chars if sip else mapping.acs_voip_value_chars
+    headers: dict[str, str] = {}
+    sent: dict[str, str] = {}
+    dropped: list[str] = []
+    truncated: list[str] = []
+    for name, value in ordered(call_id, context, parameters or {}, mapping):
+        header = prefix + name
+        carried = value[:value_chars]
+        if (len(headers) >= most or len(header) > ACS_HEADER_NAME_CHARS
+                or (sip and not _SIP_TOKEN.fullmatch(name))
+                or (name == CALL_ID_NAME and carried != value)):
+            dropped.append(name)
+            continue
+        headers[header] = carried
+        sent[name] = carried
+        if carried != value:
+            truncated.append(name)
+    return HeaderPlan(target, headers if sip else {}, {} if sip else headers, sent,
+                      tuple(dropped), tuple(truncated))
 
 
 def _sip_uri(uri: str, headers: Mapping[str, str]) -> str:

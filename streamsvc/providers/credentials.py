@@ -32,6 +32,7 @@ __all__ = [
     "bearer",
     "exotel_problem",
     "jwt_algorithm",
+    "parse_connection_string",
     "plivo_problem",
     "signalwire_problem",
     "telnyx_problem",
@@ -238,3 +239,15 @@ def vonage_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
     if token and vonage.token_matches(token, authorization):
         return None
     return "wrong_application" if problem == "wrong_application" else "bad_token"
+
+
+def parse_connection_string(connection_string: str) -> tuple[str, str]:
+    """ACS's ``endpoint=https://host/;accesskey=KEY`` -> (endpoint, key); ValueError otherwise."""
+    parts = {}
+    for element in connection_string.split(";"):
+        name, _, value = element.partition("=")
+        parts[name.strip().lower()] = value.strip()
+    endpoint, key = parts.get("endpoint", ""), parts.get("accesskey", "")
+    if not endpoint or not key:
+        raise ValueError("the ACS connection string needs endpoint= and accesskey=")
+    return endpoint.rstrip("/"), key

@@ -13,24 +13,35 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
+from urllib.parse import quote
 
 import msgspec
 import structlog
 
 from streamsvc import wire
 from streamsvc.chain import HandlerChain
-from streamsvc.context.handoff import HandOffPlan, parse_target, plan_twiml
+from streamsvc.context.handoff import (
+    HandOffPlan,
+    HeaderPlan,
+    parse_target,
+    plan_acs_headers,
+    plan_twiml,
+)
 from streamsvc.context.store import CallContext
 from streamsvc.exceptions import HANDED_OFF_REASON, LocalProtocolError, RemoteProtocolError
 from streamsvc.fleet.audio import AudioBatcher
 from streamsvc.handlers import RawFrame
 from streamsvc.live import HandOffResult, LiveSession
 from streamsvc.providers import AUTO, CodecOptions
+from streamsvc.providers.acs import AcsCodec
 from streamsvc.providers.auto import provider_from_message
 from streamsvc.server.admission import Admitted
 from streamsvc.server.host import CallHost
 from streamsvc.session import BadFrame, State, StopReason, parameters_size
-from streamsvc.web.webhooks import ACTION_PARAMETER, DIAL_ACTION, HAND_OFF_STATUS
+from streamsvc.transfer import TransferError
+from streamsvc.transfer import acs as acs_transfer
+from streamsvc.transfer import twilio as twilio_rest
+from streamsvc.web.webhooks import ACTION_PARAMETER, DIAL_ACTION, HAND_OFF_STATUS, HAND_OFF_URL
 
 __all__ = ["CLOSE_GRACE_S", "CallCore"]
 
@@ -44,7 +55,12 @@ MAX_HELD_EVENTS: Final = 1000
 MAX_CALL_EVENTS_PUBLISHED: Final = 1000
 # Providers whose transfers carry no context: their agents read it from the context API.
 NO_HAND_OFF_CHANNEL: Final = frozenset({"plivo", "exotel"})
+# How a hand-off is carried: the <Connect action>'s answer, or the call's update through
+# the REST API (<Start> routes), inline up to twiml_chars, else by url= (fetched whole).
 CONNECT_ACTION: Final = "connect_action"
+CALL_UPDATE: Final = "call_update"
+ACS_TRANSFER: Final = "acs_transfer"
+MAX_FETCHED_TWIML_CHARS: Final = 64 * 1024
 # Context updates logged per call (the rest counted in stream.stopped's context_updates),
 # and how often a call's record is written to the context store at most.
 CONTEXT_UPDATES_LOGGED: Final = 100
@@ -430,26 +446,55 @@ class CallCore:
                 f"{provider} carries no context on a transfer: hand the call off in the "
                 "provider's own flow, and let the agent's app read the context at "
                 "GET /calls/<call id>/context")
-        if provider not in ("twilio", "signalwire") or not session.bidirectional:
+        settings = self.server.settings
+        if session.bidirectional and provider in ("twilio", "signalwire"):
+            mechanism = CONNECT_ACTION
+        elif provider == "twilio":
+            mechanism = CALL_UPDATE
+            missing = twilio_rest.configured(settings)
+            if missing is not None:
+                raise LocalProtocolError(
+                    "a hand-off on a <Start> route updates the call through Twilio's REST "
+                    f"API: set {missing}")
+        elif provider == "acs":
+            mechanism = ACS_TRANSFER
+            if not settings.acs_connection_string:
+                raise LocalProtocolError("an ACS call is transferred through Call Automation: "
+                                         "set acs_connection_string")
+            if not isinstance(session.codec, AcsCodec) or not session.codec.call_connection_id:
+                raise LocalProtocolError("the ACS stream's upgrade named no call connection "
+                                         "(x-ms-call-connection-id): nothing to transfer")
+        else:
             raise LocalProtocolError(
-                f"a hand-off is made on a <Connect> route of Twilio or SignalWire (the "
-                f"<Connect action> answers with it); this {provider} "
-                f"{'bidirectional' if session.bidirectional else '<Start>'} route has none")
+                f"a hand-off is made on Twilio routes and SignalWire <Connect> routes; this "
+                f"{provider} {'bidirectional' if session.bidirectional else '<Start>'} "
+                "route has no way to make one yet")
         target = parse_target(to)
         assert session.call_sid is not None  # started
-        settings = self.server.settings
         origin = settings.public_base("http")
         back = f"{origin}{settings.webhook_path}{self.route.path}" if origin else None
-        plan = plan_twiml(
-            target, session.call_sid, session.context, self.route.handoff,
-            parameters=parameters,
-            dial_action=f"{back}?{ACTION_PARAMETER}={DIAL_ACTION}" if back else None,
-            status_callback=f"{back}?{ACTION_PARAMETER}={HAND_OFF_STATUS}" if back else None)
+        mapping = self.route.handoff
+        if mechanism == CALL_UPDATE:  # over the inline limit it goes by url=, whole
+            mapping = dataclasses.replace(mapping, twiml_chars=MAX_FETCHED_TWIML_CHARS)
+        plan: HandOffPlan | HeaderPlan
+        if mechanism == ACS_TRANSFER:
+            try:
+                plan = plan_acs_headers(target, self._call_id(), session.context, mapping,
+                                        parameters=parameters)
+            except ValueError as exc:
+                raise LocalProtocolError(str(exc)) from None
+        else:
+            plan = plan_twiml(
+                target, session.call_sid, session.context, mapping, parameters=parameters,
+                dial_action=f"{back}?{ACTION_PARAMETER}={DIAL_ACTION}" if back else None,
+                status_callback=(f"{back}?{ACTION_PARAMETER}={HAND_OFF_STATUS}" if back
+                                 else None))
         entry: dict[str, object] = {
-            "target": str(target), "mechanism": CONNECT_ACTION, "sent": plan.sent,
+            "target": str(target), "mechanism": mechanism, "sent": plan.sent,
             "dropped": list(plan.dropped), "truncated": list(plan.truncated),
-            "status": "pending", "media_ms": session.heard_ms(), "at": time.time(),
-            "twiml": plan.twiml}
+            "status": "pending", "media_ms": session.heard_ms(), "at": time.time()}
+        if isinstance(plan, HandOffPlan):
+            entry["twiml"] = plan.twiml
         self.hand_off_entry = entry
         session.hand_offs.append(entry)
         future: asyncio.Future[HandOffResult] = asyncio.get_running_loop().create_future()
@@ -458,33 +503,97 @@ class CallCore:
             self._hand_over_to(plan, entry, future))
         return future
 
-    async def _hand_over_to(self, plan: HandOffPlan, entry: dict[str, object],
+    def _call_id(self) -> str:
+        """The id the call's record is kept under (ACS: the correlation id)."""
+        session = self.session
+        call_id = session.codec.correlation_id or session.call_sid
+        assert call_id is not None  # started
+        return call_id
+
+    async def _hand_over_to(self, plan: HandOffPlan | HeaderPlan, entry: dict[str, object],
                             future: asyncio.Future[HandOffResult]) -> None:
-        """Keep the hand-off where the action request will look (bounded by
-        ``redis_timeout_ms`` in a fleet), then end the stream."""
+        """Keep the hand-off where the platform's request will look (bounded by
+        ``redis_timeout_ms`` in a fleet), then carry it: end the stream (``<Connect>``, the
+        action answers), or update the call through the REST API (``<Start>``)."""
+        mechanism = str(entry["mechanism"])
+        result = HandOffResult(str(plan.target), mechanism, dict(plan.sent), plan.dropped,
+                               plan.truncated)
+        error = None
+        inline = isinstance(plan, HandOffPlan) and (
+            len(plan.twiml) <= self.route.handoff.twiml_chars)
+        if mechanism == CALL_UPDATE and inline:
+            entry["status"] = "sent"  # run at once: nothing will fetch it
+        elif mechanism == ACS_TRANSFER:
+            entry["status"] = "requested"  # ACS's callback says how it went
         written = self._store_context()
         if written is not None:
             await self.server.contexts.written(written)
+            if not written.done():
+                error = "the context store did not take the hand-off in time"
+        if error is None and isinstance(plan, HandOffPlan) and mechanism == CALL_UPDATE:
+            error = await self._update_call(plan, inline)
+        elif error is None and isinstance(plan, HeaderPlan):
+            error = await self._transfer_acs(plan)
         provider = self.session.codec.provider
-        result = HandOffResult(str(plan.target), CONNECT_ACTION, dict(plan.sent),
-                               plan.dropped, plan.truncated)
-        if written is not None and not written.done():
+        if error is not None:
             entry["status"] = "failed"
-            result = dataclasses.replace(
-                result, ok=False, error="the context store did not take the hand-off in "
-                "time: the call stays on the stream")
-            self.server.metrics.hand_offs[(provider, CONNECT_ACTION, "failed")] += 1
-            logger.warning("call.hand_off_failed", target=result.target, reason=result.error)
+            result = dataclasses.replace(result, ok=False, error=error)
+            self.server.metrics.hand_offs[(provider, mechanism, "failed")] += 1
+            logger.warning("call.hand_off_failed", target=result.target, mechanism=mechanism,
+                           reason=error)
+            self._store_context()
         else:
-            self.server.metrics.hand_offs[(provider, CONNECT_ACTION, "ok")] += 1
-            fields = {"target": result.target, "mechanism": CONNECT_ACTION,
+            self.server.metrics.hand_offs[(provider, mechanism, "ok")] += 1
+            fields = {"target": result.target, "mechanism": mechanism,
                       "sent": list(plan.sent), "dropped": list(plan.dropped),
                       "truncated": list(plan.truncated)}
+            if mechanism == CALL_UPDATE:
+                fields["twiml"] = "inline" if inline else "url"
             logger.info("call.handed_off", **fields)
             self._publish("call.handed_off", fields)
-            self.end_stream(HANDED_OFF_REASON)
+            if mechanism == CONNECT_ACTION:
+                self.end_stream(HANDED_OFF_REASON)
         if not future.done():
             future.set_result(result)
+
+    async def _transfer_acs(self, plan: HeaderPlan) -> str | None:
+        """Ask ACS to transfer the call with the plan's custom calling context; the error,
+        or None (the outcome comes later, as a callback)."""
+        settings = self.server.settings
+        codec = self.session.codec
+        assert isinstance(codec, AcsCodec)
+        assert codec.call_connection_id
+        assert settings.acs_connection_string is not None
+        http_base = settings.public_base("http")
+        callback = None
+        if http_base is not None:
+            callback = http_base + settings.acs_callback_path
+            if settings.acs_events_secret:
+                callback += "?secret=" + quote(settings.acs_events_secret, safe="")
+        try:
+            await acs_transfer.transfer(settings.acs_connection_string,
+                                        codec.call_connection_id, plan,
+                                        call_id=self._call_id(), callback_url=callback)
+        except TransferError as exc:
+            return str(exc)
+        return None
+
+    async def _update_call(self, plan: HandOffPlan, inline: bool) -> str | None:
+        """Run the hand-off's TwiML on the call through Twilio's REST API (by ``url=`` to
+        the service's own endpoint when it is over the inline limit); the error, or None."""
+        settings = self.server.settings
+        call_sid = self.session.call_sid
+        assert call_sid is not None
+        origin = settings.public_base("http")
+        if not inline and origin is None:
+            return "the hand-off's TwiML is over the inline limit and public_url is not set"
+        url = f"{origin}{settings.webhook_path}{self.route.path}?{ACTION_PARAMETER}={HAND_OFF_URL}"
+        try:
+            await twilio_rest.TwilioCalls(settings).update(
+                call_sid, twiml=plan.twiml if inline else None, url=None if inline else url)
+        except TransferError as exc:
+            return str(exc)
+        return None
 
     def end_stream(self, reason: str) -> None:
         """Close the stream normally (1000 with ``reason``): the call goes on elsewhere."""
@@ -609,11 +718,15 @@ class CallCore:
             await self._starting  # bounded by redis_timeout_ms
         if self.refused is not None:
             return  # never started: no handler saw it, nothing to summarize
+        if self._handing_off is not None and not self._handing_off.done():
+            # A hand-off under way (a REST call): its outcome belongs in the summary.
+            await asyncio.wait({self._handing_off}, timeout=self._handler_grace_s())
         if reason == "closed" and self.session.codec.stops_on_close:
             reason = "stop"  # the provider has no stop message: its close is the stop
         if self.moved:
             reason = "moved"
-        elif self.hand_off_entry is not None and self.hand_off_entry["status"] != "failed":
+        elif (self.hand_off_entry is not None and self.hand_off_entry["status"] != "failed"
+              and self.hand_off_entry["mechanism"] == CONNECT_ACTION):
             reason = "handed_off"
         stream_sid = self.session.stream_sid
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:

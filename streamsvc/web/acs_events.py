@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hmac
 import http
+import time
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, quote
@@ -35,8 +37,10 @@ from urllib.parse import parse_qsl, quote
 import orjson
 import structlog
 
+from streamsvc.context.handoff import ACS_OPERATION_PREFIX
 from streamsvc.context.store import CallContext, ContextStore
 from streamsvc.context.twiml import SIP_HEADER_PREFIX, candidates, select_parameters
+from streamsvc.providers.credentials import parse_connection_string
 from streamsvc.web.webhooks import HttpRequest, HttpResponse, answer_when_written
 
 if TYPE_CHECKING:
@@ -50,6 +54,8 @@ logger = structlog.get_logger("streamsvc.acs")
 VALIDATION_EVENT: Final = "Microsoft.EventGrid.SubscriptionValidationEvent"
 INCOMING_CALL_EVENT: Final = "Microsoft.Communication.IncomingCall"
 ACS_CUSTOM_PREFIX: Final = "X-MS-Custom-"
+# A hand-off's transfer: its callbacks, and the hand-off's status they set.
+TRANSFER_CALLBACKS: Final = {"CallTransferAccepted": "accepted", "CallTransferFailed": "failed"}
 FAILED_CALLBACKS: Final = frozenset({"MediaStreamingFailed", "AnswerFailed", "CreateCallFailed",
                                      "PlayFailed", "RecognizeFailed"})
 # Answers in flight at once (each a request to ACS in a thread); more are refused 503.
@@ -198,7 +204,7 @@ class AcsEvents:
             start_media_streaming=True, enable_bidirectional=route.bidirectional,
             audio_format="Pcm16KMono", enable_dtmf_tones=True)
         try:
-            endpoint, access_key = _parse_connection_string(connection_string)
+            endpoint, access_key = parse_connection_string(connection_string)
             # The endpoint as written: the SDK's own parser would force https on it.
             client = CallAutomationClient(endpoint, AzureKeyCredential(access_key))
             answered = client.answer_call(incoming_call_context, callback,
@@ -224,6 +230,34 @@ class AcsEvents:
                    "acs.callback", callback=name, call_sid=data.get("callConnectionId"),
                    correlation_id=data.get("correlationId"),
                    server_call_id=data.get("serverCallId"), result=result)
+        operation = data.get("operationContext")
+        if (name in TRANSFER_CALLBACKS and isinstance(operation, str)
+                and operation.startswith(ACS_OPERATION_PREFIX)
+                and len(self.answers) < MAX_ANSWERS_IN_FLIGHT):
+            # A hand-off's transfer: how it went joins the hand-off in the call's record.
+            outcome = asyncio.ensure_future(self._transfer_outcome(
+                operation[len(ACS_OPERATION_PREFIX):], TRANSFER_CALLBACKS[name], result))
+            self.answers.add(outcome)
+            outcome.add_done_callback(self.answers.discard)
+
+    async def _transfer_outcome(self, call_id: str, status: str,
+                                result: dict[str, Any] | None) -> None:
+        """ACS said how a hand-off's transfer went: logged (``call.hand_off_progress``),
+        published, and kept with the hand-off in the call's record."""
+        self._emit(logger.info if status == "accepted" else logger.warning,
+                   "call.hand_off_progress", call_sid=call_id, call_status=status,
+                   result=result)
+        found = self.store.read(call_id)
+        record = found if found is None or isinstance(found, CallContext) else await found
+        if record is None or not record.hand_offs:
+            return
+        *before, last = record.hand_offs
+        progress = [*list(last.get("progress") or [])[-19:],
+                    {"status": status, "at": time.time()}]
+        written = self.store.put(call_id, dataclasses.replace(
+            record, hand_offs=(*before, {**last, "status": status, "progress": progress})))
+        if written is not None:
+            await self.store.written(written)
 
     def _emit(self, log: Any, event: str, **fields: Any) -> None:
         """Log one line, and in a fleet put it on the events stream too."""
@@ -253,18 +287,6 @@ def _context_fields(data: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(data.get("correlationId"), str):
         fields["CorrelationId"] = data["correlationId"]
     return fields
-
-
-def _parse_connection_string(connection_string: str) -> tuple[str, str]:
-    """``endpoint=https://host/;accesskey=KEY`` -> (endpoint, key); ValueError otherwise."""
-    parts = {}
-    for element in connection_string.split(";"):
-        name, _, value = element.partition("=")
-        parts[name.strip().lower()] = value.strip()
-    endpoint, key = parts.get("endpoint", ""), parts.get("accesskey", "")
-    if not endpoint or not key:
-        raise ValueError("the ACS connection string needs endpoint= and accesskey=")
-    return endpoint.rstrip("/"), key
 
 
 def _object(value: object) -> dict[str, Any]:

@@ -76,6 +76,8 @@ HAND_OFF_FORMS: Final = frozenset({"twiml", "cxml"})
 # and its statusCallback (the agent's leg, as it goes).
 DIAL_ACTION: Final = "dial"
 HAND_OFF_STATUS: Final = "hand_off_status"
+# Where a call updated through the REST API with url= fetches its hand-off's TwiML.
+HAND_OFF_URL: Final = "hand_off"
 DIAL_SIP_HEADER_PREFIX: Final = "DialSipHeader_X-"
 # Reports of the agent's leg kept per hand-off (Twilio sends four).
 MAX_HAND_OFF_PROGRESS: Final = 20
@@ -197,6 +199,8 @@ class Webhooks:
             return self._hand_off_status(fields)
         if action == DIAL_ACTION:
             return self._dial_ended(route, fields, form)
+        if action == HAND_OFF_URL:
+            return self._hand_off_url(fields)
         return self._twiml(route, fields, query, form)
 
     def _request_problem(self, form: str | None, request: HttpRequest,
@@ -415,6 +419,15 @@ class Webhooks:
             verbs = after if goes == "twiml" else ""
             document = f'<?xml version="1.0" encoding="UTF-8"?><Response>{verbs}</Response>'
         return HttpResponse(http.HTTPStatus.OK, document.encode(), "application/xml")
+
+    async def _hand_off_url(self, fields: dict[str, str]) -> HttpResponse:
+        """The TwiML a call updated with ``url=`` fetches: its pending hand-off's (the call
+        goes on with nothing when there is none: it was answered already)."""
+        call_sid = fields.get("CallSid")
+        handed = await self._hand_off_answer(call_sid) if call_sid else None
+        return handed or HttpResponse(
+            http.HTTPStatus.OK, b'<?xml version="1.0" encoding="UTF-8"?><Response/>',
+            "application/xml")
 
     async def _hand_off_answer(self, call_sid: str) -> HttpResponse | None:
         """The TwiML of the call's pending hand-off (then marked answered), or None."""
