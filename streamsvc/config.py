@@ -106,6 +106,8 @@ class Settings:
     acs_events_secret: str | None = field(default=None, repr=False)
     acs_connection_string: str | None = field(default=None, repr=False)
     telnyx_stream_token: str | None = field(default=None, repr=False)
+    telnyx_api_key: str | None = field(default=None, repr=False)
+    telnyx_api_base_url: str = "https://api.telnyx.com/v2"
     signalwire_token: str | None = field(default=None, repr=False)
     signalwire_signing_key: str | None = field(default=None, repr=False)
     signalwire_l16_little_endian: bool = False
@@ -114,6 +116,8 @@ class Settings:
     vonage_token: str | None = field(default=None, repr=False)
     vonage_signature_secret: str | None = field(default=None, repr=False)
     vonage_application_id: str | None = None
+    vonage_private_key: str | None = field(default=None, repr=False)
+    vonage_api_base_url: str = "https://api.nexmo.com"
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -268,6 +272,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "the stream_auth_token given to Telnyx's streaming_start: when set, upgrades on "
             "telnyx routes need it in x-telnyx-streaming-auth-token (403 otherwise)",
             secret=True),
+    Setting("telnyx_api_key", ("STREAMSVC_TELNYX_API_KEY", "TELNYX_API_KEY"), str,
+            "a Telnyx API key: a hand-off on a telnyx route transfers the call through "
+            "Call Control with it", secret=True),
+    Setting("telnyx_api_base_url", ("STREAMSVC_TELNYX_API_BASE_URL",), str,
+            "where Telnyx's API is reached (a local stand-in in tests)"),
     Setting("signalwire_token", ("STREAMSVC_SIGNALWIRE_TOKEN",), str,
             "the <Stream authBearerToken> given to SignalWire: when set, upgrades on "
             "signalwire routes need Authorization: Bearer <it> (403 otherwise)", secret=True),
@@ -299,6 +308,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
                                       "VONAGE_APPLICATION_ID"), str,
             "the Vonage application's id: when set, a Vonage JWT (upgrade or answer "
             "request) must carry it as application_id (403 otherwise)"),
+    Setting("vonage_private_key", ("STREAMSVC_VONAGE_PRIVATE_KEY", "VONAGE_PRIVATE_KEY"), str,
+            "the Vonage application's private key (PEM, or the file it is in): a hand-off "
+            "on a vonage route transfers the call through the Voice API with it",
+            secret=True),
+    Setting("vonage_api_base_url", ("STREAMSVC_VONAGE_API_BASE_URL",), str,
+            "where Vonage's Voice API is reached, https:// (a local stand-in in tests)"),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
             "largest WebSocket message accepted; bigger closes the stream with 1009", minimum=1),
     Setting("max_connections", ("STREAMSVC_MAX_CONNECTIONS",), int,

@@ -58,28 +58,35 @@ INCOMING_CALL = {
 }
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as files in ``directory``:
+    for a stand-in serving TLS on loopback that a client is told to trust."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    ca_file = directory / "stand-in.pem"
+    ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file = directory / "stand-in.key"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return ca_file, key_file
+
+
 class AcsStandIn:
     """The ACS endpoint the SDK talks to, over TLS on loopback: records each request and
     whether its HMAC-SHA256 signature is the one ACS would accept."""
 
     def __init__(self, tmp: Path, *, tls: bool = True) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        self.ca_file = tmp / "stand-in.pem"
-        self.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file = tmp / "stand-in.key"
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        self.ca_file, key_file = self_signed(tmp)
         self.requests: list[dict[str, Any]] = []
         stand_in = self
 

@@ -10,13 +10,18 @@ import base64
 import contextlib
 import http.server
 import json
+import ssl
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from streamsvc.config import Route, Settings, load_settings
 from streamsvc.context.handoff import CALL_ID_NAME, HandOffMapping
@@ -27,13 +32,14 @@ from streamsvc.live import LiveSession
 from streamsvc.providers.signature import SIGNATURE_HEADER, sign
 from streamsvc.replay import replay
 from streamsvc.replay.call import replay_call, stream_verb
-from streamsvc.replay.fixture import Fixture, FixtureFrame, load_fixture
+from streamsvc.replay.fixture import Fixture, FixtureFrame, dump_fixture, load_fixture
 from streamsvc.server import StreamServer
 
 from .conftest import LogEvents, events, until
 from .fleet_support import RedisServer
-from .test_acs_events import AcsStandIn
+from .test_acs_events import AcsStandIn, self_signed
 from .test_conformance import read_context
+from .test_replay_cli import Server, streamsvc
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 TOKEN = "twilio-token"
@@ -429,3 +435,208 @@ def post_json(port: int, path: str, body: object) -> tuple[int, str]:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=5) as response:
         return response.status, response.read().decode()
+
+
+CONFIG = """
+[[routes]]
+path = "/connect"
+bidirectional = true
+handlers = ["handoff"]
+
+[handlers.handoff]
+to = "client:support"
+"""
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Server]:
+    config = tmp_path / "streamsvc.toml"
+    config.write_text(CONFIG)
+    running = Server(tmp_path / "server.log", {
+        "STREAMSVC_CONFIG": str(config), "TWILIO_AUTH_TOKEN": TOKEN,
+        "STREAMSVC_PUBLIC_URL": PUBLIC})
+    yield running
+    running.stop()
+
+
+def test_replay_webhook_reports_the_hand_off_and_what_it_carried(
+        served: Server, tmp_path: Path) -> None:
+    fixture = tmp_path / "zero.jsonl"
+    zero = pressing_zero()
+    fixture.write_text(dump_fixture(zero.header, zero.frames))
+    done = streamsvc("replay", str(fixture), "--webhook",
+                     f"http://127.0.0.1:{served.port}/twiml/connect?customerID=cus_8812",
+                     "--url", served.url("/connect"), "--speed", "0", "--auth-token", TOKEN,
+                     "--public-url", PUBLIC, "--json")
+    assert 0 == done.returncode, done.stdout + done.stderr
+    [hand_off] = json.loads(done.stdout)["hand_offs"]
+    assert "client:support" == hand_off["target"]
+    assert [CALL_ID_NAME, hand_off["call_sid"]] == list(next(iter(
+        hand_off["parameters"].items())))
+    assert "cus_8812" == hand_off["parameters"]["customerID"]
+    text = streamsvc("replay", str(fixture), "--webhook",
+                     f"http://127.0.0.1:{served.port}/twiml/connect", "--url",
+                     served.url("/connect"), "--speed", "0", "--auth-token", TOKEN,
+                     "--public-url", PUBLIC)
+    assert "hand-off: " in text.stdout
+    assert "-> client:support (streamsvc_call" in text.stdout
+
+
+def test_replay_check_compares_an_expected_hand_off(served: Server, tmp_path: Path) -> None:
+    zero = pressing_zero()
+    fixture = tmp_path / "expects-a-hand-off.jsonl"
+    expected = {"call_sid": zero.expect["call_sid"], "reason": "handed_off",
+                "hand_off": {"target": "client:support", "mechanism": "connect_action"}}
+    fixture.write_text(dump_fixture({**zero.header, "expect": expected}, zero.frames))
+    signed = ("--auth-token", TOKEN, "--public-url", PUBLIC)
+    done = streamsvc("replay", str(fixture), "--url", served.url("/connect"), "--speed", "0",
+                     "--check", "--log", str(served.log), *signed)
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert "matched 1" in done.stdout
+    wrong = tmp_path / "expects-another.jsonl"
+    wrong.write_text(dump_fixture({**zero.header, "expect": {
+        **expected, "hand_off": {"target": "client:sales"}}}, zero.frames))
+    done = streamsvc("replay", str(wrong), "--url", served.url("/connect"), "--speed", "0",
+                     "--check", "--log", str(served.log), *signed)
+    assert 1 == done.returncode
+    assert 'hand_off.target: expected "client:sales"' in done.stdout
+
+
+class JsonStandIn:
+    """A platform's JSON API on loopback: records each request (method, path, headers,
+    body) and answers ``status`` with ``answer``."""
+
+    def __init__(self, answer: object, status: int = 200, *,
+                 tls_dir: Path | None = None) -> None:
+        self.requests: list[dict[str, object]] = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                stand_in.requests.append({"method": "POST", "path": self.path,
+                                          "headers": dict(self.headers.items()),
+                                          "body": json.loads(body or b"null")})
+                self.answer()
+
+            def do_PUT(self) -> None:
+                self.do_POST()
+                stand_in.requests[-1]["method"] = "PUT"
+
+            def answer(self) -> None:
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        self.ca_file: Path | None = None
+        if tls_dir is not None:  # served over TLS with a certificate of its own
+            self.ca_file, key_file = self_signed(tls_dir)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.ca_file, key_file)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [200, 422])
+async def test_a_telnyx_call_is_transferred_with_its_context_as_sip_headers(
+        status: int, transport: str, logs: LogEvents) -> None:
+    """Call Control's transfer through the official SDK, checked by a stand-in: the call
+    control id, the API key, the X- headers (the call's id first) and client_state."""
+    answer = ({"data": {"result": "ok"}} if status == 200 else
+              {"errors": [{"code": "90018", "title": "Call has already ended"}]})
+    stand_in = JsonStandIn(answer, status)
+    handoff = resolve_handler("handoff", {"to": "sip:agent@pbx.example.com", "on_dtmf": "2"},
+                              key="handlers")
+    running = StreamServer(Settings(
+        port=0, transport=transport, telnyx_api_key="KEY-telnyx",
+        telnyx_api_base_url=stand_in.url + "/v2",
+        routes=(Route("/telnyx", (handoff,), provider="telnyx"),)))
+    await running.start()
+    fixture = load_fixture(FIXTURES / "telnyx_params.jsonl")  # keys 1, 2
+    try:
+        report = await replay([fixture], f"ws://127.0.0.1:{running.port}/telnyx", speed=0)
+        assert report.sessions[0].ok, report.sessions[0].error
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await running.stop()
+        stand_in.close()
+    control_id = fixture.expect["call_sid"]
+    request = stand_in.requests[0]
+    assert f"/v2/calls/{control_id}/actions/transfer" == request["path"]
+    assert "Bearer KEY-telnyx" == request["headers"]["Authorization"]  # type: ignore[index]
+    body = request["body"]
+    assert isinstance(body, dict)
+    assert "sip:agent@pbx.example.com" == body["to"]
+    assert {"name": f"X-{CALL_ID_NAME}", "value": control_id} == body["custom_headers"][0]
+    assert control_id == json.loads(base64.b64decode(body["client_state"]))[CALL_ID_NAME]
+    if status == 200:
+        [handed] = events(logs, "call.handed_off")
+        assert "telnyx_transfer" == handed["mechanism"]
+    else:
+        [failed] = events(logs, "call.hand_off_failed")
+        assert "Call has already ended" in failed["reason"]
+
+
+@pytest.mark.parametrize("to", ["sip:agent@pbx.example.com", "tel:+15550100"])
+async def test_a_vonage_call_is_transferred_to_an_ncco_that_connects_the_agent(
+        to: str, tmp_path: Path, transport: str, logs: LogEvents,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Voice API's transfer through the official SDK, checked by a stand-in over TLS:
+    the call's uuid, the application's JWT (signed with its private key), an NCCO connect
+    with the context as SIP headers (or a number)."""
+    stand_in = JsonStandIn(None, 204, tls_dir=tmp_path)
+    assert stand_in.ca_file is not None
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stand_in.ca_file))  # trust the stand-in
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    key_file = tmp_path / "vonage-private.key"
+    key_file.write_text(pem)
+    handoff = resolve_handler("handoff", {"to": to, "on_dtmf": "7"}, key="handlers")
+    application = "aaaaaaaa-bbbb-cccc-dddd-0123456789ab"
+    running = StreamServer(Settings(
+        port=0, transport=transport, vonage_application_id=application,
+        vonage_private_key=str(key_file), vonage_api_base_url=stand_in.url,
+        routes=(Route("/vonage", (handoff,), provider="vonage"),)))
+    await running.start()
+    fixture = load_fixture(FIXTURES / "vonage_connect.jsonl")  # keys 7, #
+    try:
+        report = await replay([fixture], f"ws://127.0.0.1:{running.port}/vonage", speed=0)
+        assert report.sessions[0].ok, report.sessions[0].error
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await running.stop()
+        stand_in.close()
+    call_uuid = fixture.expect["call_sid"]
+    [request] = stand_in.requests
+    assert ("PUT", f"/v1/calls/{call_uuid}") == (request["method"], request["path"])
+    headers = request["headers"]
+    assert isinstance(headers, dict)
+    claims = jwt.decode(headers["Authorization"].removeprefix("Bearer "),
+                        private.public_key(), algorithms=["RS256"])
+    assert application == claims["application_id"]
+    body = request["body"]
+    assert isinstance(body, dict)
+    [connect] = body["destination"]["ncco"]
+    [endpoint] = connect["endpoint"]
+    if to.startswith("sip:"):
+        assert ("sip", to) == (endpoint["type"], endpoint["uri"])
+        assert call_uuid == endpoint["headers"][CALL_ID_NAME]
+    else:
+        assert ("phone", "15550100") == (endpoint["type"], endpoint["number"])
+    [handed] = events(logs, "call.handed_off")
+    assert "vonage_transfer" == handed["mechanism"]

@@ -63,7 +63,9 @@ def add_parser(commands: Any) -> None:
                       help="play each fixture as a whole call: POST the voice webhook at URL "
                       "as Twilio does, stream to the <Stream> its TwiML names with its "
                       "<Parameter>s, and follow <Connect action> when the service moves the "
-                      "call (a drain in a fleet); each stream is one session of the summary")
+                      "call (a drain in a fleet) or hands it to a person (the summary's "
+                      "hand-offs: target and what it carried); each stream is one session "
+                      "of the summary")
     play.add_argument("--speed", type=float, default=1.0,
                       help="1 = real time (default), 2 = twice as fast, 0 = as fast as possible")
     play.add_argument("--concurrency", type=int, default=1, metavar="N",
@@ -200,6 +202,9 @@ def _print_summary(summary: dict[str, object]) -> None:
     print(f"wall time: {summary['wall_s']} s")
     for error in summary["errors"]:  # type: ignore[attr-defined]
         print(f"error: {error}")
+    for hand_off in summary["hand_offs"]:  # type: ignore[attr-defined]
+        names = ", ".join(hand_off["parameters"])
+        print(f"hand-off: {hand_off['call_sid']} -> {hand_off['target']} ({names})")
     check = summary["check"]
     if isinstance(check, dict):
         print(f"check: matched {check['matched']}  mismatched {check['mismatched']}")

@@ -58,6 +58,7 @@ __all__ = [
     "Target",
     "parse_target",
     "plan_acs_headers",
+    "plan_sip_headers",
     "plan_twiml",
 ]
 
@@ -345,6 +346,39 @@ def plan_acs_headers(target: Target, call_id: str, context: Mapping[str, str],
             truncated.append(name)
     return HeaderPlan(target, headers if sip else {}, {} if sip else headers, sent,
                       tuple(dropped), tuple(truncated))
+
+
+def plan_sip_headers(target: Target, call_id: str, context: Mapping[str, str],
+                     mapping: HandOffMapping, *,
+                     parameters: Mapping[str, str] | None = None) -> HeaderPlan:
+    """The ``X-`` headers of a SIP transfer to ``target`` (``sip:`` or ``tel:``; Telnyx's
+    ``custom_headers``): values up to ``sip_value_bytes``, names and values together up to
+    ``sip_uri_bytes``; ValueError for other targets."""
+    if target.kind not in ("sip", "tel"):
+        raise ValueError("a SIP transfer goes to sip:<uri> or tel:<E.164>")
+    headers: dict[str, str] = {}
+    sent: dict[str, str] = {}
+    dropped: list[str] = []
+    truncated: list[str] = []
+    left = mapping.sip_uri_bytes
+    full = False
+    for name, value in ordered(call_id, context, parameters or {}, mapping):
+        carried = _cut(value, mapping.sip_value_bytes)
+        cost = len(f"X-{name}: {carried}".encode())
+        if (full or not _SIP_TOKEN.fullmatch(name)
+                or (name == CALL_ID_NAME and carried != value)):
+            dropped.append(name)
+            continue
+        if cost > left:
+            full = True
+            dropped.append(name)
+            continue
+        left -= cost
+        headers[f"X-{name}"] = carried
+        sent[name] = carried
+        if carried != value:
+            truncated.append(name)
+    return HeaderPlan(target, headers, {}, sent, tuple(dropped), tuple(truncated))
 
 
 def _sip_uri(uri: str, headers: Mapping[str, str]) -> str:

@@ -27,7 +27,7 @@ from streamsvc.providers.signature import SIGNATURE_HEADER, sign
 from streamsvc.replay.client import SessionResult, replay_session, signature_headers
 from streamsvc.replay.fixture import Fixture, FixtureFrame
 
-__all__ = ["CallLeg", "StreamVerb", "replay_call", "stream_verb"]
+__all__ = ["CallLeg", "StreamVerb", "hand_off_of", "replay_call", "stream_verb"]
 
 # A call moved this many times in one replay is a loop, not a deploy.
 MAX_LEGS: Final = 8
@@ -84,6 +84,33 @@ def _request_twiml(url: str, fields: Mapping[str, str], auth_token: str | None,
                                      method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return str(response.read().decode())
+
+
+def hand_off_of(document: str) -> dict[str, Any] | None:
+    """What a hand-off's TwiML hands the call to, and what it carries: ``target``
+    (``client:<identity>``, the SIP URI, ``tel:<number>``, ``queue:<name>``) and
+    ``parameters`` (``<Client>``'s ``<Parameter>``s, the SIP URI's ``X-`` headers, the
+    task's attributes); None for TwiML that dials nobody."""
+    root = ElementTree.fromstring(document)
+    client, sip = root.find("./Dial/Client"), root.find("./Dial/Sip")
+    number, enqueue = root.find("./Dial/Number"), root.find("./Enqueue")
+    if client is not None:
+        return {"target": f"client:{client.findtext('Identity') or ''}",
+                "parameters": {p.get("name", ""): p.get("value", "")
+                               for p in client.findall("Parameter")}}
+    if sip is not None:
+        uri = urllib.parse.urlsplit((sip.text or "").strip())
+        headers = dict(urllib.parse.parse_qsl(uri.query))
+        return {"target": urllib.parse.urlunsplit(uri._replace(query="")),
+                "parameters": {k[2:]: v for k, v in headers.items() if k.startswith("X-")}}
+    if number is not None:
+        return {"target": f"tel:{(number.text or '').strip()}", "parameters": {}}
+    if enqueue is not None:
+        task = enqueue.findtext("Task")
+        attributes = json.loads(task) if task else {}
+        return {"target": f"queue:{(enqueue.text or '').strip()}" if not task else "queue",
+                "parameters": attributes if isinstance(attributes, dict) else {}}
+    return None
 
 
 def _reached(action: str, webhook_url: str) -> str:
@@ -185,6 +212,7 @@ async def replay_call(fixture: Fixture, webhook_url: str, *, speed: float = 1.0,
             legs[-1].hand_off = await asyncio.to_thread(
                 _request_twiml, _reached(stream.action, webhook_url), form, auth_token,
                 public_url)
+            result.hand_off = hand_off_of(legs[-1].hand_off)
         if not moved:
             break
         sent_of_body = max(0, result.frames_sent - len(opening))

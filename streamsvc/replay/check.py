@@ -122,10 +122,26 @@ def differences(expect: Mapping[str, Any], outcome: Outcome | None) -> list[str]
         reported = line.get(key)
         if reported != expected:
             found.append(f"{key}: expected {_show(expected)}, server reported {_show(reported)}")
+    if "hand_off" in expect:
+        found += _hand_off_differences(expect["hand_off"], outcome.get("stream.stopped"))
     failed = (outcome.get("stream.stopped") or {}).get("handler_errors")
     if failed:  # whatever the expect says: a handler that failed is a failed call
         found.append(f"handler_errors: the server reported {_show(failed)}")
     return found
+
+
+def _hand_off_differences(expected: Any, stopped: Mapping[str, Any] | None) -> list[str]:
+    """``expect``'s ``hand_off`` (null: none; else the fields it names, e.g. ``target`` and
+    ``sent``) against ``stream.stopped``'s."""
+    if stopped is None:
+        return ["the server log has no stream.stopped line for this stream"]
+    reported = stopped.get("hand_off")
+    if expected is None or reported is None or not isinstance(expected, dict):
+        return [] if expected == reported else [
+            f"hand_off: expected {_show(expected)}, server reported {_show(reported)}"]
+    return [f"hand_off.{key}: expected {_show(value)}, server reported "
+            f"{_show(reported.get(key))}"
+            for key, value in expected.items() if reported.get(key) != value]
 
 
 def _show(value: Any) -> str:

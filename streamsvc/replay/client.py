@@ -32,7 +32,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
+from streamsvc.exceptions import CLOSE_POLICY_VIOLATION, HANDED_OFF_REASON
 from streamsvc.providers import provider
 from streamsvc.replay.check import (
     Outcome,
@@ -70,6 +70,9 @@ class SessionResult:
     frames_received: int = 0
     close_code: int | None = None
     close_reason: str | None = None  # what the server said when it closed the stream
+    # When the call was handed to a person and this replay followed it (--webhook): the
+    # hand-off's target and what it carried (parameters, or X- headers), from the TwiML.
+    hand_off: dict[str, Any] | None = None
     lateness_ms: list[float] = field(default_factory=list)
     audio_bytes_received: int = 0
     marks_played: list[str] = field(default_factory=list)
@@ -114,6 +117,8 @@ class ReplayReport:
             },
             "wall_s": round(self.wall_s, 3),
             "errors": sorted({s.error for s in self.sessions if s.error}),
+            "hand_offs": [{"fixture": s.fixture, "call_sid": s.call_sid, **s.hand_off}
+                          for s in self.sessions if s.hand_off is not None],
             "check": {
                 "matched": len(self.sessions) - self.mismatched,
                 "mismatched": self.mismatched,
@@ -208,6 +213,9 @@ async def replay_session(
     except ConnectionClosed as exc:
         result.close_code = exc.rcvd.code if exc.rcvd else None
         result.close_reason = exc.rcvd.reason if exc.rcvd else None
+        if result.close_code == 1000 and result.close_reason == HANDED_OFF_REASON:
+            result.ok = True  # the service handed the call to a person: it ended as it should
+            return result
         result.error = (f"server closed the stream early ({result.close_code})"
                         + _no_start(result.close_code, exc.rcvd.reason if exc.rcvd else None,
                                     fixture.provider))

@@ -25,6 +25,7 @@ from streamsvc.context.handoff import (
     HeaderPlan,
     parse_target,
     plan_acs_headers,
+    plan_sip_headers,
     plan_twiml,
 )
 from streamsvc.context.store import CallContext
@@ -40,7 +41,9 @@ from streamsvc.server.host import CallHost
 from streamsvc.session import BadFrame, State, StopReason, parameters_size
 from streamsvc.transfer import TransferError
 from streamsvc.transfer import acs as acs_transfer
+from streamsvc.transfer import telnyx as telnyx_transfer
 from streamsvc.transfer import twilio as twilio_rest
+from streamsvc.transfer import vonage as vonage_transfer
 from streamsvc.web.webhooks import ACTION_PARAMETER, DIAL_ACTION, HAND_OFF_STATUS, HAND_OFF_URL
 
 __all__ = ["CLOSE_GRACE_S", "CallCore"]
@@ -60,6 +63,9 @@ NO_HAND_OFF_CHANNEL: Final = frozenset({"plivo", "exotel"})
 CONNECT_ACTION: Final = "connect_action"
 CALL_UPDATE: Final = "call_update"
 ACS_TRANSFER: Final = "acs_transfer"
+TELNYX_TRANSFER: Final = "telnyx_transfer"
+VONAGE_TRANSFER: Final = "vonage_transfer"
+TRANSFERS: Final = frozenset({ACS_TRANSFER, TELNYX_TRANSFER, VONAGE_TRANSFER})
 MAX_FETCHED_TWIML_CHARS: Final = 64 * 1024
 # Context updates logged per call (the rest counted in stream.stopped's context_updates),
 # and how often a call's record is written to the context store at most.
@@ -456,6 +462,17 @@ class CallCore:
                 raise LocalProtocolError(
                     "a hand-off on a <Start> route updates the call through Twilio's REST "
                     f"API: set {missing}")
+        elif provider == "telnyx":
+            mechanism = TELNYX_TRANSFER
+            if not settings.telnyx_api_key:
+                raise LocalProtocolError("a Telnyx call is transferred through Call Control: "
+                                         "set telnyx_api_key")
+        elif provider == "vonage":
+            mechanism = VONAGE_TRANSFER
+            missing = vonage_transfer.configured(settings)
+            if missing is not None:
+                raise LocalProtocolError("a Vonage call is transferred through the Voice API: "
+                                         f"set {missing}")
         elif provider == "acs":
             mechanism = ACS_TRANSFER
             if not settings.acs_connection_string:
@@ -477,10 +494,11 @@ class CallCore:
         if mechanism == CALL_UPDATE:  # over the inline limit it goes by url=, whole
             mapping = dataclasses.replace(mapping, twiml_chars=MAX_FETCHED_TWIML_CHARS)
         plan: HandOffPlan | HeaderPlan
-        if mechanism == ACS_TRANSFER:
+        if mechanism in TRANSFERS:
+            headers = plan_acs_headers if mechanism == ACS_TRANSFER else plan_sip_headers
             try:
-                plan = plan_acs_headers(target, self._call_id(), session.context, mapping,
-                                        parameters=parameters)
+                plan = headers(target, self._call_id(), session.context, mapping,
+                               parameters=parameters)
             except ValueError as exc:
                 raise LocalProtocolError(str(exc)) from None
         else:
@@ -523,17 +541,25 @@ class CallCore:
             len(plan.twiml) <= self.route.handoff.twiml_chars)
         if mechanism == CALL_UPDATE and inline:
             entry["status"] = "sent"  # run at once: nothing will fetch it
-        elif mechanism == ACS_TRANSFER:
-            entry["status"] = "requested"  # ACS's callback says how it went
+        elif mechanism in TRANSFERS:
+            entry["status"] = "requested"  # the platform's callback says how it went
         written = self._store_context()
         if written is not None:
             await self.server.contexts.written(written)
             if not written.done():
                 error = "the context store did not take the hand-off in time"
         if error is None and isinstance(plan, HandOffPlan) and mechanism == CALL_UPDATE:
-            error = await self._update_call(plan, inline)
+            try:
+                error = await self._update_call(plan, inline)
+            except Exception as exc:  # an SDK's own failure: the hand-off fails, not the call
+                logger.exception("call.hand_off_error", mechanism=mechanism)
+                error = f"{type(exc).__name__}: {exc}"
         elif error is None and isinstance(plan, HeaderPlan):
-            error = await self._transfer_acs(plan)
+            try:
+                error = await self._transfer(mechanism, plan)
+            except Exception as exc:  # an SDK's own failure: the hand-off fails, not the call
+                logger.exception("call.hand_off_error", mechanism=mechanism)
+                error = f"{type(exc).__name__}: {exc}"
         provider = self.session.codec.provider
         if error is not None:
             entry["status"] = "failed"
@@ -556,9 +582,9 @@ class CallCore:
         if not future.done():
             future.set_result(result)
 
-    async def _transfer_acs(self, plan: HeaderPlan) -> str | None:
-        """Ask ACS to transfer the call with the plan's custom calling context; the error,
-        or None (the outcome comes later, as a callback)."""
+    async def _transfer_acs(self, plan: HeaderPlan) -> None:
+        """Ask ACS to transfer the call with the plan's custom calling context (the outcome
+        comes later, as a callback); TransferError says why not."""
         settings = self.server.settings
         codec = self.session.codec
         assert isinstance(codec, AcsCodec)
@@ -570,10 +596,23 @@ class CallCore:
             callback = http_base + settings.acs_callback_path
             if settings.acs_events_secret:
                 callback += "?secret=" + quote(settings.acs_events_secret, safe="")
+        await acs_transfer.transfer(settings.acs_connection_string, codec.call_connection_id,
+                                    plan, call_id=self._call_id(), callback_url=callback)
+
+    async def _transfer(self, mechanism: str, plan: HeaderPlan) -> str | None:
+        """Ask the platform (ACS, Telnyx, Vonage) to transfer the call with the plan's
+        headers; the error, or None (a callback may say how it went later)."""
+        settings = self.server.settings
+        call_sid = self.session.call_sid  # Telnyx: the call control id; Vonage: the uuid
+        assert call_sid is not None
         try:
-            await acs_transfer.transfer(settings.acs_connection_string,
-                                        codec.call_connection_id, plan,
-                                        call_id=self._call_id(), callback_url=callback)
+            if mechanism == ACS_TRANSFER:
+                await self._transfer_acs(plan)
+            elif mechanism == TELNYX_TRANSFER:
+                await telnyx_transfer.transfer(settings, call_sid, plan,
+                                               call_id=self._call_id())
+            else:
+                await vonage_transfer.transfer(settings, call_sid, plan)
         except TransferError as exc:
             return str(exc)
         return None

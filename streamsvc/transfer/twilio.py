@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-from twilio.base.exceptions import TwilioException, TwilioRestException
-from twilio.rest import Client
-
 from streamsvc.config import Settings
 from streamsvc.transfer import TransferError
 
@@ -30,6 +27,9 @@ class TwilioCalls:
     API key and secret when set, else the auth token."""
 
     def __init__(self, settings: Settings) -> None:
+        # The SDK is slow to import and only <Start> hand-offs need it: imported here.
+        from twilio.rest import Client
+
         assert configured(settings) is None
         account = settings.twilio_account_sid
         key, secret = settings.twilio_api_key, settings.twilio_api_secret
@@ -46,6 +46,8 @@ class TwilioCalls:
         await asyncio.to_thread(self._update, call_sid, twiml, url)
 
     def _update(self, call_sid: str, twiml: str | None, url: str | None) -> None:
+        from twilio.base.exceptions import TwilioException, TwilioRestException
+
         try:
             if twiml is not None:
                 self.client.calls(call_sid).update(twiml=twiml)
