@@ -279,28 +279,33 @@ async def test_a_missed_agent_can_leave_the_routes_own_twiml(transport: str,
 ACCOUNT = "AC00000000000000000000000000000001"  # the bundled sessions' account
 
 
-class TwilioStandIn:
-    """Twilio's REST API on loopback: takes the SDK's call updates as Twilio would (Basic
-    auth, a form body), records them, and answers with a call resource, or an error."""
+class JsonStandIn:
+    """A platform's API on loopback: records each request (method, path, headers, body: a
+    form's fields or JSON) and answers ``status`` with ``answer`` (JSON)."""
 
-    def __init__(self, status: int = 200) -> None:
-        self.status = status
-        self.requests: list[tuple[str, str, str, dict[str, str]]] = []
+    def __init__(self, answer: object, status: int = 200, *,
+                 tls_dir: Path | None = None) -> None:
+        self.requests: list[dict[str, object]] = []
         stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                stand_in.requests.append((self.command, self.path,
-                                          self.headers.get("Authorization", ""),
-                                          dict(urllib.parse.parse_qsl(body.decode()))))
-                sid = self.path.rsplit("/", 1)[-1].removesuffix(".json")
-                answer = ({"sid": sid, "account_sid": ACCOUNT, "status": "in-progress"}
-                          if stand_in.status == 200 else
-                          {"code": 20404, "message": "The requested resource was not found",
-                           "status": stand_in.status})
+                form = "form-urlencoded" in self.headers.get("Content-Type", "")
+                stand_in.requests.append({
+                    "method": "POST", "path": self.path,
+                    "headers": dict(self.headers.items()),
+                    "body": dict(urllib.parse.parse_qsl(body.decode())) if form
+                    else json.loads(body or b"null")})
+                self.answer()
+
+            def do_PUT(self) -> None:
+                self.do_POST()
+                stand_in.requests[-1]["method"] = "PUT"
+
+            def answer(self) -> None:
                 data = json.dumps(answer).encode()
-                self.send_response(stand_in.status)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -310,7 +315,15 @@ class TwilioStandIn:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "http"
+        self.ca_file: Path | None = None
+        if tls_dir is not None:  # served over TLS with a certificate of its own
+            self.ca_file, key_file = self_signed(tls_dir)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.ca_file, key_file)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -324,7 +337,11 @@ async def test_a_start_route_hands_off_through_twilios_rest_api(
     """The official SDK's real request reaches a stand-in: the call's update with the
     hand-off's TwiML inline, with an API key instead of the auth token, by url= when over
     the inline limit (the service then answers Twilio's fetch), or refused by Twilio."""
-    stand_in = TwilioStandIn(404 if variant == "refused" else 200)
+    stand_in = JsonStandIn(
+        {"code": 20404, "message": "The requested resource was not found", "status": 404}
+        if variant == "refused" else
+        {"sid": "CA00000000000000000000000000000103", "account_sid": ACCOUNT,
+         "status": "in-progress"}, 404 if variant == "refused" else 200)
     handoff = resolve_handler("handoff", {"to": "client:support", "on_dtmf": "0"},
                               key="handlers")
     keys = ({"twilio_api_key": "SK" + "1" * 32, "twilio_api_secret": "api-secret"}
@@ -343,7 +360,8 @@ async def test_a_start_route_hands_off_through_twilios_rest_api(
         await until(lambda: events(logs, "stream.stopped"))
         fetched = None
         if variant == "by_url":
-            [(_, _, _, form)] = stand_in.requests
+            form = stand_in.requests[0]["body"]
+            assert isinstance(form, dict)
             fetched = (await asyncio.to_thread(signed_post, running.port, form["Url"],
                                                {"CallSid": leg.result.call_sid or ""}))[1]
     finally:
@@ -351,7 +369,10 @@ async def test_a_start_route_hands_off_through_twilios_rest_api(
         stand_in.close()
     assert leg.result.ok, leg.result.error
     call_sid = leg.result.call_sid
-    [(method, path, authorization, form)] = stand_in.requests
+    [request] = stand_in.requests
+    method, path, form = request["method"], request["path"], request["body"]
+    assert isinstance(form, dict)
+    authorization = request["headers"]["Authorization"]  # type: ignore[index]
     assert ("POST", f"/2010-04-01/Accounts/{ACCOUNT}/Calls/{call_sid}.json") == (method, path)
     user = "SK" + "1" * 32 if variant == "api_key" else ACCOUNT
     secret = "api-secret" if variant == "api_key" else TOKEN
@@ -500,55 +521,6 @@ def test_replay_check_compares_an_expected_hand_off(served: Server, tmp_path: Pa
                      "--check", "--log", str(served.log), *signed)
     assert 1 == done.returncode
     assert 'hand_off.target: expected "client:sales"' in done.stdout
-
-
-class JsonStandIn:
-    """A platform's JSON API on loopback: records each request (method, path, headers,
-    body) and answers ``status`` with ``answer``."""
-
-    def __init__(self, answer: object, status: int = 200, *,
-                 tls_dir: Path | None = None) -> None:
-        self.requests: list[dict[str, object]] = []
-        stand_in = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                stand_in.requests.append({"method": "POST", "path": self.path,
-                                          "headers": dict(self.headers.items()),
-                                          "body": json.loads(body or b"null")})
-                self.answer()
-
-            def do_PUT(self) -> None:
-                self.do_POST()
-                stand_in.requests[-1]["method"] = "PUT"
-
-            def answer(self) -> None:
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        scheme = "http"
-        self.ca_file: Path | None = None
-        if tls_dir is not None:  # served over TLS with a certificate of its own
-            self.ca_file, key_file = self_signed(tls_dir)
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(self.ca_file, key_file)
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-            scheme = "https"
-        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.mark.parametrize("status", [200, 422])
