@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import http.server
 import json
 import ssl
@@ -27,18 +28,18 @@ from streamsvc.config import Route, Settings, load_settings
 from streamsvc.context.handoff import CALL_ID_NAME, HandOffMapping
 from streamsvc.exceptions import LocalProtocolError
 from streamsvc.fleet import Fleet, FleetError
-from streamsvc.handlers import resolve_handler
+from streamsvc.handlers import Handler, HandlerSpec, resolve_handler
 from streamsvc.live import LiveSession
 from streamsvc.providers.signature import SIGNATURE_HEADER, sign
-from streamsvc.replay import replay
+from streamsvc.replay import replay, write_acs_keys
 from streamsvc.replay.call import replay_call, stream_verb
 from streamsvc.replay.fixture import Fixture, FixtureFrame, dump_fixture, load_fixture
 from streamsvc.server import StreamServer
 
-from .conftest import LogEvents, events, until
+from .conftest import BUNDLED, LogEvents, events, until
 from .fleet_support import RedisServer
 from .test_acs_events import AcsStandIn, self_signed
-from .test_conformance import read_context
+from .test_conformance import PROVIDERS, SECRETS, read_context, signing
 from .test_replay_cli import Server, streamsvc
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -612,3 +613,90 @@ async def test_a_vonage_call_is_transferred_to_an_ncco_that_connects_the_agent(
         assert ("phone", "15550100") == (endpoint["type"], endpoint["number"])
     [handed] = events(logs, "call.handed_off")
     assert "vonage_transfer" == handed["mechanism"]
+
+
+class _HandsOffAtStart(Handler):
+    """Hands the call off as soon as it starts (the conformance run of every provider)."""
+
+    def __init__(self, to: str) -> None:
+        self.to = to
+        self.outcome: dict[str, object] = {}
+
+    def on_start(self, session: LiveSession) -> None:
+        try:
+            session.hand_off(self.to).add_done_callback(
+                lambda done: self.outcome.update(ok=done.result().ok,
+                                                 mechanism=done.result().mechanism))
+        except LocalProtocolError as exc:
+            self.outcome.update(ok=False, refused=str(exc))
+
+    def report(self) -> dict[str, object]:
+        return self.outcome
+
+
+# What each provider hands off with, and to what.
+HAND_OFF_BY_PROVIDER = {
+    "twilio": ("connect_action", "client:support"),
+    "signalwire": ("connect_action", "client:support"),
+    "acs": ("acs_transfer", "tel:+15550100"),
+    "telnyx": ("telnyx_transfer", "sip:agent@pbx.example.com"),
+    "vonage": ("vonage_transfer", "sip:agent@pbx.example.com"),
+    "plivo": (None, "sip:agent@pbx.example.com"),
+    "exotel": (None, "tel:+15550100"),
+}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_every_provider_hands_off_its_own_way_or_says_why_it_cannot(
+        provider: str, tmp_path: Path, logs: LogEvents,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's conformance for hand-offs: every provider's bundled session, on a
+    bidirectional route, is handed off by its own mechanism (at local stand-ins for the
+    REST APIs), or refused with the reason where the provider carries no context on a
+    transfer; the call itself never fails."""
+    mechanism, to = HAND_OFF_BY_PROVIDER[provider]
+    _, jwks = write_acs_keys(tmp_path / "keys")
+    acs = AcsStandIn(tmp_path, tls=False)
+    apis = JsonStandIn({"data": {"result": "ok"}})
+    (tmp_path / "vonage").mkdir()
+    vonage_api = JsonStandIn(None, 204, tls_dir=tmp_path / "vonage")
+    assert vonage_api.ca_file is not None
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(vonage_api.ca_file))
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = tmp_path / "vonage.key"
+    key_file.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    spec = HandlerSpec("hands_off", _HandsOffAtStart, {"to": to})
+    running = StreamServer(Settings(
+        port=0, public_url="wss://voice.example.com", acs_audience="acs-resource-0001",
+        acs_jwks_url=jwks.as_uri(), acs_connection_string=acs.connection_string,
+        telnyx_api_key="KEY-telnyx", telnyx_api_base_url=apis.url + "/v2",
+        vonage_private_key=str(key_file), vonage_api_base_url=vonage_api.url,
+        vonage_application_id="app-1", **SECRETS,
+        routes=(Route(f"/{provider}", (spec,), bidirectional=True, provider=provider),)))
+    await running.start()
+    try:
+        fixture = load_fixture(FIXTURES / BUNDLED[provider])
+        report = await replay([fixture], f"ws://127.0.0.1:{running.port}/{provider}",
+                              speed=0, signing=dataclasses.replace(
+                                  signing(tmp_path), vonage_application_id="app-1"))
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await running.stop()
+        for stand_in in (apis, vonage_api):
+            stand_in.close()
+        acs.http.shutdown()
+        acs.http.server_close()
+    [session] = report.sessions
+    assert session.ok, session.error
+    [stopped] = events(logs, "stream.stopped")
+    outcome = stopped["handlers"]["hands_off"]
+    assert {} == stopped["handler_errors"]
+    if mechanism is None:
+        assert outcome["ok"] is False
+        assert "carries no context on a transfer" in str(outcome["refused"])
+        return
+    assert (True, mechanism) == (outcome["ok"], outcome["mechanism"])
+    [handed] = events(logs, "call.handed_off")
+    assert (mechanism, CALL_ID_NAME) == (handed["mechanism"], handed["sent"][0])
