@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -26,6 +27,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from streamsvc import wire
+from streamsvc.cli.serve import on_signals
 from streamsvc.config import Route, Settings
 from streamsvc.handlers import AsyncHandler, Handler, HandlerSpec
 from streamsvc.replay import replay, replay_session
@@ -428,3 +430,27 @@ def test_a_killed_worker_is_replaced_and_its_figures_leave_the_sums(
     assert restarted["pid"] not in workers
     server.process.send_signal(signal.SIGTERM)
     assert 0 == server.process.wait(timeout=30)
+
+
+def test_a_signal_reaches_the_server_even_when_its_loops_self_pipe_is_full() -> None:
+    """`serve` stops on SIGTERM even when its loop has fallen behind: asyncio's own signal
+    handling reads the signal from the loop's self-pipe, and CPython drops a signal whose
+    byte does not fit there; the service's handler queues the drain regardless."""
+
+    async def run() -> bool:
+        loop = asyncio.get_running_loop()
+        seen = asyncio.Event()
+        restore = on_signals(loop, seen.set, (signal.SIGUSR1,))
+        try:
+            # Fill the loop's self-pipe, as a flood of thread wake-ups does while it is busy.
+            pipe = loop._csock.fileno()  # type: ignore[attr-defined]
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(pipe, bytes(65536))
+            os.kill(os.getpid(), signal.SIGUSR1)
+            await asyncio.wait_for(seen.wait(), 5)
+            return seen.is_set()
+        finally:
+            restore()
+
+    assert asyncio.run(run())  # the stock asyncio loop: the one that dropped the signal

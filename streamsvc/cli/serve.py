@@ -164,12 +164,37 @@ async def _run_server(settings: Settings) -> None:
     def on_signal() -> None:
         (abort if drain.is_set() else drain).set()
 
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
+    restore = on_signals(asyncio.get_running_loop(), on_signal)
     server = StreamServer(settings)
-    await server.start()
     try:
-        await drain.wait()
+        await server.start()
+        try:
+            await drain.wait()
+        finally:
+            await server.drain(settings.drain_timeout_s, abort=abort)
     finally:
-        await server.drain(settings.drain_timeout_s, abort=abort)
+        restore()
+
+
+def on_signals(loop: asyncio.AbstractEventLoop, callback: Callable[[], None],
+               signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+               ) -> Callable[[], None]:
+    """Call ``callback`` on the loop at each of ``signums``; returns what puts the previous
+    handlers back. Not ``loop.add_signal_handler``: asyncio's loop learns of those through
+    its self-pipe, and when a loop that is behind lets that pipe fill, CPython drops the
+    signal ("Exception ignored when trying to write to the signal wakeup fd") and a SIGTERM
+    never drains the server. A handler of the interpreter's own runs between bytecodes and
+    queues the callback whether or not the pipe has room."""
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+
+    def handler(signum: int, frame: object) -> None:
+        loop.call_soon_threadsafe(callback)
+
+    for signum in signums:
+        signal.signal(signum, handler)
+
+    def restore() -> None:
+        for signum, was in previous.items():
+            signal.signal(signum, was)
+
+    return restore
