@@ -524,6 +524,22 @@ def test_replay_check_compares_an_expected_hand_off(served: Server, tmp_path: Pa
     assert 'hand_off.target: expected "client:sales"' in done.stdout
 
 
+async def play_whole_call(running: StreamServer, fixture_name: str, path: str,
+                          logs: LogEvents, stand_in: JsonStandIn) -> Fixture:
+    """Start ``running``, replay a bundled session at ``path`` to its end (its summary
+    logged), then stop the server and the platform's stand-in; the fixture played."""
+    await running.start()
+    fixture = load_fixture(FIXTURES / fixture_name)
+    try:
+        report = await replay([fixture], f"ws://127.0.0.1:{running.port}{path}", speed=0)
+        assert report.sessions[0].ok, report.sessions[0].error
+        await until(lambda: events(logs, "stream.stopped"))
+    finally:
+        await running.stop()
+        stand_in.close()
+    return fixture
+
+
 @pytest.mark.parametrize("status", [200, 422])
 async def test_a_telnyx_call_is_transferred_with_its_context_as_sip_headers(
         status: int, transport: str, logs: LogEvents) -> None:
@@ -538,15 +554,8 @@ async def test_a_telnyx_call_is_transferred_with_its_context_as_sip_headers(
         port=0, transport=transport, telnyx_api_key="KEY-telnyx",
         telnyx_api_base_url=stand_in.url + "/v2",
         routes=(Route("/telnyx", (handoff,), provider="telnyx"),)))
-    await running.start()
-    fixture = load_fixture(FIXTURES / "telnyx_params.jsonl")  # keys 1, 2
-    try:
-        report = await replay([fixture], f"ws://127.0.0.1:{running.port}/telnyx", speed=0)
-        assert report.sessions[0].ok, report.sessions[0].error
-        await until(lambda: events(logs, "stream.stopped"))
-    finally:
-        await running.stop()
-        stand_in.close()
+    fixture = await play_whole_call(running, "telnyx_params.jsonl", "/telnyx", logs,
+                                    stand_in)  # keys 1, 2
     control_id = fixture.expect["call_sid"]
     request = stand_in.requests[0]
     assert f"/v2/calls/{control_id}/actions/transfer" == request["path"]
@@ -585,15 +594,8 @@ async def test_a_vonage_call_is_transferred_to_an_ncco_that_connects_the_agent(
         port=0, transport=transport, vonage_application_id=application,
         vonage_private_key=str(key_file), vonage_api_base_url=stand_in.url,
         routes=(Route("/vonage", (handoff,), provider="vonage"),)))
-    await running.start()
-    fixture = load_fixture(FIXTURES / "vonage_connect.jsonl")  # keys 7, #
-    try:
-        report = await replay([fixture], f"ws://127.0.0.1:{running.port}/vonage", speed=0)
-        assert report.sessions[0].ok, report.sessions[0].error
-        await until(lambda: events(logs, "stream.stopped"))
-    finally:
-        await running.stop()
-        stand_in.close()
+    fixture = await play_whole_call(running, "vonage_connect.jsonl", "/vonage", logs,
+                                    stand_in)  # keys 7, #
     call_uuid = fixture.expect["call_sid"]
     [request] = stand_in.requests
     assert ("PUT", f"/v1/calls/{call_uuid}") == (request["method"], request["path"])
