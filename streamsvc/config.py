@@ -17,6 +17,7 @@ A bad value fails at start-up with :class:`~streamsvc.exceptions.ConfigError` na
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.util
 import ipaddress
@@ -118,6 +119,10 @@ class Settings:
     vonage_application_id: str | None = None
     vonage_private_key: str | None = field(default=None, repr=False)
     vonage_api_base_url: str = "https://api.nexmo.com"
+    genesys_api_key: str | None = field(default=None, repr=False)
+    genesys_client_secret: str | None = field(default=None, repr=False)
+    genesys_api_key_previous: str | None = field(default=None, repr=False)
+    genesys_client_secret_previous: str | None = field(default=None, repr=False)
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -312,6 +317,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "the Vonage application's private key (PEM, or the file it is in): a hand-off "
             "on a vonage route transfers the call through the Voice API with it",
             secret=True),
+    Setting("genesys_api_key", ("STREAMSVC_GENESYS_API_KEY",), str,
+            "the API key of the Genesys AudioHook or Audio Connector integration: with "
+            "genesys_client_secret, upgrades on genesys routes need its RFC 9421 signature "
+            "(403 otherwise)", secret=True),
+    Setting("genesys_client_secret", ("STREAMSVC_GENESYS_CLIENT_SECRET",), str,
+            "the integration's client secret (base64, as Genesys shows it): the HMAC key "
+            "of the upgrade's signature", secret=True),
+    Setting("genesys_api_key_previous", ("STREAMSVC_GENESYS_API_KEY_PREVIOUS",), str,
+            "a second API key and client secret pair, accepted too while the integration's "
+            "credentials are rotated", secret=True),
+    Setting("genesys_client_secret_previous", ("STREAMSVC_GENESYS_CLIENT_SECRET_PREVIOUS",),
+            str, "the client secret of genesys_api_key_previous", secret=True),
     Setting("vonage_api_base_url", ("STREAMSVC_VONAGE_API_BASE_URL",), str,
             "where Vonage's Voice API is reached, https:// (a local stand-in in tests)"),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,
@@ -506,6 +523,18 @@ def _check_security(settings: Settings) -> None:
                           "route")
     if settings.workers > 1 and settings.port == 0:
         raise ConfigError("workers", "several workers need a fixed port to share, not 0")
+    for key, secret in (("genesys_api_key", "genesys_client_secret"),
+                        ("genesys_api_key_previous", "genesys_client_secret_previous")):
+        given = (getattr(settings, key), getattr(settings, secret))
+        if any(given) and not all(given):
+            missing = secret if given[0] else key
+            raise ConfigError(missing, f"{key} and {secret} go together: set both")
+        if given[1]:
+            try:
+                base64.b64decode(given[1], validate=True)
+            except ValueError:
+                raise ConfigError(secret, "must be base64, as Genesys shows the client "
+                                  "secret") from None
     exposed = not settings.insecure and not _is_loopback(settings.host)
     if exposed and not settings.acs_audience and any(r.provider == "acs"
                                                      for r in settings.routes):

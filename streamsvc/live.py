@@ -94,6 +94,7 @@ class LiveSession(Session):
     __slots__ = (
         "_clears_sent",
         "_context_updated",
+        "_end_call",
         "_mark_timers",
         "_observers",
         "_pending_marks",
@@ -107,6 +108,7 @@ class LiveSession(Session):
                  context_updated: Callable[[Sequence[str]], None] | None = None,
                  context_max_bytes: int = DEFAULT_CONTEXT_MAX_BYTES,
                  hand_off: HandOff | None = None,
+                 end_call: Callable[[], None] | None = None,
                  **session_options: Any) -> None:
         super().__init__(**session_options)
         self._wake = wake
@@ -115,6 +117,7 @@ class LiveSession(Session):
         self.context_max_bytes = context_max_bytes
         self.context_updated_at: float | None = None  # Unix time of the last change
         self._hand_off = hand_off  # the server's way to hand the call to a person
+        self._end_call = end_call  # the server's way to end the call (hang_up)
         self.hand_offs: list[dict[str, Any]] = []  # the call's hand-offs, in order
         self._pending_marks: collections.deque[_PendingMark] = collections.deque()
         self._clears_sent = 0
@@ -165,6 +168,30 @@ class LiveSession(Session):
             if not isinstance(name, str) or not isinstance(value, str):
                 raise TypeError(f"hand-off parameters are text: {name!r}")
         return self._hand_off(to, dict(parameters or {}))
+
+    def hang_up(self) -> None:
+        """End the call: the platform's own message (Genesys's ``disconnect``, reason
+        ``completed``), after which the platform closes the stream (the service closes it
+        if the platform has not within 5 s). :class:`~streamsvc.exceptions.LocalProtocolError`
+        where the provider has no such message (end those calls through the provider's
+        API or flow)."""
+        if self._end_call is None:
+            raise LocalProtocolError("this session is not on a running server: nothing can "
+                                     "end its call")
+        self._end_call()
+
+    def pause_audio(self) -> None:
+        """Ask the platform to stop sending the call's audio (Genesys's ``pause``: while a
+        caller reads out a card number); it answers ``paused``. On any route;
+        :class:`~streamsvc.exceptions.LocalProtocolError` where the provider cannot."""
+        self.send_pause(True)
+        self._wake()
+
+    def resume_audio(self) -> None:
+        """Ask the platform to send the call's audio again (Genesys's ``resume``); it
+        answers ``resumed`` with how much audio it left out."""
+        self.send_pause(False)
+        self._wake()
 
     def observe_playback(self, observer: PlaybackObserver) -> None:
         """Tell ``observer`` about every piece of audio sent and every ``clear``."""

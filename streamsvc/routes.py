@@ -44,6 +44,28 @@ class Route:
     unmixed: bool = False  # ACS: each participant its own track
     publish_audio: bool = False  # fleet: the audio goes to streamsvc:audio:<stream_sid>
     handoff: HandOffMapping = field(default_factory=HandOffMapping)  # what goes to an agent
+    # Genesys: the channels asked for, "both", "external" or "auto" (both when a handler
+    # reads or records the agent's side too: channels_for).
+    channels: str = "auto"
+
+    def channels_for(self) -> str:
+        """The channels a Genesys stream of this route asks for: ``channels``, or with
+        ``auto`` the external (customer) channel alone when every handler reads only the
+        inbound track (log, dtmf, echo, handoff, forward of the inbound track), else both."""
+        if self.channels != "auto":
+            return self.channels
+        for spec in self.handlers:
+            tracks = spec.options.get("tracks", ("inbound",))
+            if spec.name in INBOUND_ONLY_HANDLERS or (
+                    spec.name == "forward" and list(tracks) == ["inbound"]):
+                continue
+            return "both"
+        return "external"
+
+
+# Built-in handlers that read the caller's (inbound) track only.
+INBOUND_ONLY_HANDLERS: Final = frozenset({"log", "dtmf", "echo", "handoff"})
+CHANNELS: Final = ("auto", "both", "external")
 
 
 # The embedded default: <Start><Stream> calls on /stream, <Connect><Stream> on /connect.
@@ -86,7 +108,7 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
     check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml", "provider",
-                      "unmixed", "publish_audio", "handoff"}, key + ".")
+                      "unmixed", "publish_audio", "handoff", "channels"}, key + ".")
     provider = raw.get("provider", "twilio")
     if provider not in PROVIDERS:
         raise ConfigError(key + ".provider",
@@ -121,8 +143,12 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     except (ValueError, TypeError) as exc:
         raise ConfigError(key + ".twiml", str(exc)) from None
     handoff = HandOffMapping.from_table(table(raw, "handoff"), key=key + ".handoff")
+    channels = raw.get("channels", "auto")
+    if channels not in CHANNELS:
+        raise ConfigError(key + ".channels",
+                          f"expected one of {', '.join(CHANNELS)}, got {channels!r}")
     return Route(path, specs, bidirectional, context, track, after, provider, unmixed,
-                 publish_audio, handoff)
+                 publish_audio, handoff, channels)
 
 
 def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:

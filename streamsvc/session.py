@@ -190,6 +190,9 @@ class CallSummary:
     # The call's hand-off, when a handler handed it to a person: target, mechanism, what
     # was sent, dropped and truncated, and the media time it happened (``media_ms``).
     hand_off: Mapping[str, object] | None = None
+    # What the provider's session protocol did (Genesys: pauses, discarded audio, sequence
+    # and position checks), when it has one (Codec.report).
+    protocol: Mapping[str, object] | None = None
 
     def log_fields(self) -> dict[str, object]:
         """The summary as plain JSON-ready fields for ``stream.stopped``."""
@@ -211,6 +214,7 @@ class CallSummary:
             "context_budget": (dict(self.context_budget) if self.context_budget is not None
                                else None),
             "hand_off": dict(self.hand_off) if self.hand_off is not None else None,
+            "protocol": dict(self.protocol) if self.protocol is not None else None,
         }
 
 
@@ -312,6 +316,7 @@ class Session:
             event = self._parse_binary(frame) if binary else self._parse(frame)
         except RemoteProtocolError as exc:
             self._bad_frame(exc.reason, frame)
+            self._outgoing += self.codec.replies()  # a refusal may carry its answer
             return
         except RecursionError:  # JSON nested deeper than the decoder can follow
             self._bad_frame(TOO_DEEP, frame)
@@ -327,6 +332,7 @@ class Session:
             event = self._parse_binary(frame) if binary else self._parse(frame)
         except RemoteProtocolError as exc:
             self._bad_frame(exc.reason, frame)
+            self._outgoing += self.codec.replies()  # a refusal may carry its answer
             return None
         except RecursionError:  # JSON nested deeper than the decoder can follow
             self._bad_frame(TOO_DEEP, frame)
@@ -342,6 +348,10 @@ class Session:
         return None
 
     def _take(self, event: wire.Event, frame: bytes | str) -> None:
+        if type(event) is wire.Batch:  # each as if it had come alone
+            for each in event.events:
+                self._take(each, frame)
+            return
         try:
             if type(event) is wire.Media:
                 self._on_media(event)
@@ -350,6 +360,11 @@ class Session:
         except RemoteProtocolError as exc:
             self._bad_frame(exc.reason, frame)
             return
+        finally:
+            if type(event) is not wire.Media:
+                # The codec's own answers (Genesys's opened, pong, closed) go out whatever
+                # the route's direction.
+                self._outgoing += self.codec.replies()
         self._events.append(event)
 
     def events_received(self) -> list[SessionEvent]:
@@ -379,13 +394,15 @@ class Session:
         return stats
 
     def _on_other(self, event: wire.Event) -> None:
+        if isinstance(event, wire.Noted):
+            return  # the codec's own business (answered, counted in its report)
         if isinstance(event, wire.UnknownEvent):
             self.ignored_events += 1
         elif isinstance(event, wire.Connected):
             self.protocol_version = event.version
         elif isinstance(event, wire.Start):
             self._on_start(event)
-        else:
+        elif not isinstance(event, wire.Batch):  # a batch's events come one by one
             self._check_streaming(event)
             if isinstance(event, wire.Dtmf):
                 if len(self.dtmf_digits) < MAX_DTMF_DIGITS:
@@ -488,6 +505,27 @@ class Session:
         """Queue a ``clear``: Twilio drops its buffered audio and echoes pending marks."""
         self._outgoing.append(self.codec.serialize_clear(self._sendable_stream_sid()))
 
+    def send_pause(self, paused: bool) -> None:
+        """Queue the provider's request to stop (``paused``) or restart sending audio
+        (Genesys's ``pause``/``resume``), on any route; :class:`LocalProtocolError` where
+        the provider has none, or before the stream started."""
+        if self.state is not State.STREAMING:
+            raise LocalProtocolError(f"cannot pause while {self.state.value}")
+        self._outgoing.append(self.codec.serialize_pause(paused))
+
+    def send_end(self, reason: str, variables: Mapping[str, str] | None = None) -> bool:
+        """Queue the provider's request to end the call (with ``variables`` for the
+        platform's flow, Genesys's ``outputVariables``); False where it has none (the
+        stream is closed instead)."""
+        frame = self.codec.serialize_end(reason, variables)
+        if frame is None:
+            return False
+        self._outgoing.append(frame)
+        return True
+
+    def has_data_to_send(self) -> bool:
+        return bool(self._outgoing)
+
     def data_to_send(self) -> list[bytes]:
         """Return the frames queued since the last call, to be sent as text frames."""
         frames, self._outgoing = self._outgoing, []
@@ -529,6 +567,7 @@ class Session:
             marks_sent=self.marks_sent,
             marks_received=self.marks_received,
             duration_ms=last_ms,
+            protocol=self.codec.report(),
         )
 
 

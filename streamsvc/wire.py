@@ -30,11 +30,12 @@ from typing import Annotated, Final, Protocol, TypeAlias
 
 import msgspec
 
-from streamsvc.exceptions import RemoteProtocolError
+from streamsvc.exceptions import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "EVENT_NAMES",
     "FRAME_MS",
+    "Batch",
     "BinaryFrame",
     "Codec",
     "Connected",
@@ -43,6 +44,7 @@ __all__ = [
     "Mark",
     "Media",
     "MediaFormat",
+    "Noted",
     "Start",
     "Stop",
     "UnknownEvent",
@@ -244,7 +246,28 @@ class UnknownEvent(msgspec.Struct, frozen=True, gc=False):
     name: str
 
 
-Event: TypeAlias = Connected | Start | Media | Dtmf | Mark | Stop | UnknownEvent
+class Noted(msgspec.Struct, frozen=True, gc=False):
+    """A message the codec answered itself (session housekeeping: Genesys's ``ping``,
+    ``paused``, ``error``; Asterisk's ``STATUS``): not the handlers' business, never
+    counted as ignored. With ``log`` set the server logs it as ``<provider>.<name>`` with
+    ``fields`` (``level``: ``info`` or ``warning``)."""
+
+    name: str
+    fields: dict[str, object] = {}
+    log: bool = False
+    level: str = "info"
+
+
+class Batch(msgspec.Struct, frozen=True, gc=False):
+    """Several events from one message: the two channels of a stereo audio frame (Genesys,
+    jambonz), the marks one playback acknowledgement resolves. The session takes them in
+    order, as if each had come alone."""
+
+    events: tuple[Event, ...]
+
+
+Event: TypeAlias = (Connected | Start | Media | Dtmf | Mark | Stop | UnknownEvent | Noted
+                    | Batch)
 
 _EVENT_TYPES: Final[dict[str, type[Connected | Start | Media | Dtmf | Mark | Stop]]] = {
     "connected": Connected,
@@ -478,6 +501,46 @@ class Codec(Protocol):
     def chunk_bytes(self) -> int | None:
         """Outbound audio is sent in multiples of this many bytes, or None: any length."""
         return None
+
+    @property
+    def is_probe(self) -> bool:
+        """The connection is the platform checking that the service answers (Genesys's
+        probe on activating an integration), not a call: it is answered, never started."""
+        return False
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the stream must be refused although its upgrade was admitted (Genesys: the
+        organization header and the ``open`` disagree), once the codec knows; None."""
+        return None
+
+    @property
+    def finished(self) -> bool:
+        """The peer ended the session's protocol (a probe's ``close`` was answered):
+        nothing more will come, the connection may close."""
+        return False
+
+    def replies(self) -> list[bytes]:
+        """What the codec must send of its own accord (Genesys's ``opened``, ``pong``,
+        ``closed``), taken once: the session queues it whatever the route's direction."""
+        return []
+
+    def report(self) -> dict[str, object] | None:
+        """What the provider's session protocol did (pauses, discarded audio, sequence
+        errors), for the summary's ``protocol`` field; None where there is nothing."""
+        return None
+
+    def serialize_end(self, reason: str, variables: Mapping[str, str] | None) -> bytes | None:
+        """The message that asks the platform to end the call (Genesys's ``disconnect``
+        with ``variables`` as its ``outputVariables``, Asterisk's ``HANGUP``, jambonz's
+        ``disconnect``), or None: the service ends a call by closing its stream."""
+        return None
+
+    def serialize_pause(self, paused: bool) -> bytes:
+        """Ask the platform to stop (``paused``) or restart sending audio (Genesys's
+        ``pause``/``resume``); :class:`~streamsvc.exceptions.LocalProtocolError` where
+        the platform has no such message."""
+        raise LocalProtocolError(f"{self.provider} streams cannot be paused by the service")
 
     def parse(self, frame: bytes | str) -> Event:
         """One text frame in, one event out, or :class:`RemoteProtocolError`."""

@@ -21,6 +21,7 @@ BUNDLED = {
     "plivo": "plivo_stream.jsonl",
     "vonage": "vonage_connect.jsonl",
     "acs": "acs_mixed.jsonl",
+    "genesys": "genesys_audiohook.jsonl",
 }
 
 

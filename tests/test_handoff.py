@@ -645,6 +645,7 @@ HAND_OFF_BY_PROVIDER = {
     "vonage": ("vonage_transfer", "sip:agent@pbx.example.com"),
     "plivo": (None, "sip:agent@pbx.example.com"),
     "exotel": (None, "tel:+15550100"),
+    "genesys": ("genesys_disconnect", "queue:disputes"),
 }
 
 
@@ -702,3 +703,6 @@ async def test_every_provider_hands_off_its_own_way_or_says_why_it_cannot(
     assert (True, mechanism) == (outcome["ok"], outcome["mechanism"])
     [handed] = events(logs, "call.handed_off")
     assert (mechanism, CALL_ID_NAME) == (handed["mechanism"], handed["sent"][0])
+    if provider == "genesys":  # the disconnect's outputVariables, seen by Genesys's side
+        assert session.hand_off is not None
+        assert (to, "handed_off") == (session.hand_off["target"], stopped["reason"])

@@ -147,7 +147,7 @@ def test_unused_fields_and_unknown_keys_never_fail_a_start(provider: str,
 
 def _is_data(key: str) -> bool:
     """An object whose keys are the call's context, not the provider's schema."""
-    return any(word in key.lower() for word in ("param", "header"))
+    return any(word in key.lower() for word in ("param", "header", "config", "variables"))
 
 
 def _at(message: Any, path: Path_) -> Any:

@@ -18,6 +18,11 @@ from streamsvc.replay.signing import DEFAULT_ACS_KID, write_acs_keys
 from streamsvc.replay.synth import SessionPlan, expected_outcome, read_wav, synthesize
 from streamsvc.replay.synth.acs import AcsPlan, acs_header, synthesize_acs
 from streamsvc.replay.synth.exotel import exotel_expected, synthesize_exotel
+from streamsvc.replay.synth.genesys import (
+    genesys_expected,
+    genesys_headers,
+    synthesize_genesys,
+)
 from streamsvc.replay.synth.plivo import plivo_expected, synthesize_plivo
 from streamsvc.replay.synth.telnyx import synthesize_telnyx, telnyx_expected
 from streamsvc.replay.synth.vonage import synthesize_vonage, vonage_expected
@@ -46,7 +51,10 @@ def add_parser(commands: Any) -> None:
                        "--param as extra_headers, marks as playedStream, no stop; "
                        "vonage: websocket:connected with --param and call_uuid (--call-sid) "
                        "as the NCCO headers, binary PCM16 at --sample-rate, marks as "
-                       "websocket:notify, no stop")
+                       "websocket:notify, no stop; genesys: AudioHook's open (--param as "
+                       "customConfig), binary PCMU with the external channel (both, "
+                       "interleaved, with --outbound), a ping, dtmf, close; the upgrade's "
+                       "audiohook-* headers")
     synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
     synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
                        help="acs: another participant's audio; makes the stream unmixed "
@@ -122,6 +130,7 @@ def synth(args: argparse.Namespace) -> int:
     )
     telnyx = args.provider == "telnyx"
     vonage = args.provider == "vonage"
+    uuids = telnyx or vonage or args.provider == "genesys"
     plan = SessionPlan(
         inbound=_read_wav(args.inbound, "--inbound", args.sample_rate if vonage else 8000),
         outbound=_read_wav(args.outbound, "--outbound") if args.outbound else None,
@@ -130,14 +139,20 @@ def synth(args: argparse.Namespace) -> int:
         marks=_timed(args.mark, "--mark"),
         drop=frozenset(_indexes(args.drop, "--drop")),
         swap=frozenset(_indexes(args.swap, "--swap")),
-        stream_sid=args.stream_sid or (str(uuid.uuid4()) if telnyx or vonage
+        stream_sid=args.stream_sid or (str(uuid.uuid4()) if uuids
                                        else "MZ" + secrets.token_hex(16)),
         call_sid=args.call_sid or ("v3:" + secrets.token_urlsafe(24) if telnyx
-                                   else str(uuid.uuid4()) if vonage
+                                   else str(uuid.uuid4()) if uuids
                                    else "CA" + secrets.token_hex(16)),
-        account_sid=args.account_sid or "AC" + secrets.token_hex(16),
+        account_sid=args.account_sid or (str(uuid.uuid4()) if args.provider == "genesys"
+                                         else "AC" + secrets.token_hex(16)),
     )
-    if vonage:
+    if args.provider == "genesys":
+        path = args.path if args.path != "/stream" else "/genesys"
+        header = {"description": args.description, "path": path, "provider": "genesys",
+                  "headers": genesys_headers(plan), "expect": genesys_expected(plan)}
+        frames = synthesize_genesys(plan)
+    elif vonage:
         path = args.path if args.path != "/stream" else "/vonage"
         header = {"description": args.description, "path": path, "provider": "vonage",
                   "expect": vonage_expected(plan, sample_rate=args.sample_rate)}

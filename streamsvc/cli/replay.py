@@ -41,6 +41,10 @@ _CREDENTIAL_FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("--vonage-application-id", ("STREAMSVC_VONAGE_APPLICATION_ID", "VONAGE_APPLICATION_ID"),
      "Vonage fixtures: the application_id the JWT carries (the server's "
      "vonage_application_id)"),
+    ("--genesys-api-key", ("STREAMSVC_GENESYS_API_KEY",),
+     "Genesys fixtures: the integration's API key (X-API-KEY and the signature's keyid)"),
+    ("--genesys-client-secret", ("STREAMSVC_GENESYS_CLIENT_SECRET",),
+     "Genesys fixtures: the client secret (base64) the RFC 9421 signature is made with"),
 )
 
 
@@ -124,6 +128,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
             vonage_token=args.vonage_token,
             vonage_signature_secret=args.vonage_signature_secret,
             vonage_application_id=args.vonage_application_id,
+            genesys_api_key=args.genesys_api_key,
+            genesys_client_secret=args.genesys_client_secret,
             acs_key_pem=Path(args.acs_token).read_bytes() if args.acs_token else None,
             acs_audience=args.acs_audience, acs_kid=args.acs_kid)
     except (ValueError, OSError) as exc:

@@ -58,6 +58,7 @@ __all__ = [
     "Target",
     "parse_target",
     "plan_acs_headers",
+    "plan_output_variables",
     "plan_sip_headers",
     "plan_twiml",
 ]
@@ -387,3 +388,34 @@ def _sip_uri(uri: str, headers: Mapping[str, str]) -> str:
         return uri
     query = "&".join(f"X-{name}={quote(value, safe='')}" for name, value in headers.items())
     return f"{uri}{'&' if '?' in uri else '?'}{query}"
+
+
+# Genesys's disconnect.outputVariables (Architect flow variables): how many a hand-off sets
+# and the characters of one value (Genesys's text messages stay within 64 KiB).
+OUTPUT_VARIABLES_MAX: Final = 64
+OUTPUT_VALUE_CHARS: Final = 1024
+TARGET_NAME: Final = "streamsvc_target"
+
+
+def plan_output_variables(target: Target, call_id: str, context: Mapping[str, str],
+                          mapping: HandOffMapping, *,
+                          parameters: Mapping[str, str] | None = None) -> HeaderPlan:
+    """The ``outputVariables`` of a Genesys ``disconnect`` handing the call to ``target``:
+    the call's id, the target (``streamsvc_target``, for the Architect flow to route on),
+    then the route's selection, at most :data:`OUTPUT_VARIABLES_MAX` names, values cut to
+    :data:`OUTPUT_VALUE_CHARS`. Any target kind is taken: the flow decides."""
+    sent: dict[str, str] = {}
+    dropped: list[str] = []
+    truncated: list[str] = []
+    pairs = ordered(call_id, context, parameters or {}, mapping)
+    pairs.insert(1, (TARGET_NAME, str(target)))
+    for name, value in pairs:
+        carried = value[:OUTPUT_VALUE_CHARS]
+        if len(sent) >= OUTPUT_VARIABLES_MAX or name in sent or (
+                name in (CALL_ID_NAME, TARGET_NAME) and carried != value):
+            dropped.append(name)
+            continue
+        sent[name] = carried
+        if carried != value:
+            truncated.append(name)
+    return HeaderPlan(target, {}, {}, sent, tuple(dropped), tuple(truncated))

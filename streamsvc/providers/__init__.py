@@ -4,7 +4,8 @@ clear) into the provider's frames; and one row each in :data:`REGISTRY`, the onl
 rest of the service learns what differs between providers.
 
 A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``,
-``"signalwire"``, ``"exotel"``, ``"plivo"``, ``"vonage"`` or ``"auto"``). A row says how to
+``"signalwire"``, ``"exotel"``, ``"plivo"``, ``"vonage"``, ``"genesys"`` or
+``"auto"``). A row says how to
 build a stream's codec from its upgrade, which settings hold the provider's stream
 credential and how an upgrade is checked against it, whether an upgrade claims to be the
 provider's (on an ``auto`` route), whether the call's context travels on the wire, the form
@@ -23,6 +24,8 @@ from streamsvc.providers import credentials as checks
 from streamsvc.providers.acs import AcsCodec
 from streamsvc.providers.auto import AutoCodec
 from streamsvc.providers.exotel import ExotelCodec
+from streamsvc.providers.genesys import ORGANIZATION_HEADER, GenesysCodec
+from streamsvc.providers.genesys_auth import API_KEY_HEADER
 from streamsvc.providers.plivo import NONCE_HEADER, SIGNATURE_V3_HEADER, PlivoCodec
 from streamsvc.providers.signalwire import SignalWireCodec
 from streamsvc.providers.telnyx import TelnyxCodec
@@ -50,6 +53,8 @@ class CodecOptions:
 
     unmixed: bool = False  # ACS: each participant its own track
     l16_little_endian: bool = False  # SignalWire: L16 arrives little-endian
+    # Genesys: the channels to ask for, "both" (stereo) or "external" (the customer's).
+    channels: str = "both"
 
 
 Check = Callable[[Upgrade, checks.Credentials], str | None]
@@ -77,8 +82,10 @@ class Provider:
     webhook: str | None
     # How a replay peer answers marks: "mark" (Twilio's camelCase mark echo),
     # "mark:<key>" (the snake_case one, the stream's id under <key>), "checkpoint" (Plivo's
-    # playedStream), "notify" (Vonage's websocket:notify, and it confirms a clear), or
-    # "none" (ACS has no marks).
+    # playedStream), "notify" (Vonage's websocket:notify, and it confirms a clear),
+    # "genesys" (Genesys's session protocol: it waits for opened, answers pause, resume and
+    # disconnect, and playback_completed once the audio sent has played), or "none" (ACS
+    # has no marks).
     peer: str
     # The module of its fixture synthesizer.
     synth: str | None
@@ -160,6 +167,16 @@ REGISTRY: Final[tuple[Provider, ...]] = (
         claims=lambda upgrade: _authorization_scheme(upgrade) == "bearer",
         context_on_wire=True, webhook="cxml", peer="mark", synth=_SYNTH + "twilio"),
     Provider(
+        name="genesys",
+        codec=lambda upgrade, options: GenesysCodec(upgrade.first_values(),
+                                                    channels=options.channels),
+        settings=("genesys_api_key",),
+        credential_env="STREAMSVC_GENESYS_API_KEY and STREAMSVC_GENESYS_CLIENT_SECRET",
+        check=checks.genesys_problem, credential="signature (RFC 9421) with X-API-KEY",
+        claims=lambda upgrade: bool(upgrade.all(API_KEY_HEADER)
+                                    and upgrade.all(ORGANIZATION_HEADER)),
+        context_on_wire=True, webhook=None, peer="genesys", synth=_SYNTH + "genesys"),
+    Provider(
         name="auto", codec=_auto_codec, settings=(), credential_env="", check=None,
         credential=None, claims=lambda upgrade: False,
         context_on_wire=True, webhook=None, peer="mark", synth=None),
@@ -167,7 +184,7 @@ REGISTRY: Final[tuple[Provider, ...]] = (
 _BY_NAME: Final = {row.name: row for row in REGISTRY}
 # Every name a route may give, the default first (kept in this order for --help).
 PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "vonage",
-                    "auto")
+                    "genesys", "auto")
 AUTO: Final = _BY_NAME["auto"]
 
 

@@ -1,10 +1,12 @@
 """``provider = "auto"``: the provider told from the upgrade and the first message, as
 pipecat's runner does, then that provider's codec for the rest of the stream. Sans-I/O.
 
-From the upgrade's headers first: ``x-ms-call-connection-id`` (ACS),
+From the upgrade's headers first: ``x-ms-call-connection-id`` (ACS), ``audiohook-*``
+(Genesys),
 ``x-telnyx-streaming-auth-token`` (Telnyx), ``x-plivo-signature-v3`` (Plivo),
 ``X-Twilio-Signature`` (Twilio), ``Authorization: Basic`` (Exotel). Else from the first
-message: ``{"kind":…}`` is ACS's; ``websocket:connected`` Vonage's; ``connected`` with a
+message: ``{"kind":…}`` is ACS's; ``{"version","id","type":…}`` Genesys's;
+``websocket:connected`` Vonage's; ``connected`` with a
 ``version`` and no ``protocol`` Telnyx's, with neither Exotel's; a ``start`` with
 ``start.callId`` Plivo's, with a top-level ``stream_id`` Telnyx's, ``stream_sid`` Exotel's.
 ``Authorization: Bearer`` is sent by SignalWire and Vonage alike: Twilio's protocol with it
@@ -33,6 +35,8 @@ def provider_from_headers(headers: Mapping[str, str]) -> str | None:
     """The provider the upgrade's headers (lower-case names) name, or None."""
     if headers.get("x-ms-call-connection-id"):
         return "acs"
+    if headers.get("audiohook-organization-id") or headers.get("audiohook-session-id"):
+        return "genesys"
     if headers.get("x-telnyx-streaming-auth-token"):
         return "telnyx"
     if headers.get("x-plivo-signature-v3"):
@@ -54,6 +58,8 @@ def provider_from_message(frame: bytes | str, *, bearer: bool = False) -> str:
         raise RemoteProtocolError("not a JSON object: cannot tell the provider")
     if "kind" in message:
         return "acs"
+    if isinstance(message.get("type"), str) and "version" in message and "id" in message:
+        return "genesys"  # AudioHook's envelope
     event = message.get("event")
     if event == "websocket:connected":
         return "vonage"
@@ -145,6 +151,30 @@ class AutoCodec(common.Codec):
     @property
     def echoes_marks_on_clear(self) -> bool:
         return self.chosen.echoes_marks_on_clear if self.chosen else True
+
+    @property
+    def is_probe(self) -> bool:
+        return self.chosen.is_probe if self.chosen else False
+
+    @property
+    def refusal(self) -> str | None:
+        return self.chosen.refusal if self.chosen else None
+
+    @property
+    def finished(self) -> bool:
+        return self.chosen.finished if self.chosen else False
+
+    def replies(self) -> list[bytes]:
+        return self.chosen.replies() if self.chosen else []
+
+    def report(self) -> dict[str, object] | None:
+        return self.chosen.report() if self.chosen else None
+
+    def serialize_end(self, reason: str, variables: Mapping[str, str] | None) -> bytes | None:
+        return self._codec().serialize_end(reason, variables)
+
+    def serialize_pause(self, paused: bool) -> bytes:
+        return self._codec().serialize_pause(paused)
 
     def parse(self, frame: bytes | str) -> common.Event:
         if self.chosen is None:

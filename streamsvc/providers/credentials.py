@@ -20,6 +20,8 @@ from typing import Final, Protocol
 import jwt
 
 from streamsvc.providers import plivo, vonage
+from streamsvc.providers.genesys_auth import GenesysKey, nonce_of
+from streamsvc.providers.genesys_auth import signature_problem as genesys_signature_problem
 from streamsvc.providers.signature import signature_problem
 from streamsvc.wire import Upgrade
 
@@ -31,6 +33,7 @@ __all__ = [
     "basic",
     "bearer",
     "exotel_problem",
+    "genesys_problem",
     "jwt_algorithm",
     "parse_connection_string",
     "plivo_problem",
@@ -96,8 +99,14 @@ class Credentials:
     vonage_token: str | None = None
     vonage_signature_secret: str | None = None
     vonage_application_id: str | None = None  # bound into Vonage's JWTs when set
+    genesys_keys: tuple[GenesysKey, ...] = ()  # (API key, client secret), two in a rotation
     # Plivo's nonces seen (None: not remembered).
     nonces: NonceMemory | None = None
+
+    @property
+    def genesys_api_key(self) -> str | None:
+        """The API key of the first Genesys pair (the registry row's setting), or None."""
+        return self.genesys_keys[0].api_key if self.genesys_keys else None
 
 
 class _Repeated(Exception):
@@ -239,6 +248,20 @@ def vonage_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
     if token and vonage.token_matches(token, authorization):
         return None
     return "wrong_application" if problem == "wrong_application" else "bad_token"
+
+
+def genesys_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """Genesys AudioHook's RFC 9421 signature with one of the integration's key pairs
+    (:mod:`streamsvc.providers.genesys_auth`); a nonce seen before is a replay."""
+    problem = genesys_signature_problem(upgrade, credentials.genesys_keys,
+                                        public_ws_base=credentials.public_ws_base)
+    if problem is not None:
+        return problem
+    nonce = nonce_of(upgrade)
+    if credentials.nonces is not None and nonce and not credentials.nonces.first_use(
+            "genesys:" + nonce):
+        return "replayed_signature"
+    return None
 
 
 def parse_connection_string(connection_string: str) -> tuple[str, str]:

@@ -11,8 +11,10 @@ import msgspec
 from streamsvc import wire as common
 from streamsvc.exceptions import RemoteProtocolError
 
-__all__ = ["DigitBody", "NameBody", "decode", "dtmf", "mark", "parameters", "text"]
+__all__ = ["DigitBody", "NameBody", "context_value", "decode", "dtmf", "mark", "parameters",
+           "text"]
 
+_encoder: Final = msgspec.json.Encoder()
 _DIGIT: Final = re.compile(r"[0-9*#A-D]")
 
 
@@ -59,6 +61,19 @@ def text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def context_value(value: object, limit: int) -> str:
+    """A value of the call's context as a platform sends it (text kept, numbers and
+    booleans as text, null as nothing, objects and lists as compact JSON), at most
+    ``limit`` characters."""
+    if isinstance(value, str):
+        return value[:limit]
+    if value is None:
+        return ""
+    if isinstance(value, bool | int | float):
+        return text(value)
+    return _encoder.encode(value).decode()[:limit]
 
 
 def dtmf(body: DigitBody, stream_id: str | None) -> common.Dtmf:

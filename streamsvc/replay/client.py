@@ -9,8 +9,9 @@ What the server sends back is answered like Twilio does (Twilio's Media Streams 
 when playback reaches it, and a ``clear`` drops the queued audio and echoes every pending
 mark at once. Other providers' sessions are answered in their own shapes (Plivo's
 ``playedStream``; Vonage's binary audio played at its rate, ``websocket:notify``, and
-``websocket:cleared`` for a clear, its pending notifies dropped). With an auth token the
-handshake carries ``X-Twilio-Signature``.
+``websocket:cleared`` for a clear, its pending notifies dropped; Genesys's whole session
+protocol, :class:`_GenesysPeer`). With an auth token the handshake carries
+``X-Twilio-Signature``.
 """
 
 from __future__ import annotations
@@ -162,11 +163,13 @@ def signature_headers(url: str, auth_token: str | None,
 async def replay_session(
     fixture: Fixture, url: str, *, speed: float = 1.0, copy: int = 0,
     headers: dict[str, str] | None = None, acs_events_url: str | None = None,
+    signing: Signing | None = None,
 ) -> SessionResult:
     """Play one copy of ``fixture`` at ``url`` and return what happened. Never raises for
     a failing server: the result says ``ok=False`` with the error. ``headers`` are added to
-    the handshake (see :func:`signature_headers`). With ``acs_events_url``, an ACS
-    fixture's ``incoming_call`` event is delivered there first, as Event Grid would."""
+    the handshake (see :func:`signature_headers`); ``signing``: the upgrade is signed as
+    the fixture's provider signs it, over this copy's headers. With ``acs_events_url``, an
+    ACS fixture's ``incoming_call`` event is delivered there first, as Event Grid would."""
     replacements = _copy_ids(fixture, copy)
     stream_sid, call_sid = fixture.stream_sid(), fixture.call_sid()
     for old, new in replacements:
@@ -175,6 +178,8 @@ async def replay_session(
     result = SessionResult(fixture.name, stream_sid, call_sid,
                            expect_for_copy(fixture.expect, replacements), fixture.provider)
     upgrade = {**_replaced(fixture.headers, replacements), **(headers or {})}
+    if signing is not None:
+        upgrade.update(upgrade_headers(fixture.provider, url, signing, upgrade))
     incoming_call = fixture.header.get("incoming_call")
     if acs_events_url and isinstance(incoming_call, dict):
         try:
@@ -187,11 +192,13 @@ async def replay_session(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
             additional_headers=upgrade, open_timeout=10,
         ) as connection:
-            peer = _Peer(connection, result, stream_sid, provider(fixture.provider).peer,
-                         _playback_rate(fixture))
+            kind = provider(fixture.provider).peer
+            peer = (_GenesysPeer if kind == "genesys" else _Peer)(
+                connection, result, stream_sid, kind, _playback_rate(fixture))
             reader = asyncio.create_task(peer.read())
             try:
-                await _send_frames(connection, fixture, speed, replacements, result)
+                await _send_frames(connection, fixture, speed, replacements, result, peer)
+                await peer.finished()
                 await connection.close()
             finally:
                 await reader
@@ -280,11 +287,11 @@ def _rejected(status: int, url: str, headers: dict[str, str], provider: str) -> 
 
 async def _send_frames(
     connection: ClientConnection, fixture: Fixture, speed: float,
-    replacements: list[tuple[str, str]], result: SessionResult,
+    replacements: list[tuple[str, str]], result: SessionResult, peer: _Peer,
 ) -> None:
     started = time.monotonic()
     for frame in fixture.frames:
-        data: str | bytes
+        data: str | bytes | None
         if frame.binary is not None:
             data = frame.binary  # sent as a binary frame (Vonage's audio)
         else:
@@ -297,8 +304,23 @@ async def _send_frames(
             if delay > 0:
                 await asyncio.sleep(delay)
             result.lateness_ms.append(max(0.0, (time.monotonic() - due) * 1000))
+        await peer.before(data)
+        data = await peer.outgoing(data)
+        if data is None:  # the peer's protocol says not to (paused; the session ended)
+            if peer.done_sending:
+                break
+            continue
         await connection.send(data)
         result.frames_sent += 1
+
+
+def _json_object(message: str) -> dict[str, Any] | None:
+    """A text message the service sent, as a JSON object, or None."""
+    try:
+        event = json.loads(message)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 class _Peer:
@@ -318,7 +340,7 @@ class _Peer:
         self.pending: collections.deque[tuple[float, str]] = collections.deque()
         self.wakeup = asyncio.Event()
         self.sequence_number = 1_000_000  # apart from the fixture's own numbers
-        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
         self.player = asyncio.create_task(self._play())
         self.sender = asyncio.create_task(self._send())
 
@@ -334,16 +356,27 @@ class _Peer:
         self.player.cancel()
         self.sender.cancel()
 
+    # The hooks of a provider with a session protocol of its own (_GenesysPeer).
+    done_sending = False
+
+    async def outgoing(self, data: str | bytes) -> str | bytes | None:
+        """A fixture frame as it goes out now, or None: not sent by the caller (left out,
+        or sent by the peer itself)."""
+        return data
+
+    async def before(self, data: str | bytes) -> None:
+        """Wait, if the provider would, before sending ``data``."""
+
+    async def finished(self) -> None:
+        """Every fixture frame is sent: what the provider does before it closes."""
+
     def _answer(self, message: str | bytes) -> None:
         now = time.monotonic()
         if isinstance(message, bytes):  # audio in binary frames (Vonage's)
             self._queue_audio(len(message), now)
             return
-        try:
-            event = json.loads(message)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
+        event = _json_object(message)
+        if event is None:
             return
         kind = event.get("event") or {"AudioData": "media", "StopAudio": "clear"}.get(
             str(event.get("Kind")))  # ACS's outbound frames
@@ -411,7 +444,168 @@ class _Peer:
         # One sender keeps the echoes in order; a closed socket just ends it.
         with contextlib.suppress(ConnectionClosed):
             while True:
-                await self.connection.send(await self.outbox.get())
+                item = await self.outbox.get()
+                try:
+                    await self.connection.send(item)
+                finally:
+                    self.outbox.task_done()
+
+
+class _GenesysPeer(_Peer):
+    """Genesys's side of an AudioHook / Audio Connector session: audio only once
+    ``opened`` came, every message renumbered (``seq``, ``serverseq``, ``position``),
+    ``pause`` answered ``paused`` (audio left out and counted until ``resume``, answered
+    ``resumed`` with the discarded duration), ``disconnect`` answered ``close`` (nothing
+    more of the fixture is sent), the audio sent back played in real time with
+    ``playback_started`` and ``playback_completed`` (each completion is a ``marks_played``
+    entry), ``barge_in`` taken as a clear, and ``closed`` awaited before the socket ends."""
+
+    # How long Genesys waits for opened, for what it plays to finish before the fixture's
+    # close, and for the closed that answers it.
+    OPEN_TIMEOUT_S = 5.0
+    PLAYBACK_WAIT_S = 5.0
+    CLOSE_TIMEOUT_S = 5.0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.opened = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.seq = 0
+        self.serverseq = 0
+        self.channels = 1
+        self.samples = 0  # per channel, sent
+        self.paused_at: float | None = None  # position (ms) of a pause
+        self.discarded_samples = 0
+        self.playing = False
+        self.completion: asyncio.TimerHandle | None = None
+        self.close_sent = False
+        self.opening = False  # the open went out: wait for opened before what follows
+        self.played = asyncio.Event()  # set while nothing plays
+        self.played.set()
+
+    def _position(self) -> str:
+        return f"PT{self.samples / 8000:.2f}S"
+
+    def _message(self, kind: str, parameters: dict[str, Any]) -> str:
+        self.seq += 1
+        return json.dumps({"version": "2", "id": self.stream_sid, "type": kind,
+                           "seq": self.seq, "serverseq": self.serverseq,
+                           "position": self._position(), "parameters": parameters})
+
+    async def outgoing(self, data: str | bytes) -> str | bytes | None:
+        # Everything goes through the one sender, after what the peer answered itself:
+        # the sequence numbers and positions stay in the order they are written.
+        if self.opening:  # audio only once the session is opened
+            self.opening = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.opened.wait(), self.OPEN_TIMEOUT_S)
+            if not self.opened.is_set():
+                self.close_sent = True
+        if self.close_sent:
+            self.done_sending = True
+            return None
+        self._enqueue(data)
+        return None
+
+    def _enqueue(self, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            if self.paused_at is not None:
+                self.discarded_samples += len(data) // self.channels
+                return
+            self.samples += len(data) // self.channels
+            self._out(data)
+            return
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or "type" not in message:
+            self._out(data)  # a garbage-in fixture: sent as it is
+            return
+        self.opening = message["type"] == "open"
+        if message["type"] == "close":
+            self.close_sent = True
+        message.update(seq=self.seq + 1, serverseq=self.serverseq, position=self._position())
+        self.seq += 1
+        self._out(json.dumps(message))
+
+    def _out(self, data: str | bytes) -> None:
+        self.outbox.put_nowait(data)
+        self.result.frames_sent += 1
+
+    async def before(self, data: str | bytes) -> None:
+        """Before the fixture's close: what Genesys plays is let finish (bounded)."""
+        if isinstance(data, str) and '"close"' in data and self.playing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.played.wait(), self.PLAYBACK_WAIT_S)
+
+    async def finished(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.CLOSE_TIMEOUT_S):
+                await self.outbox.join()
+                if self.close_sent:
+                    await self.closed.wait()
+
+    def _answer(self, message: str | bytes) -> None:
+        now = time.monotonic()
+        if isinstance(message, bytes):
+            self._queue_audio(len(message), now)
+            if not self.playing:
+                self.playing = True
+                self.played.clear()
+                self.outbox.put_nowait(self._message("playback_started", {}))
+            if self.completion is not None:
+                self.completion.cancel()
+            self.completion = asyncio.get_running_loop().call_later(
+                self.playback_ends - now, self._completed)
+            return
+        event = _json_object(message)
+        if event is None:
+            return
+        if isinstance(event.get("seq"), int):
+            self.serverseq = event["seq"]
+        kind = event.get("type")
+        given = event.get("parameters")
+        parameters: dict[str, Any] = given if isinstance(given, dict) else {}
+        if kind == "opened":
+            media = parameters.get("media") or [{}]
+            self.channels = len(media[0].get("channels") or ["external"])
+            self.opened.set()
+        elif kind == "closed":
+            self.closed.set()
+        elif kind == "pause":
+            if self.paused_at is None:
+                self.paused_at = self.samples * 1000 / 8000
+            self.outbox.put_nowait(self._message("paused", {}))
+        elif kind == "resume" and self.paused_at is not None:
+            start, self.paused_at = self.paused_at, None
+            discarded, self.discarded_samples = self.discarded_samples, 0
+            self.outbox.put_nowait(self._message("resumed", {
+                "start": f"PT{start / 1000:.2f}S", "discarded": f"PT{discarded / 8000:.2f}S"}))
+        elif kind == "disconnect":
+            variables = parameters.get("outputVariables")
+            if isinstance(variables, dict):
+                self.result.hand_off = {"target": variables.get("streamsvc_target"),
+                                        "parameters": variables}
+            if not self.close_sent:
+                self.close_sent = True
+                self.outbox.put_nowait(self._message("close", {"reason": "disconnect"}))
+        elif kind == "event":
+            entities = parameters.get("entities") or []
+            if any(isinstance(e, dict) and e.get("type") == "barge_in" for e in entities):
+                self.result.clears_received += 1
+                self.playback_ends = now
+                if self.completion is not None:
+                    self.completion.cancel()
+                if self.playing:
+                    self._completed()
+
+    def _completed(self) -> None:
+        self.playing = False
+        self.played.set()
+        self.completion = None
+        self.result.marks_played.append("playback_completed")
+        self.outbox.put_nowait(self._message("playback_completed", {}))
 
 
 async def replay(
@@ -434,8 +628,7 @@ async def replay(
                                   public_url=public_url or signing.public_url)
     sessions = list(await asyncio.gather(*(
         replay_session(fixture, url, speed=speed, copy=copy, acs_events_url=acs_events_url,
-                       headers={**(headers or {}),
-                                **upgrade_headers(fixture.provider, url, signing)})
+                       headers=headers, signing=signing)
         for fixture in fixtures
         for copy in range(concurrency)
     )))

@@ -11,7 +11,9 @@ secrets the server is configured with.
   (``X-Plivo-Signature-V3-Nonce``);
 * Vonage: a fresh HS256 JWT signed with the signature secret, else the custom token;
 * ACS: an RS256 JWT with ACS's issuer and the resource id as audience, signed with a local
-  key whose public half the server reads from ``acs_jwks_url`` (:func:`write_acs_keys`).
+  key whose public half the server reads from ``acs_jwks_url`` (:func:`write_acs_keys`);
+* Genesys: an RFC 9421 signature (HMAC-SHA256 with the client secret, ``keyid`` the API
+  key) over the stream URL and the ``audiohook-*`` headers, with ``X-API-KEY``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from streamsvc.providers.acs_auth import ACS_ISSUER
+from streamsvc.providers.genesys_auth import GenesysKey, sign_headers
 from streamsvc.providers.plivo import NONCE_HEADER, SIGNATURE_V3_HEADER, sign_v3
 from streamsvc.providers.signature import SIGNATURE_HEADER, sign
 
@@ -62,6 +65,8 @@ class Signing:
     acs_key_pem: bytes | None = None
     acs_audience: str | None = None
     acs_kid: str = DEFAULT_ACS_KID
+    genesys_api_key: str | None = None
+    genesys_client_secret: str | None = None  # base64, as Genesys shows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +74,8 @@ class Signer:
     """One provider's way of signing an upgrade, and what to give replay for it (the hint
     of a refused handshake)."""
 
-    sign: Callable[[str, Signing], dict[str, str]]
+    # (url, secrets, the upgrade's other headers) -> the headers that sign it
+    sign: Callable[[str, Signing, Mapping[str, str]], dict[str, str]]
     needs: str
     headers: frozenset[str]  # the headers it sends, lower-case
 
@@ -117,7 +123,7 @@ def write_acs_keys(directory: Path, kid: str = DEFAULT_ACS_KID) -> tuple[Path, P
     return key_path, jwks_path
 
 
-def _twilio(url: str, signing: Signing) -> dict[str, str]:
+def _twilio(url: str, signing: Signing, headers: Mapping[str, str]) -> dict[str, str]:
     if not signing.auth_token:
         return {}
     return {SIGNATURE_HEADER: sign(signing.auth_token, signed_url(url, signing.public_url))}
@@ -127,14 +133,14 @@ def _bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _exotel(url: str, signing: Signing) -> dict[str, str]:
+def _exotel(url: str, signing: Signing, headers: Mapping[str, str]) -> dict[str, str]:
     if not signing.exotel_basic_auth:
         return {}
     encoded = base64.b64encode(signing.exotel_basic_auth.encode()).decode()
     return {"Authorization": f"Basic {encoded}"}
 
 
-def _plivo(url: str, signing: Signing) -> dict[str, str]:
+def _plivo(url: str, signing: Signing, headers: Mapping[str, str]) -> dict[str, str]:
     if not signing.plivo_auth_token:
         return {}
     nonce = str(secrets.randbelow(10**20))
@@ -143,7 +149,7 @@ def _plivo(url: str, signing: Signing) -> dict[str, str]:
             NONCE_HEADER: nonce}
 
 
-def _vonage(url: str, signing: Signing) -> dict[str, str]:
+def _vonage(url: str, signing: Signing, headers: Mapping[str, str]) -> dict[str, str]:
     if signing.vonage_signature_secret:
         claims = {"iat": int(time.time()), "jti": str(uuid.uuid4())}
         if signing.vonage_application_id:
@@ -153,19 +159,31 @@ def _vonage(url: str, signing: Signing) -> dict[str, str]:
     return _bearer(signing.vonage_token)
 
 
-def _acs(url: str, signing: Signing) -> dict[str, str]:
+def _acs(url: str, signing: Signing, headers: Mapping[str, str]) -> dict[str, str]:
     if not signing.acs_key_pem or not signing.acs_audience:
         return {}
     return _bearer(acs_token(signing.acs_key_pem, signing.acs_audience, kid=signing.acs_kid))
 
 
+def _genesys(url: str, signing: Signing, headers: Mapping[str, str]) -> dict[str, str]:
+    if not signing.genesys_api_key or not signing.genesys_client_secret:
+        return {}
+    given = {name.lower(): value for name, value in headers.items()}
+    key = GenesysKey.of(signing.genesys_api_key, signing.genesys_client_secret)
+    return sign_headers(
+        signed_url(url, signing.public_url, query=True), key,
+        organization_id=given.get("audiohook-organization-id") or str(uuid.uuid4()),
+        session_id=given.get("audiohook-session-id") or str(uuid.uuid4()),
+        correlation_id=given.get("audiohook-correlation-id") or str(uuid.uuid4()))
+
+
 SIGNERS: Final[dict[str, Signer]] = {
     "twilio": Signer(_twilio, "--auth-token (or TWILIO_AUTH_TOKEN) and --public-url",
                      frozenset({SIGNATURE_HEADER.lower()})),
-    "signalwire": Signer(lambda url, s: _bearer(s.signalwire_token),
+    "signalwire": Signer(lambda url, s, h: _bearer(s.signalwire_token),
                          "--signalwire-token (or STREAMSVC_SIGNALWIRE_TOKEN)",
                          _AUTHORIZATION),
-    "telnyx": Signer(lambda url, s: {TELNYX_TOKEN: s.telnyx_stream_token}
+    "telnyx": Signer(lambda url, s, h: {TELNYX_TOKEN: s.telnyx_stream_token}
                      if s.telnyx_stream_token else {},
                      "--telnyx-token (or STREAMSVC_TELNYX_STREAM_TOKEN)",
                      frozenset({TELNYX_TOKEN})),
@@ -177,11 +195,16 @@ SIGNERS: Final[dict[str, Signer]] = {
                      "--vonage-token (or STREAMSVC_VONAGE_TOKEN)", _AUTHORIZATION),
     "acs": Signer(_acs, "--acs-token KEY.pem and --acs-audience (streamsvc fixture acs-keys "
                   "makes a key the server can check)", _AUTHORIZATION),
+    "genesys": Signer(_genesys, "--genesys-api-key and --genesys-client-secret (or "
+                      "STREAMSVC_GENESYS_API_KEY and STREAMSVC_GENESYS_CLIENT_SECRET)",
+                      frozenset({"signature", "signature-input", "x-api-key"})),
 }
 
 
-def upgrade_headers(provider: str, url: str, signing: Signing) -> dict[str, str]:
+def upgrade_headers(provider: str, url: str, signing: Signing,
+                    headers: Mapping[str, str] | None = None) -> dict[str, str]:
     """The headers that sign an upgrade of ``provider``'s to ``url`` (none for a provider
-    without a stream credential, or without its secret in ``signing``)."""
+    without a stream credential, or without its secret in ``signing``); ``headers``: the
+    upgrade's others (Genesys signs its ``audiohook-*`` headers too)."""
     signer = SIGNERS.get(provider)
-    return signer.sign(url, signing) if signer else {}
+    return signer.sign(url, signing, headers or {}) if signer else {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from streamsvc.config import Route, Settings
 from streamsvc.providers import AUTO, REGISTRY, Provider, provider
 from streamsvc.providers.credentials import AcsTokenCheck, Credentials, NonceMemory
+from streamsvc.providers.genesys_auth import GenesysKey
 from streamsvc.wire import Upgrade
 
 __all__ = ["Admitted", "Refused", "credentials_of", "decide", "route_auth"]
@@ -60,6 +61,11 @@ def credentials_of(settings: Settings, acs: AcsTokenCheck | None = None,
         vonage_token=settings.vonage_token,
         vonage_signature_secret=settings.vonage_signature_secret,
         vonage_application_id=settings.vonage_application_id,
+        genesys_keys=tuple(
+            GenesysKey.of(key, secret) for key, secret in (
+                (settings.genesys_api_key, settings.genesys_client_secret),
+                (settings.genesys_api_key_previous, settings.genesys_client_secret_previous))
+            if key and secret),
         nonces=nonces,
     )
 

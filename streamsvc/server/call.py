@@ -25,6 +25,7 @@ from streamsvc.context.handoff import (
     HeaderPlan,
     parse_target,
     plan_acs_headers,
+    plan_output_variables,
     plan_sip_headers,
     plan_twiml,
 )
@@ -66,6 +67,17 @@ ACS_TRANSFER: Final = "acs_transfer"
 TELNYX_TRANSFER: Final = "telnyx_transfer"
 VONAGE_TRANSFER: Final = "vonage_transfer"
 TRANSFERS: Final = frozenset({ACS_TRANSFER, TELNYX_TRANSFER, VONAGE_TRANSFER})
+# Genesys: the disconnect's outputVariables carry the hand-off to the Architect flow.
+GENESYS_DISCONNECT: Final = "genesys_disconnect"
+# Hand-offs that end the stream when carried (the summary's reason is then handed_off).
+ENDS_STREAM: Final = frozenset({CONNECT_ACTION, GENESYS_DISCONNECT})
+# After asking the platform to end the call (Genesys's disconnect), how long it has to
+# close the session before the service closes the connection itself.
+END_GRACE_S: Final = 5.0
+# How long a probe (Genesys's check that the service answers) may stay open once answered.
+PROBE_GRACE_S: Final = 2.0
+# Protocol messages a codec answered itself logged per call (Genesys's paused, error...).
+NOTED_LOGGED: Final = 100
 MAX_FETCHED_TWIML_CHARS: Final = 64 * 1024
 # Context updates logged per call (the rest counted in stream.stopped's context_updates),
 # and how often a call's record is written to the context store at most.
@@ -99,9 +111,11 @@ class CallCore:
         "_audio",
         "_context_write",
         "_context_written_at",
+        "_end_timer",
         "_handing_off",
         "_held",
         "_idle_seen",
+        "_noted",
         "_on_media",
         "_quiet_since",
         "_raw_wanted",
@@ -131,12 +145,14 @@ class CallCore:
         self.route = route = admitted.route
         settings = server.settings
         options = CodecOptions(unmixed=route.unmixed,
-                               l16_little_endian=settings.signalwire_l16_little_endian)
+                               l16_little_endian=settings.signalwire_l16_little_endian,
+                               channels=route.channels_for())
         self.session = LiveSession(
             wake=self._flush,
             context_updated=self._context_updated,
             context_max_bytes=settings.context_max_bytes,
             hand_off=self._hand_off,
+            end_call=self._end_call,
             path=route.path,
             bidirectional=route.bidirectional,
             parameter_budget_bytes=settings.parameter_budget_bytes,
@@ -179,6 +195,8 @@ class CallCore:
         self._context_write: asyncio.TimerHandle | None = None
         self._context_written_at = -CONTEXT_WRITE_INTERVAL_S
         self.refused: str | None = None  # why a stream that sent start was closed at once
+        self._noted = 0  # protocol messages logged (NOTED_LOGGED)
+        self._end_timer: asyncio.TimerHandle | None = None  # hang_up's fallback close
 
     def outbound_full(self) -> bool:
         """True when the peer has stopped reading: frames to send are refused."""
@@ -242,6 +260,10 @@ class CallCore:
                            else told, route_provider=self.route.provider)
 
     def log_closed_before_start(self, reason: StopReason) -> None:
+        codec = self.session.codec
+        if codec.is_probe:  # the platform's check that the service answers: not a call
+            logger.info(f"{codec.provider}.probe_closed", reason=reason)
+            return
         logger.info("stream.closed_before_start", reason=reason,
                     bad_frames=self.session.bad_frames)
 
@@ -284,6 +306,9 @@ class CallCore:
                     self._check_format(frame)
             elif isinstance(event, wire.Start):
                 self._begin()
+            elif type(event) is wire.Noted:
+                if event.log:
+                    self._log_noted(event)
             else:
                 if isinstance(event, wire.Mark):
                     session.mark_echoed(event.name)
@@ -294,8 +319,57 @@ class CallCore:
                     self.chain.dispatch(event)
                 elif len(self._held) < MAX_HELD_EVENTS:
                     self._held.append(event)
-        if session.bidirectional:
+        if session.has_data_to_send():
             self._flush_quietly()
+        if session.state is State.AWAITING_START:
+            self._before_start()
+
+    def _log_noted(self, event: wire.Noted) -> None:
+        """A protocol message the codec answered, logged as ``<provider>.<name>`` (the
+        first :data:`NOTED_LOGGED` a call)."""
+        self._noted += 1
+        if self._noted <= NOTED_LOGGED:
+            log = logger.warning if event.level == "warning" else logger.info
+            log(f"{self.session.codec.provider}.{event.name}", **event.fields)
+
+    def _before_start(self) -> None:
+        """What a codec decided before any start: a refusal (its answer already sent), or
+        a probe whose protocol is over (the connection closes normally)."""
+        codec = self.session.codec
+        refusal = codec.refusal
+        if refusal is not None and self.refused is None:
+            self.refused = refusal
+            self.server.metrics.streams_refused[refusal] += 1
+            logger.warning("stream.refused", reason=refusal, provider=codec.provider)
+            self.close_for_policy(f"{refusal}: refused before its start")
+        elif codec.finished and self.refused is None:
+            self.refused = "probe" if codec.is_probe else "ended"
+            self._no_longer_pending()
+            self.end_stream("session closed", "closed")
+        elif codec.is_probe and self._end_timer is None:
+            # Answered; a platform that does not close its probe has it closed for it.
+            self._no_longer_pending()
+            self._end_timer = asyncio.get_running_loop().call_later(
+                PROBE_GRACE_S, self.end_stream, "probe answered", "closed")
+
+    def _end_call(self) -> None:
+        """:meth:`LiveSession.hang_up`: ask the platform to end the call (Genesys's
+        ``disconnect``, reason ``completed``); the platform then closes the stream, or the
+        service does after :data:`END_GRACE_S`."""
+        session = self.session
+        if session.state is not State.STREAMING:
+            raise LocalProtocolError(f"cannot hang up while {session.state.value}")
+        if not session.send_end("completed", None):
+            raise LocalProtocolError(
+                f"{session.codec.provider} streams have no message that ends the call: end "
+                "it through the provider's API or its flow")
+        self._flush()
+        self._close_later()
+
+    def _close_later(self) -> None:
+        if self._end_timer is None:
+            self._end_timer = asyncio.get_running_loop().call_later(
+                END_GRACE_S, self.end_stream, "call ended", "closed")
 
     def _begin(self) -> None:
         """``start`` came: bind the call's ids into this connection's log lines, then start
@@ -394,6 +468,8 @@ class CallCore:
     def closed(self) -> None:
         """The connection is over (the transport calls this once, started or not)."""
         self._no_longer_pending()
+        if self._end_timer is not None:
+            self._end_timer.cancel()
         address = self.address
         if address is not None:
             self.address = None
@@ -473,6 +549,12 @@ class CallCore:
             if missing is not None:
                 raise LocalProtocolError("a Vonage call is transferred through the Voice API: "
                                          f"set {missing}")
+        elif provider == "genesys":
+            mechanism = GENESYS_DISCONNECT
+            if not session.bidirectional:
+                raise LocalProtocolError(
+                    "a Genesys hand-off ends an Audio Connector session (a bidirectional "
+                    "route): an AudioHook stream only listens to its call")
         elif provider == "acs":
             mechanism = ACS_TRANSFER
             if not settings.acs_connection_string:
@@ -494,7 +576,10 @@ class CallCore:
         if mechanism == CALL_UPDATE:  # over the inline limit it goes by url=, whole
             mapping = dataclasses.replace(mapping, twiml_chars=MAX_FETCHED_TWIML_CHARS)
         plan: HandOffPlan | HeaderPlan
-        if mechanism in TRANSFERS:
+        if mechanism == GENESYS_DISCONNECT:
+            plan = plan_output_variables(target, self._call_id(), session.context, mapping,
+                                         parameters=parameters)
+        elif mechanism in TRANSFERS:
             headers = plan_acs_headers if mechanism == ACS_TRANSFER else plan_sip_headers
             try:
                 plan = headers(target, self._call_id(), session.context, mapping,
@@ -554,6 +639,14 @@ class CallCore:
             except Exception as exc:  # an SDK's own failure: the hand-off fails, not the call
                 logger.exception("call.hand_off_error", mechanism=mechanism)
                 error = f"{type(exc).__name__}: {exc}"
+        elif error is None and mechanism == GENESYS_DISCONNECT:
+            entry["status"] = "sent"
+            if self.session.state is not State.STREAMING:
+                error = "the session ended before the hand-off"
+            else:
+                self.session.send_end("completed", plan.sent)
+                self._flush_quietly()
+                self._close_later()
         elif error is None and isinstance(plan, HeaderPlan):
             try:
                 error = await self._transfer(mechanism, plan)
@@ -634,8 +727,9 @@ class CallCore:
             return str(exc)
         return None
 
-    def end_stream(self, reason: str) -> None:
-        """Close the stream normally (1000 with ``reason``): the call goes on elsewhere."""
+    def end_stream(self, reason: str, why: StopReason = "handed_off") -> None:
+        """Close the stream normally (1000 with ``reason``): the call goes on elsewhere
+        (``why``: the summary's reason, where the transport does not learn it)."""
         raise NotImplementedError
 
     def _publish_frame_rate(self, event: str, **fields: object) -> None:
@@ -765,8 +859,10 @@ class CallCore:
         if self.moved:
             reason = "moved"
         elif (self.hand_off_entry is not None and self.hand_off_entry["status"] != "failed"
-              and self.hand_off_entry["mechanism"] == CONNECT_ACTION):
+              and self.hand_off_entry["mechanism"] in ENDS_STREAM):
             reason = "handed_off"
+        if self._end_timer is not None:
+            self._end_timer.cancel()
         stream_sid = self.session.stream_sid
         if stream_sid is not None and self.server.streams.get(stream_sid) is self.session:
             del self.server.streams[stream_sid]

@@ -26,6 +26,7 @@ from streamsvc.fleet.store import RedisContextStore
 from streamsvc.live import LiveSession
 from streamsvc.providers.acs_auth import AcsAuthenticator
 from streamsvc.providers.credentials import NONCE_TTL_S, NonceMemory
+from streamsvc.providers.genesys_auth import nonce_of as genesys_nonce_of
 from streamsvc.providers.plivo import NONCE_HEADER as PLIVO_NONCE_HEADER
 from streamsvc.server.admission import Admitted, Refused, credentials_of, decide, route_auth
 from streamsvc.server.front import HttpFront
@@ -251,7 +252,8 @@ class StreamServer:
                ) -> Awaitable[HttpResponse | None] | None:
         """What an upgrade waits for before its handshake, or None (the usual case): in a
         fleet, a Plivo upgrade whose signature holds asks Redis whether another instance
-        saw its nonce (``streamsvc:nonce:plivo:<sha256>``, within ``redis_timeout_ms``),
+        saw its nonce (``streamsvc:nonce:plivo:<sha256>``, within ``redis_timeout_ms``;
+        Genesys's signature nonce likewise, under ``streamsvc:nonce:genesys:``),
         so that a captured signature opens one stream in the whole fleet."""
         fleet = self.fleet
         if fleet is None:
@@ -259,13 +261,14 @@ class StreamServer:
         split = urlsplit(target)
         path = self.settings.local_path(split.path)
         upgrade = Upgrade.of(path, split.query, headers)
-        nonce = upgrade.get(PLIVO_NONCE_HEADER)
+        nonce = upgrade.get(PLIVO_NONCE_HEADER) or genesys_nonce_of(upgrade)
         route = self.settings.route_for(path)
         if not nonce or route is None:
             return None
         decision = decide(route, upgrade, dataclasses.replace(self.credentials, nonces=None))
-        if not isinstance(decision, Admitted) or decision.provider.name != "plivo":
-            return None  # not a Plivo credential that holds: admission says why
+        if not isinstance(decision, Admitted) or decision.provider.name not in ("plivo",
+                                                                                 "genesys"):
+            return None  # not a signature with a nonce that holds: admission says why
         return self._first_in_fleet(fleet, decision, nonce)
 
     async def _first_in_fleet(self, fleet: FleetNode, admitted: Admitted,

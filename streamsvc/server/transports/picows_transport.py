@@ -383,8 +383,8 @@ class _PicowsCall(CallCore):
         self.moved = True
         self._close(WSCloseCode.GOING_AWAY, "moving to another instance", "shutdown")
 
-    def end_stream(self, reason: str) -> None:
-        self._close(WSCloseCode.OK, reason, "handed_off", await_answer=True)
+    def end_stream(self, reason: str, why: StopReason = "handed_off") -> None:
+        self._close(WSCloseCode.OK, reason, why, await_answer=True)
 
     def close_for_policy(self, reason: str) -> None:
         self.timed_out_before_start = True  # said by evict()

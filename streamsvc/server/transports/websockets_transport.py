@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -172,6 +173,8 @@ class _Call(CallCore):
         return self.outgoing.qsize() >= MAX_OUTBOUND_FRAMES
 
     def send_now(self, frame: bytes) -> None:
+        if self.writer is None:  # a protocol answer on a route that does not talk back
+            self.start_writer()
         self.outgoing.put_nowait(frame)
 
     def hand_over(self) -> None:
@@ -179,9 +182,22 @@ class _Call(CallCore):
         self.closer = asyncio.get_running_loop().create_task(
             self.connection.close(CLOSE_GOING_AWAY, "moving to another instance"))
 
-    def end_stream(self, reason: str) -> None:
-        self.closer = asyncio.get_running_loop().create_task(
-            self.connection.close(1000, reason))
+    def end_stream(self, reason: str, why: StopReason = "handed_off") -> None:
+        self.closer = asyncio.get_running_loop().create_task(self._close_after_writes(reason))
+
+    async def _close_after_writes(self, reason: str) -> None:
+        await self._drain()
+        await self.connection.close(1000, reason)
+
+    async def _drain(self) -> None:
+        """Let the writer send what is queued (the protocol's last answers: Genesys's
+        ``closed``), for at most :data:`CLOSE_GRACE_S`."""
+        writer = self.writer
+        if writer is None or writer.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await self.outgoing.join()
 
     def close_for_policy(self, reason: str) -> None:
         self.closer = asyncio.get_running_loop().create_task(
@@ -198,6 +214,7 @@ class _Call(CallCore):
         finally:
             if self.session.stream_sid is not None:  # a stream started: summarize it
                 await self.finish(reason)
+            await self._drain()
             if self.writer is not None:
                 self.writer.cancel()
 
@@ -265,6 +282,9 @@ class _Call(CallCore):
         try:
             while True:
                 frame = await self.outgoing.get()
-                await self.connection.send(frame, text=type(frame) is not BinaryFrame)
+                try:
+                    await self.connection.send(frame, text=type(frame) is not BinaryFrame)
+                finally:
+                    self.outgoing.task_done()
         except ConnectionClosed:
             pass
