@@ -1,5 +1,6 @@
 """streamsvc: a media-stream consumer for voice platforms (Twilio, Azure Communication
-Services, Telnyx, SignalWire, Exotel, Plivo, Vonage).
+Services, Telnyx, SignalWire, Exotel, Plivo, Vonage, Genesys Cloud AudioHook and Audio
+Connector, Asterisk's WebSocket channel, jambonz's listen verb).
 
 The I/O-free core is :mod:`streamsvc.wire` (the common events and the codec contract),
 :mod:`streamsvc.providers` (one codec per provider and the provider registry) and

@@ -1,4 +1,4 @@
-"""Audio for Media Streams: G.711 mu-law <-> PCM16 and sample-rate conversion.
+"""Audio for Media Streams: G.711 (mu-law, A-law) <-> PCM16 and sample-rate conversion.
 
 Twilio's audio is 8 kHz mono mu-law both ways (Twilio's Media Streams pages). Conversion uses the
 standard library's ``audioop`` (``audioop-lts`` on Python 3.13+, installed by an environment
@@ -21,15 +21,18 @@ with warnings.catch_warnings():
     import audioop
 
 __all__ = [
+    "SAMPLE_BYTES",
     "TWILIO_SAMPLE_RATE",
     "Resampler",
     "alaw_to_pcm16",
     "byteswap16",
     "dbfs",
+    "from_pcm16",
     "mulaw_to_pcm16",
     "pcm16_rms_peak",
     "pcm16_to_alaw",
     "pcm16_to_mulaw",
+    "to_pcm16",
 ]
 
 TWILIO_SAMPLE_RATE: Final = 8000
@@ -46,6 +49,29 @@ def mulaw_to_pcm16(mulaw: bytes) -> bytes:
 def pcm16_to_mulaw(pcm: bytes) -> bytes:
     """Encode little-endian PCM16 to G.711 mu-law (one byte per sample)."""
     return audioop.lin2ulaw(pcm, SAMPLE_WIDTH)
+
+
+# What one sample takes in each native encoding a codec may have (Codec.native_encoding).
+SAMPLE_BYTES: Final = {"mulaw": 1, "alaw": 1, "pcm16": 2}
+
+
+def to_pcm16(payload: bytes, encoding: str) -> bytes:
+    """``payload`` in a stream's native ``encoding`` (``mulaw``, ``alaw`` or ``pcm16``) as
+    little-endian PCM16 (PCM16 as it is)."""
+    if encoding == "mulaw":
+        return mulaw_to_pcm16(payload)
+    if encoding == "alaw":
+        return alaw_to_pcm16(payload)
+    return payload
+
+
+def from_pcm16(pcm: bytes, encoding: str) -> bytes:
+    """Little-endian PCM16 in a stream's native ``encoding`` (PCM16 as it is)."""
+    if encoding == "mulaw":
+        return pcm16_to_mulaw(pcm)
+    if encoding == "alaw":
+        return pcm16_to_alaw(pcm)
+    return pcm
 
 
 def alaw_to_pcm16(alaw: bytes) -> bytes:

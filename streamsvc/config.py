@@ -123,6 +123,8 @@ class Settings:
     genesys_client_secret: str | None = field(default=None, repr=False)
     genesys_api_key_previous: str | None = field(default=None, repr=False)
     genesys_client_secret_previous: str | None = field(default=None, repr=False)
+    asterisk_basic_auth: str | None = field(default=None, repr=False)
+    jambonz_basic_auth: str | None = field(default=None, repr=False)
     # Limits
     max_message_bytes: int = 64 * 1024
     max_connections: int = 1000
@@ -329,6 +331,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "credentials are rotated", secret=True),
     Setting("genesys_client_secret_previous", ("STREAMSVC_GENESYS_CLIENT_SECRET_PREVIOUS",),
             str, "the client secret of genesys_api_key_previous", secret=True),
+    Setting("asterisk_basic_auth", ("STREAMSVC_ASTERISK_BASIC_AUTH",), str,
+            "USER:PASSWORD of the websocket_client.conf connection Asterisk dials: when "
+            "set, upgrades on asterisk routes need Authorization: Basic with it (403 "
+            "otherwise)", secret=True),
+    Setting("jambonz_basic_auth", ("STREAMSVC_JAMBONZ_BASIC_AUTH",), str,
+            "USER:PASSWORD of the listen verb's wsAuth: when set, upgrades on jambonz routes "
+            "need Authorization: Basic with it (403 otherwise)", secret=True),
     Setting("vonage_api_base_url", ("STREAMSVC_VONAGE_API_BASE_URL",), str,
             "where Vonage's Voice API is reached, https:// (a local stand-in in tests)"),
     Setting("max_message_bytes", ("STREAMSVC_MAX_MESSAGE_BYTES",), int,

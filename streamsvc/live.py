@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
-from streamsvc.audio import Resampler, mulaw_to_pcm16, pcm16_to_mulaw
+from streamsvc.audio import SAMPLE_BYTES, Resampler, from_pcm16, to_pcm16
 from streamsvc.exceptions import LocalProtocolError
 from streamsvc.session import Session, parameters_size
 
@@ -35,8 +35,6 @@ __all__ = ["DEFAULT_CONTEXT_MAX_BYTES", "HandOffResult", "LiveSession", "MarkRes
 
 MarkResult: TypeAlias = Literal["played", "cleared"]
 
-# 20 ms of 8 kHz mu-law: the size Twilio itself uses for media frames.
-CHUNK_BYTES: Final = 160
 # Marks awaiting their echo; beyond this a handler is sending marks nobody can await.
 MAX_PENDING_MARKS: Final = 1000
 # The call's whole context, in bytes (UTF-8 names and values), unless configured
@@ -198,8 +196,9 @@ class LiveSession(Session):
         self._observers.append(observer)
 
     @property
-    def _mulaw(self) -> bool:
-        return self.codec.native_encoding == "mulaw"
+    def _sample_bytes(self) -> int:
+        """Bytes a sample takes in the stream's native encoding (G.711: 1, PCM16: 2)."""
+        return SAMPLE_BYTES.get(self.codec.native_encoding, 2)
 
     @property
     def _chunk_bytes(self) -> int:
@@ -208,16 +207,16 @@ class LiveSession(Session):
         chunk = self.codec.chunk_bytes
         if chunk:
             return int(chunk)
-        return CHUNK_BYTES if self._mulaw else self.sample_rate * 2 // 50
+        return self.sample_rate * self._sample_bytes // 50
 
     def send_media(self, payload: bytes) -> None:
         super().send_media(payload)
         if not self.codec.has_marks:
             loop_time = asyncio.get_running_loop().time()
-            seconds = len(payload) / (8000 if self._mulaw else self.sample_rate * 2)
+            seconds = len(payload) / (self.sample_rate * self._sample_bytes)
             self._playback_ends = max(self._playback_ends, loop_time) + seconds
         if self._observers:
-            pcm = mulaw_to_pcm16(payload) if self._mulaw else payload
+            pcm = to_pcm16(payload, self.codec.native_encoding)
             for observer in self._observers:
                 observer.audio_sent(pcm, self.heard_ms())
 
@@ -249,7 +248,7 @@ class LiveSession(Session):
         self._wake()
 
     def _native(self, pcm: bytes) -> bytes:
-        return pcm16_to_mulaw(pcm) if self._mulaw else pcm
+        return from_pcm16(pcm, self.codec.native_encoding)
 
     def _send_chunked(self, audio: bytes) -> None:
         chunk = self._chunk_bytes

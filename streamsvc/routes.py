@@ -47,6 +47,8 @@ class Route:
     # Genesys: the channels asked for, "both", "external" or "auto" (both when a handler
     # reads or records the agent's side too: channels_for).
     channels: str = "auto"
+    # jambonz: the listen verb sets bidirectionalAudio.streaming (audio back as binary).
+    bidirectional_streaming: bool = False
 
     def channels_for(self) -> str:
         """The channels a Genesys stream of this route asks for: ``channels``, or with
@@ -108,7 +110,8 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
     check_keys(raw, {"path", "handlers", "bidirectional", "context", "twiml", "provider",
-                      "unmixed", "publish_audio", "handoff", "channels"}, key + ".")
+                      "unmixed", "publish_audio", "handoff", "channels",
+                      "bidirectional_streaming"}, key + ".")
     provider = raw.get("provider", "twilio")
     if provider not in PROVIDERS:
         raise ConfigError(key + ".provider",
@@ -147,8 +150,12 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     if channels not in CHANNELS:
         raise ConfigError(key + ".channels",
                           f"expected one of {', '.join(CHANNELS)}, got {channels!r}")
+    streaming = raw.get("bidirectional_streaming", False)
+    if not isinstance(streaming, bool):
+        raise ConfigError(key + ".bidirectional_streaming",
+                          f"must be true or false, got {streaming!r}")
     return Route(path, specs, bidirectional, context, track, after, provider, unmixed,
-                 publish_audio, handoff, channels)
+                 publish_audio, handoff, channels, streaming)
 
 
 def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:

@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
 from streamsvc import wire
-from streamsvc.audio import mulaw_to_pcm16
+from streamsvc.audio import to_pcm16
 from streamsvc.exceptions import LocalProtocolError, RemoteProtocolError
 from streamsvc.providers.twilio import TWILIO
 
@@ -476,10 +476,11 @@ class Session:
 
     def pcm16(self, frame: wire.Media) -> bytes:
         """``frame``'s audio as PCM16 little-endian at :attr:`sample_rate`, whatever the
-        provider sends (mu-law is decoded, PCM16 returned as it is)."""
-        if self.codec.native_encoding == "mulaw":
-            return mulaw_to_pcm16(frame.payload)
-        return frame.payload
+        provider sends (mu-law and A-law are decoded, PCM16 returned as it is)."""
+        encoding = self.codec.native_encoding
+        if encoding == "pcm16":
+            return frame.payload
+        return to_pcm16(frame.payload, encoding)
 
     @property
     def parameters_over_budget(self) -> bool:
@@ -492,7 +493,9 @@ class Session:
 
         Raises :class:`LocalProtocolError` on a unidirectional stream or when the stream is
         not streaming."""
-        self._outgoing.append(self.codec.serialize_media(self._sendable_stream_sid(), payload))
+        frame = self.codec.serialize_media(self._sendable_stream_sid(), payload)
+        if frame is not None:  # None: the codec holds it (Asterisk's MEDIA_XOFF)
+            self._outgoing.append(frame)
 
     def send_mark(self, name: str) -> None:
         """Queue a mark; Twilio echoes it when playback reaches it or ``clear`` flushes it."""

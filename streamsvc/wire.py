@@ -464,8 +464,8 @@ class Codec(Protocol):
 
     @property
     def native_encoding(self) -> str:
-        """``mulaw`` (8 kHz G.711) or ``pcm16`` (little-endian, at the stream's rate): what
-        :attr:`Media.payload` holds on this stream."""
+        """``mulaw`` or ``alaw`` (8 kHz G.711) or ``pcm16`` (little-endian, at the stream's
+        rate): what :attr:`Media.payload` holds on this stream."""
         return "mulaw"
 
     @property
@@ -551,8 +551,10 @@ class Codec(Protocol):
         binary frame is a bad frame."""
         return text_only(frame)
 
-    def serialize_media(self, stream_sid: str, payload: bytes) -> bytes:
-        """Audio to play, in the stream's native form (:attr:`native_encoding`)."""
+    def serialize_media(self, stream_sid: str, payload: bytes) -> bytes | None:
+        """Audio to play, in the stream's native form (:attr:`native_encoding`); None:
+        the codec holds it and sends it later through :meth:`replies` (Asterisk's flow
+        control)."""
         raise NotImplementedError
 
     def serialize_mark(self, stream_sid: str, name: str) -> bytes | None:

@@ -22,6 +22,8 @@ BUNDLED = {
     "vonage": "vonage_connect.jsonl",
     "acs": "acs_mixed.jsonl",
     "genesys": "genesys_audiohook.jsonl",
+    "asterisk": "asterisk_json.jsonl",
+    "jambonz": "jambonz_listen.jsonl",
 }
 
 

@@ -55,7 +55,7 @@ def test_every_row_is_complete(row: providers.Provider) -> None:
         module = importlib.import_module(row.synth)
         assert any(name.startswith("synthesize") for name in dir(module))
     assert row.peer in ("mark", "mark:stream_id", "mark:stream_sid", "checkpoint", "notify",
-                        "genesys", "none")
+                        "genesys", "asterisk", "jambonz", "none")
 
 
 def test_an_unknown_provider_name_is_refused() -> None:

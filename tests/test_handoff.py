@@ -646,6 +646,8 @@ HAND_OFF_BY_PROVIDER = {
     "plivo": (None, "sip:agent@pbx.example.com"),
     "exotel": (None, "tel:+15550100"),
     "genesys": ("genesys_disconnect", "queue:disputes"),
+    "asterisk": (None, "sip:agent@pbx.example.com"),
+    "jambonz": (None, "sip:agent@pbx.example.com"),
 }
 
 

@@ -102,12 +102,14 @@ async def test_a_repeated_header_is_harmless_and_a_repeated_credential_is_a_403(
 
 def _with_rate(message: object, rate: object) -> object:
     """``message`` with every sample rate it names set to ``rate`` (Vonage's is in its
-    content type; Genesys offers formats with a ``rate``)."""
+    content type, Asterisk's in its format's name; Genesys offers formats with a ``rate``)."""
     if isinstance(message, dict):
         changed = {key: rate if key in ("sampleRate", "sample_rate", "rate")
                    else _with_rate(value, rate) for key, value in message.items()}
         if isinstance(changed.get("content-type"), str):
             changed["content-type"] = f"audio/l16;rate={rate}"
+        if changed.get("event") == "MEDIA_START":  # Asterisk's format names the rate
+            changed["format"] = f"slin{rate}"
         return changed
     if isinstance(message, list):
         return [_with_rate(item, rate) for item in message]

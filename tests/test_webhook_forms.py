@@ -68,7 +68,7 @@ def stream_of(document: bytes) -> ElementTree.Element:
 def test_every_provider_has_a_form_or_says_why_not() -> None:
     assert {"twilio": "twiml", "signalwire": "cxml", "telnyx": "texml", "plivo": "plivo",
             "exotel": "exotel", "vonage": "ncco", "acs": None, "genesys": None,
-            "auto": None} == {
+            "asterisk": None, "jambonz": None, "auto": None} == {
         row.name: row.webhook for row in REGISTRY}
 
 

@@ -44,7 +44,7 @@ import orjson
 import structlog
 
 from streamsvc import wire
-from streamsvc.audio import TWILIO_SAMPLE_RATE, mulaw_to_pcm16
+from streamsvc.audio import SAMPLE_BYTES, TWILIO_SAMPLE_RATE, to_pcm16
 from streamsvc.builtins.files import (
     DEFAULT_FILE_MODE,
     claim,
@@ -97,7 +97,7 @@ class RecorderHandler(AsyncHandler):
         self.playback_end = 0  # where the audio queued so far ends
         self.playback_dropped_samples = 0
         self.channel_of: dict[str, int] = {}
-        self.mulaw = True  # the stream's audio is mu-law (set again by on_start)
+        self.encoding = "mulaw"  # the stream's native audio (set again by on_start)
         self.bytes_per_sample = 1
         # The window: one PCM16 plane per channel (a slice assignment per frame, no array
         # objects), interleaved only when a chunk goes to the disk.
@@ -124,8 +124,8 @@ class RecorderHandler(AsyncHandler):
     async def on_start(self, session: LiveSession) -> None:
         self.session = session
         self._timeline(session.sample_rate)
-        self.mulaw = session.codec.native_encoding == "mulaw"
-        self.bytes_per_sample = 1 if self.mulaw else 2
+        self.encoding = session.codec.native_encoding
+        self.bytes_per_sample = SAMPLE_BYTES.get(self.encoding, 2)
         # Twilio's two tracks, or an ACS stream's (mixed: inbound; unmixed: the first
         # participants, in the order they speak, up to the channels a WAV file can take).
         tracks = sorted(session.tracks[:MAX_CHANNELS],
@@ -174,7 +174,7 @@ class RecorderHandler(AsyncHandler):
         if end > self.window_start + self.window_samples:
             self._make_room(end)
         start = 2 * (position - self.window_start)
-        audio = mulaw_to_pcm16(body.payload) if self.mulaw else body.payload
+        audio = to_pcm16(body.payload, self.encoding)
         plane = self.planes[channel]
         if self.mix_down and plane.count(0, start, start + len(audio)) != len(audio):
             # Another participant spoke in these samples: add, clipped.

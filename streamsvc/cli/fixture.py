@@ -17,12 +17,14 @@ from streamsvc.replay.fixture import FixtureFrame, dump_fixture
 from streamsvc.replay.signing import DEFAULT_ACS_KID, write_acs_keys
 from streamsvc.replay.synth import SessionPlan, expected_outcome, read_wav, synthesize
 from streamsvc.replay.synth.acs import AcsPlan, acs_header, synthesize_acs
+from streamsvc.replay.synth.asterisk import asterisk_expected, synthesize_asterisk
 from streamsvc.replay.synth.exotel import exotel_expected, synthesize_exotel
 from streamsvc.replay.synth.genesys import (
     genesys_expected,
     genesys_headers,
     synthesize_genesys,
 )
+from streamsvc.replay.synth.jambonz import jambonz_expected, synthesize_jambonz
 from streamsvc.replay.synth.plivo import plivo_expected, synthesize_plivo
 from streamsvc.replay.synth.telnyx import synthesize_telnyx, telnyx_expected
 from streamsvc.replay.synth.vonage import synthesize_vonage, vonage_expected
@@ -54,14 +56,25 @@ def add_parser(commands: Any) -> None:
                        "websocket:notify, no stop; genesys: AudioHook's open (--param as "
                        "customConfig), binary PCMU with the external channel (both, "
                        "interleaved, with --outbound), a ping, dtmf, close; the upgrade's "
-                       "audiohook-* headers")
+                       "audiohook-* headers; asterisk: MEDIA_START (JSON with --param as "
+                       "channel variables, or plain text), binary ulaw or slin frames, one "
+                       "before MEDIA_START, DTMF_END, no stop; jambonz: the listen verb's "
+                       "first message (--param as customerData), binary 16-bit PCM at "
+                       "--sample-rate (both legs with --outbound), dtmf, no stop")
     synth.add_argument("--inbound", required=True, metavar="WAV", help="the caller's audio")
     synth.add_argument("--participant", action="append", default=[], metavar="ID=WAV",
                        help="acs: another participant's audio; makes the stream unmixed "
                        "(each participant a track; --inbound is 8:acs:caller)")
-    synth.add_argument("--sample-rate", type=int, choices=[8000, 16000, 24000],
+    synth.add_argument("--sample-rate", type=int, choices=[8000, 16000, 24000, 48000],
                        default=16000,
-                       help="acs (16000 or 24000), vonage: the stream's rate (default 16000)")
+                       help="acs (16000 or 24000), vonage, jambonz, asterisk with --asterisk-"
+                       "format slin: the stream's rate (default 16000)")
+    synth.add_argument("--asterisk-format", choices=["ulaw", "slin"], default="ulaw",
+                       help="asterisk: the channel's format (default ulaw; slin at "
+                       "--sample-rate)")
+    synth.add_argument("--asterisk-control", choices=["json", "plain-text"], default="json",
+                       help="asterisk: the control message format (default json, which "
+                       "carries --param as channel variables)")
     synth.add_argument("--client-state", metavar="TEXT",
                        help="telnyx: the client_state the start carries (sent base64)")
     synth.add_argument("--correlation-id", metavar="ID",
@@ -130,10 +143,14 @@ def synth(args: argparse.Namespace) -> int:
     )
     telnyx = args.provider == "telnyx"
     vonage = args.provider == "vonage"
-    uuids = telnyx or vonage or args.provider == "genesys"
+    uuids = telnyx or vonage or args.provider in ("genesys", "asterisk", "jambonz")
+    rate = args.sample_rate if vonage or args.provider == "jambonz" or (
+        args.provider == "asterisk" and args.asterisk_format == "slin") else 8000
+    if args.provider == "asterisk" and args.outbound:
+        raise ValueError("--outbound: Asterisk streams carry the channel's audio only")
     plan = SessionPlan(
-        inbound=_read_wav(args.inbound, "--inbound", args.sample_rate if vonage else 8000),
-        outbound=_read_wav(args.outbound, "--outbound") if args.outbound else None,
+        inbound=_read_wav(args.inbound, "--inbound", rate),
+        outbound=_read_wav(args.outbound, "--outbound", rate) if args.outbound else None,
         custom_parameters=parameters,
         dtmf=_timed(args.dtmf, "--dtmf"),
         marks=_timed(args.mark, "--mark"),
@@ -147,7 +164,19 @@ def synth(args: argparse.Namespace) -> int:
         account_sid=args.account_sid or (str(uuid.uuid4()) if args.provider == "genesys"
                                          else "AC" + secrets.token_hex(16)),
     )
-    if args.provider == "genesys":
+    if args.provider == "asterisk":
+        path = args.path if args.path != "/stream" else "/asterisk"
+        rate = 0 if args.asterisk_format == "ulaw" else args.sample_rate
+        control = args.asterisk_control == "json"
+        header = {"description": args.description, "path": path, "provider": "asterisk",
+                  "expect": asterisk_expected(plan, sample_rate=rate, json_control=control)}
+        frames = synthesize_asterisk(plan, sample_rate=rate, json_control=control)
+    elif args.provider == "jambonz":
+        path = args.path if args.path != "/stream" else "/jambonz"
+        header = {"description": args.description, "path": path, "provider": "jambonz",
+                  "expect": jambonz_expected(plan, sample_rate=args.sample_rate)}
+        frames = synthesize_jambonz(plan, sample_rate=args.sample_rate)
+    elif args.provider == "genesys":
         path = args.path if args.path != "/stream" else "/genesys"
         header = {"description": args.description, "path": path, "provider": "genesys",
                   "headers": genesys_headers(plan), "expect": genesys_expected(plan)}

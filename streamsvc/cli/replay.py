@@ -45,6 +45,10 @@ _CREDENTIAL_FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
      "Genesys fixtures: the integration's API key (X-API-KEY and the signature's keyid)"),
     ("--genesys-client-secret", ("STREAMSVC_GENESYS_CLIENT_SECRET",),
      "Genesys fixtures: the client secret (base64) the RFC 9421 signature is made with"),
+    ("--asterisk-basic-auth", ("STREAMSVC_ASTERISK_BASIC_AUTH",),
+     "Asterisk fixtures: Authorization: Basic with USER:PASSWORD"),
+    ("--jambonz-basic-auth", ("STREAMSVC_JAMBONZ_BASIC_AUTH",),
+     "jambonz fixtures: Authorization: Basic with USER:PASSWORD"),
 )
 
 
@@ -130,6 +134,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
             vonage_application_id=args.vonage_application_id,
             genesys_api_key=args.genesys_api_key,
             genesys_client_secret=args.genesys_client_secret,
+            asterisk_basic_auth=args.asterisk_basic_auth,
+            jambonz_basic_auth=args.jambonz_basic_auth,
             acs_key_pem=Path(args.acs_token).read_bytes() if args.acs_token else None,
             acs_audience=args.acs_audience, acs_kid=args.acs_kid)
     except (ValueError, OSError) as exc:

@@ -4,8 +4,8 @@ clear) into the provider's frames; and one row each in :data:`REGISTRY`, the onl
 rest of the service learns what differs between providers.
 
 A route names its provider (``provider = "twilio"`` by default, ``"acs"``, ``"telnyx"``,
-``"signalwire"``, ``"exotel"``, ``"plivo"``, ``"vonage"``, ``"genesys"`` or
-``"auto"``). A row says how to
+``"signalwire"``, ``"exotel"``, ``"plivo"``, ``"vonage"``, ``"genesys"``, ``"asterisk"``,
+``"jambonz"`` or ``"auto"``). A row says how to
 build a stream's codec from its upgrade, which settings hold the provider's stream
 credential and how an upgrade is checked against it, whether an upgrade claims to be the
 provider's (on an ``auto`` route), whether the call's context travels on the wire, the form
@@ -16,16 +16,19 @@ synthesizer lives. Adding a provider is its module(s), one row here and a fixtur
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from streamsvc.providers import credentials as checks
 from streamsvc.providers.acs import AcsCodec
+from streamsvc.providers.asterisk import AsteriskCodec
 from streamsvc.providers.auto import AutoCodec
 from streamsvc.providers.exotel import ExotelCodec
 from streamsvc.providers.genesys import ORGANIZATION_HEADER, GenesysCodec
 from streamsvc.providers.genesys_auth import API_KEY_HEADER
+from streamsvc.providers.jambonz import SUBPROTOCOL as JAMBONZ_SUBPROTOCOL
+from streamsvc.providers.jambonz import JambonzCodec
 from streamsvc.providers.plivo import NONCE_HEADER, SIGNATURE_V3_HEADER, PlivoCodec
 from streamsvc.providers.signalwire import SignalWireCodec
 from streamsvc.providers.telnyx import TelnyxCodec
@@ -55,6 +58,8 @@ class CodecOptions:
     l16_little_endian: bool = False  # SignalWire: L16 arrives little-endian
     # Genesys: the channels to ask for, "both" (stereo) or "external" (the customer's).
     channels: str = "both"
+    # jambonz: the verb sets bidirectionalAudio.streaming (audio back as binary frames).
+    streaming: bool = False
 
 
 Check = Callable[[Upgrade, checks.Credentials], str | None]
@@ -84,11 +89,15 @@ class Provider:
     # "mark:<key>" (the snake_case one, the stream's id under <key>), "checkpoint" (Plivo's
     # playedStream), "notify" (Vonage's websocket:notify, and it confirms a clear),
     # "genesys" (Genesys's session protocol: it waits for opened, answers pause, resume and
-    # disconnect, and playback_completed once the audio sent has played), or "none" (ACS
-    # has no marks).
+    # disconnect, and playback_completed once the audio sent has played), "asterisk"
+    # (MEDIA_MARK_PROCESSED, FLUSH_MEDIA, HANGUP), "jambonz" (playDone, killAudio,
+    # disconnect), or "none" (ACS has no marks).
     peer: str
     # The module of its fixture synthesizer.
     synth: str | None
+    # The WebSocket subprotocol the handshake answers with, from those the client offered
+    # (jambonz's audio.jambonz.org; Asterisk's, whatever its connection offers), or None.
+    subprotocol: Callable[[Sequence[str]], str | None] = lambda offered: None
 
     def configured(self, source: object) -> bool:
         """Whether its stream credential is set in ``source`` (the settings, or the
@@ -110,6 +119,10 @@ def _acs_claims(upgrade: Upgrade) -> bool:
 def _auto_codec(upgrade: Upgrade, options: CodecOptions) -> Codec:
     return AutoCodec(upgrade.first_values(),
                      lambda name: provider(name).codec(upgrade, options))
+
+
+def _jambonz_subprotocol(offered: Sequence[str]) -> str | None:
+    return JAMBONZ_SUBPROTOCOL if JAMBONZ_SUBPROTOCOL in offered else None
 
 
 _SYNTH: Final = "streamsvc.replay.synth."
@@ -177,14 +190,31 @@ REGISTRY: Final[tuple[Provider, ...]] = (
                                     and upgrade.all(ORGANIZATION_HEADER)),
         context_on_wire=True, webhook=None, peer="genesys", synth=_SYNTH + "genesys"),
     Provider(
+        name="asterisk",
+        codec=lambda upgrade, options: AsteriskCodec(upgrade.query),
+        settings=("asterisk_basic_auth",), credential_env="STREAMSVC_ASTERISK_BASIC_AUTH",
+        check=checks.asterisk_problem, credential="Authorization: Basic",
+        claims=lambda upgrade: _authorization_scheme(upgrade) == "basic",
+        context_on_wire=True, webhook=None, peer="asterisk", synth=_SYNTH + "asterisk",
+        subprotocol=lambda offered: offered[0] if offered else None),
+    Provider(
+        name="jambonz",
+        codec=lambda upgrade, options: JambonzCodec(streaming=options.streaming),
+        settings=("jambonz_basic_auth",), credential_env="STREAMSVC_JAMBONZ_BASIC_AUTH",
+        check=checks.jambonz_problem, credential="Authorization: Basic",
+        claims=lambda upgrade: _authorization_scheme(upgrade) == "basic",
+        context_on_wire=True, webhook=None, peer="jambonz", synth=_SYNTH + "jambonz",
+        subprotocol=_jambonz_subprotocol),
+    Provider(
         name="auto", codec=_auto_codec, settings=(), credential_env="", check=None,
         credential=None, claims=lambda upgrade: False,
-        context_on_wire=True, webhook=None, peer="mark", synth=None),
+        context_on_wire=True, webhook=None, peer="mark", synth=None,
+        subprotocol=_jambonz_subprotocol),
 )
 _BY_NAME: Final = {row.name: row for row in REGISTRY}
 # Every name a route may give, the default first (kept in this order for --help).
 PROVIDERS: Final = ("twilio", "acs", "telnyx", "signalwire", "exotel", "plivo", "vonage",
-                    "genesys", "auto")
+                    "genesys", "asterisk", "jambonz", "auto")
 AUTO: Final = _BY_NAME["auto"]
 
 

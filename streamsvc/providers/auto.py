@@ -2,10 +2,12 @@
 pipecat's runner does, then that provider's codec for the rest of the stream. Sans-I/O.
 
 From the upgrade's headers first: ``x-ms-call-connection-id`` (ACS), ``audiohook-*``
-(Genesys),
+(Genesys), the ``audio.jambonz.org`` subprotocol (jambonz),
 ``x-telnyx-streaming-auth-token`` (Telnyx), ``x-plivo-signature-v3`` (Plivo),
-``X-Twilio-Signature`` (Twilio), ``Authorization: Basic`` (Exotel). Else from the first
+``X-Twilio-Signature`` (Twilio). Else (``Authorization: Basic`` is Exotel's, Asterisk's and
+jambonz's alike) from the first
 message: ``{"kind":…}`` is ACS's; ``{"version","id","type":…}`` Genesys's;
+``MEDIA_START`` (plain text or JSON) Asterisk's; ``callSid`` with ``sampleRate`` jambonz's;
 ``websocket:connected`` Vonage's; ``connected`` with a
 ``version`` and no ``protocol`` Telnyx's, with neither Exotel's; a ``start`` with
 ``start.callId`` Plivo's, with a top-level ``stream_id`` Telnyx's, ``stream_sid`` Exotel's.
@@ -37,19 +39,24 @@ def provider_from_headers(headers: Mapping[str, str]) -> str | None:
         return "acs"
     if headers.get("audiohook-organization-id") or headers.get("audiohook-session-id"):
         return "genesys"
+    offered = headers.get("sec-websocket-protocol", "")
+    if "audio.jambonz.org" in [name.strip() for name in offered.split(",")]:
+        return "jambonz"
     if headers.get("x-telnyx-streaming-auth-token"):
         return "telnyx"
     if headers.get("x-plivo-signature-v3"):
         return "plivo"
     if headers.get("x-twilio-signature"):
         return "twilio"
-    scheme = headers.get("authorization", "").partition(" ")[0].lower()
-    return "exotel" if scheme == "basic" else None
+    return None  # Basic (Exotel, Asterisk, jambonz alike): the first message tells
 
 
 def provider_from_message(frame: bytes | str, *, bearer: bool = False) -> str:
     """The provider a first message is from (``bearer``: the upgrade carried a bearer
     token); RemoteProtocolError when it cannot be told."""
+    head = frame[:12] if isinstance(frame, str) else frame[:12].decode("latin-1")
+    if head.startswith("MEDIA_START"):
+        return "asterisk"  # chan_websocket's plain-text control message
     try:
         message = _any.decode(frame)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -58,6 +65,10 @@ def provider_from_message(frame: bytes | str, *, bearer: bool = False) -> str:
         raise RemoteProtocolError("not a JSON object: cannot tell the provider")
     if "kind" in message:
         return "acs"
+    if message.get("event") == "MEDIA_START":
+        return "asterisk"
+    if "callSid" in message and ("sampleRate" in message or "mixType" in message):
+        return "jambonz"  # the listen verb's first message
     if isinstance(message.get("type"), str) and "version" in message and "id" in message:
         return "genesys"  # AudioHook's envelope
     event = message.get("event")
@@ -186,7 +197,7 @@ class AutoCodec(common.Codec):
             raise RemoteProtocolError("binary frame before the provider is known")
         return self.chosen.parse_binary(frame)
 
-    def serialize_media(self, stream_sid: str, payload: bytes) -> bytes:
+    def serialize_media(self, stream_sid: str, payload: bytes) -> bytes | None:
         return self._codec().serialize_media(stream_sid, payload)
 
     def serialize_mark(self, stream_sid: str, name: str) -> bytes | None:

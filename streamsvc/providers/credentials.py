@@ -30,10 +30,12 @@ __all__ = [
     "Credentials",
     "NonceMemory",
     "acs_problem",
+    "asterisk_problem",
     "basic",
     "bearer",
     "exotel_problem",
     "genesys_problem",
+    "jambonz_problem",
     "jwt_algorithm",
     "parse_connection_string",
     "plivo_problem",
@@ -100,6 +102,8 @@ class Credentials:
     vonage_signature_secret: str | None = None
     vonage_application_id: str | None = None  # bound into Vonage's JWTs when set
     genesys_keys: tuple[GenesysKey, ...] = ()  # (API key, client secret), two in a rotation
+    asterisk_basic_auth: str | None = None
+    jambonz_basic_auth: str | None = None
     # Plivo's nonces seen (None: not remembered).
     nonces: NonceMemory | None = None
 
@@ -201,13 +205,28 @@ def signalwire_problem(upgrade: Upgrade, credentials: Credentials) -> str | None
     return _token_problem(credentials.signalwire_token, given)
 
 
-def exotel_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
-    """``Authorization: Basic`` with the applet URL's ``KEY:TOKEN``."""
+def _basic_problem(upgrade: Upgrade, expected: str | None) -> str | None:
     try:
         given = basic(_single(upgrade, AUTHORIZATION))
     except _Repeated:
         return "bad_token"
-    return _token_problem(credentials.exotel_basic_auth, given)
+    return _token_problem(expected, given)
+
+
+def exotel_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """``Authorization: Basic`` with the applet URL's ``KEY:TOKEN``."""
+    return _basic_problem(upgrade, credentials.exotel_basic_auth)
+
+
+def asterisk_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """``Authorization: Basic`` with the ``websocket_client.conf`` connection's
+    ``username:password``."""
+    return _basic_problem(upgrade, credentials.asterisk_basic_auth)
+
+
+def jambonz_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:
+    """``Authorization: Basic`` with the ``listen`` verb's ``wsAuth`` ``username:password``."""
+    return _basic_problem(upgrade, credentials.jambonz_basic_auth)
 
 
 def plivo_problem(upgrade: Upgrade, credentials: Credentials) -> str | None:

@@ -32,9 +32,12 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
 
+from streamsvc.audio import SAMPLE_BYTES
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION, HANDED_OFF_REASON
 from streamsvc.providers import provider
+from streamsvc.providers.jambonz import SUBPROTOCOL as JAMBONZ_SUBPROTOCOL
 from streamsvc.replay.check import (
     Outcome,
     differences,
@@ -187,14 +190,16 @@ async def replay_session(
         except (OSError, ValueError) as exc:
             result.error = f"cannot deliver the fixture's IncomingCall event: {exc}"
             return result
+    offered = provider(fixture.provider).subprotocol([JAMBONZ_SUBPROTOCOL])
     try:
         async with connect(
             url, compression=None, max_size=CLIENT_MAX_MESSAGE_BYTES,
             additional_headers=upgrade, open_timeout=10,
+            subprotocols=[Subprotocol(offered)] if offered else None,
         ) as connection:
             kind = provider(fixture.provider).peer
-            peer = (_GenesysPeer if kind == "genesys" else _Peer)(
-                connection, result, stream_sid, kind, _playback_rate(fixture))
+            peer = _PEERS.get(kind, _Peer)(connection, result, stream_sid, kind,
+                                           _playback_rate(fixture))
             reader = asyncio.create_task(peer.read())
             try:
                 await _send_frames(connection, fixture, speed, replacements, result, peer)
@@ -238,7 +243,7 @@ def _playback_rate(fixture: Fixture) -> int:
     if opening is None:
         return PLAYBACK_BYTES_PER_SECOND
     codec, start = opening
-    return start.media_format.sample_rate * (1 if codec.native_encoding == "mulaw" else 2)
+    return start.media_format.sample_rate * SAMPLE_BYTES.get(codec.native_encoding, 2)
 
 
 def _deliver(url: str, events: list[object]) -> None:
@@ -340,7 +345,7 @@ class _Peer:
         self.pending: collections.deque[tuple[float, str]] = collections.deque()
         self.wakeup = asyncio.Event()
         self.sequence_number = 1_000_000  # apart from the fixture's own numbers
-        self.outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self.outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self.player = asyncio.create_task(self._play())
         self.sender = asyncio.create_task(self._send())
 
@@ -361,8 +366,20 @@ class _Peer:
 
     async def outgoing(self, data: str | bytes) -> str | bytes | None:
         """A fixture frame as it goes out now, or None: not sent by the caller (left out,
-        or sent by the peer itself)."""
-        return data
+        or sent by the peer itself; nothing once the platform ended the call)."""
+        return None if self.done_sending else data
+
+    def _dropped_by_platform(self, now: float) -> None:
+        """The platform flushed what it was to play: its pending marks never come back."""
+        self.result.clears_received += 1
+        self.playback_ends = now
+        while self.pending:
+            self.result.marks_cleared.append(self.pending.popleft()[1])
+
+    def _platform_hangs_up(self) -> None:
+        """The platform ends the call: nothing more is sent, and it closes the socket."""
+        self.done_sending = True
+        self.outbox.put_nowait(None)
 
     async def before(self, data: str | bytes) -> None:
         """Wait, if the provider would, before sending ``data``."""
@@ -446,6 +463,9 @@ class _Peer:
             while True:
                 item = await self.outbox.get()
                 try:
+                    if item is None:  # the platform ends the call: it closes the socket
+                        await self.connection.close()
+                        return
                     await self.connection.send(item)
                 finally:
                     self.outbox.task_done()
@@ -606,6 +626,84 @@ class _GenesysPeer(_Peer):
         self.completion = None
         self.result.marks_played.append("playback_completed")
         self.outbox.put_nowait(self._message("playback_completed", {}))
+
+
+class _AsteriskPeer(_Peer):
+    """Asterisk's side of a chan_websocket connection: media played in real time,
+    ``MARK_MEDIA`` answered ``MEDIA_MARK_PROCESSED`` (same correlation id, in the control
+    format the command came in) once the media before it has played, ``FLUSH_MEDIA``
+    dropping what waits (its marks never answered), ``HANGUP`` ending the connection."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.json = True
+
+    def _answer(self, message: str | bytes) -> None:
+        now = time.monotonic()
+        if isinstance(message, bytes):
+            self._queue_audio(len(message), now)
+            return
+        event = _json_object(message) if message.lstrip().startswith("{") else None
+        self.json = event is not None
+        name, _, rest = message.strip().partition(" ")
+        command = str(event.get("command")) if event is not None else name
+        if command == "MARK_MEDIA":
+            correlation = str(event.get("correlation_id", "")) if event is not None else rest
+            self.pending.append((max(self.playback_ends, now), correlation))
+            self.wakeup.set()
+        elif command == "FLUSH_MEDIA":
+            self._dropped_by_platform(now)
+        elif command == "HANGUP":
+            self._platform_hangs_up()
+
+    def _echo(self, name: str) -> None:
+        if self.json:
+            self.outbox.put_nowait(json.dumps({"event": "MEDIA_MARK_PROCESSED",
+                                               "correlation_id": name}))
+        else:
+            self.outbox.put_nowait(f"MEDIA_MARK_PROCESSED correlation_id:{name}")
+
+
+class _JambonzPeer(_Peer):
+    """jambonz's side of a ``listen`` stream: ``playAudio`` played in real time and
+    answered ``playDone`` once played (each a ``marks_played`` entry), streamed binary
+    audio played, ``killAudio`` dropping what waits, ``disconnect`` ending the stream."""
+
+    plays = 0
+
+    def _answer(self, message: str | bytes) -> None:
+        now = time.monotonic()
+        if isinstance(message, bytes):
+            self._queue_audio(len(message), now)
+            return
+        event = _json_object(message)
+        if event is None:
+            return
+        kind = event.get("type")
+        given = event.get("data")
+        data: dict[str, Any] = given if isinstance(given, dict) else {}
+        if kind == "playAudio":
+            content = str(data.get("audioContent") or "")
+            rate = data.get("sampleRate")
+            size = len(content) * 3 // 4 - content.count("=")
+            self.result.audio_bytes_received += size
+            per_second = rate * 2 if isinstance(rate, int) and rate > 0 else (
+                self.bytes_per_second)
+            self.playback_ends = max(self.playback_ends, now) + size / per_second
+            self.plays += 1
+            self.pending.append((self.playback_ends, f"play-{self.plays}"))
+            self.wakeup.set()
+        elif kind == "killAudio":
+            self._dropped_by_platform(now)
+        elif kind == "disconnect":
+            self._platform_hangs_up()
+
+    def _echo(self, name: str) -> None:
+        self.outbox.put_nowait(json.dumps({"type": "playDone", "id": name}))
+
+
+_PEERS: dict[str, type[_Peer]] = {"genesys": _GenesysPeer, "asterisk": _AsteriskPeer,
+                                  "jambonz": _JambonzPeer}
 
 
 async def replay(

@@ -12,6 +12,7 @@ secrets the server is configured with.
 * Vonage: a fresh HS256 JWT signed with the signature secret, else the custom token;
 * ACS: an RS256 JWT with ACS's issuer and the resource id as audience, signed with a local
   key whose public half the server reads from ``acs_jwks_url`` (:func:`write_acs_keys`);
+* Asterisk, jambonz: ``Authorization: Basic`` with ``USER:PASSWORD``;
 * Genesys: an RFC 9421 signature (HMAC-SHA256 with the client secret, ``keyid`` the API
   key) over the stream URL and the ``audiohook-*`` headers, with ``X-API-KEY``.
 """
@@ -67,6 +68,8 @@ class Signing:
     acs_kid: str = DEFAULT_ACS_KID
     genesys_api_key: str | None = None
     genesys_client_secret: str | None = None  # base64, as Genesys shows it
+    asterisk_basic_auth: str | None = None  # USER:PASSWORD
+    jambonz_basic_auth: str | None = None  # USER:PASSWORD
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +136,10 @@ def _bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _exotel(url: str, signing: Signing, headers: Mapping[str, str]) -> dict[str, str]:
-    if not signing.exotel_basic_auth:
+def _basic(user_password: str | None) -> dict[str, str]:
+    if not user_password:
         return {}
-    encoded = base64.b64encode(signing.exotel_basic_auth.encode()).decode()
+    encoded = base64.b64encode(user_password.encode()).decode()
     return {"Authorization": f"Basic {encoded}"}
 
 
@@ -187,8 +190,15 @@ SIGNERS: Final[dict[str, Signer]] = {
                      if s.telnyx_stream_token else {},
                      "--telnyx-token (or STREAMSVC_TELNYX_STREAM_TOKEN)",
                      frozenset({TELNYX_TOKEN})),
-    "exotel": Signer(_exotel, "--exotel-basic-auth KEY:TOKEN (or STREAMSVC_EXOTEL_BASIC_AUTH)",
+    "exotel": Signer(lambda url, s, h: _basic(s.exotel_basic_auth),
+                     "--exotel-basic-auth KEY:TOKEN (or STREAMSVC_EXOTEL_BASIC_AUTH)",
                      _AUTHORIZATION),
+    "asterisk": Signer(lambda url, s, h: _basic(s.asterisk_basic_auth),
+                       "--asterisk-basic-auth USER:PASSWORD (or "
+                       "STREAMSVC_ASTERISK_BASIC_AUTH)", _AUTHORIZATION),
+    "jambonz": Signer(lambda url, s, h: _basic(s.jambonz_basic_auth),
+                      "--jambonz-basic-auth USER:PASSWORD (or STREAMSVC_JAMBONZ_BASIC_AUTH)",
+                      _AUTHORIZATION),
     "plivo": Signer(_plivo, "--plivo-auth-token (or PLIVO_AUTH_TOKEN) and --public-url",
                     frozenset({SIGNATURE_V3_HEADER, NONCE_HEADER})),
     "vonage": Signer(_vonage, "--vonage-signature-secret (or VONAGE_SIGNATURE_SECRET) or "

@@ -32,6 +32,14 @@ class Admitted:
     provider: Provider
     address: str | None = None  # the client's address, as the socket says
 
+    def subprotocol(self) -> str | None:
+        """The subprotocol the handshake answers with: one the client offered that the
+        provider speaks (jambonz's ``audio.jambonz.org``), else None (the answer then
+        names none, as Asterisk requires of a server it offered none)."""
+        offered = [name.strip() for value in self.upgrade.all("sec-websocket-protocol")
+                   for name in value.split(",") if name.strip()]
+        return self.provider.subprotocol(offered) if offered else None
+
 
 @dataclass(frozen=True, slots=True)
 class Refused:
@@ -66,6 +74,8 @@ def credentials_of(settings: Settings, acs: AcsTokenCheck | None = None,
                 (settings.genesys_api_key, settings.genesys_client_secret),
                 (settings.genesys_api_key_previous, settings.genesys_client_secret_previous))
             if key and secret),
+        asterisk_basic_auth=settings.asterisk_basic_auth,
+        jambonz_basic_auth=settings.jambonz_basic_auth,
         nonces=nonces,
     )
 

@@ -58,7 +58,7 @@ MAX_HELD_EVENTS: Final = 1000
 # caps its lines): a flood of digits costs its own call entries, never another call's.
 MAX_CALL_EVENTS_PUBLISHED: Final = 1000
 # Providers whose transfers carry no context: their agents read it from the context API.
-NO_HAND_OFF_CHANNEL: Final = frozenset({"plivo", "exotel"})
+NO_HAND_OFF_CHANNEL: Final = frozenset({"plivo", "exotel", "asterisk", "jambonz"})
 # How a hand-off is carried: the <Connect action>'s answer, or the call's update through
 # the REST API (<Start> routes), inline up to twiml_chars, else by url= (fetched whole).
 CONNECT_ACTION: Final = "connect_action"
@@ -146,7 +146,8 @@ class CallCore:
         settings = server.settings
         options = CodecOptions(unmixed=route.unmixed,
                                l16_little_endian=settings.signalwire_l16_little_endian,
-                               channels=route.channels_for())
+                               channels=route.channels_for(),
+                               streaming=route.bidirectional_streaming)
         self.session = LiveSession(
             wake=self._flush,
             context_updated=self._context_updated,

@@ -203,7 +203,11 @@ def _route(server: TransportHost, request: WSUpgradeRequest,
     path = server.settings.local_path(target.path)
     answer = server.admit(path, target.query, request.headers.items(), address)
     if isinstance(answer, Admitted):
-        return _Listener(server, answer)
+        subprotocol = answer.subprotocol()
+        if subprotocol is None:
+            return _Listener(server, answer)
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(
+            {"Sec-WebSocket-Protocol": subprotocol}), _Listener(server, answer))
     return WSUpgradeResponseWithListener(_response(answer), None)
 
 

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+from collections.abc import Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ from websockets.asyncio.server import serve as serve_websockets
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.server.admission import Admitted
@@ -55,6 +57,7 @@ async def serve(server: TransportHost) -> Server:
         s.host,
         s.port,
         process_request=functools.partial(_process_request, server),
+        select_subprotocol=_select_subprotocol,
         compression=None,  # Twilio does not negotiate it; it would cost CPU and memory
         max_size=s.max_message_bytes,
         max_queue=64,  # frames buffered per connection before TCP backpressure
@@ -84,6 +87,14 @@ def _process_request(server: TransportHost, connection: ServerConnection,
     response.headers["Content-Type"] = answer.content_type
     response.headers["Content-Length"] = str(len(answer.body))
     return response
+
+
+def _select_subprotocol(connection: ServerConnection,
+                        offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """The subprotocol the admitted route's provider speaks, if the client offered it."""
+    admitted: Admitted | None = getattr(connection, "admitted", None)
+    chosen = admitted.subprotocol() if admitted is not None else None
+    return Subprotocol(chosen) if chosen is not None and chosen in offered else None
 
 
 async def _handle(server: TransportHost, connection: ServerConnection) -> None:
