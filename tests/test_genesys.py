@@ -219,6 +219,11 @@ def test_the_format_chosen_follows_the_routes_channels_then_pcmu(
     assert chosen == choose_media(offered, channels)
 
 
+def test_an_open_asking_for_supported_languages_gets_the_list_in_opened() -> None:
+    _, _, [opened] = opened_session(supportedLanguages=True)
+    assert {"media": [STEREO], "supportedLanguages": []} == opened["parameters"]
+
+
 def test_an_open_offering_nothing_usable_is_answered_disconnect_and_never_starts() -> None:
     session, _, [answer] = opened_session(media=[{**STEREO, "format": "opus"}])
     assert ("disconnect", "error") == (answer["type"], answer["parameters"]["reason"])

@@ -15,10 +15,11 @@ Follows docs.asterisk.org, "WebSocket" channel driver (Configuration / Channel D
   ``channel_variables`` (JSON only) and the upgrade URL's query parameters (the dial
   string's ``v(…)``) the call's context (the variables win a clash). ``format`` sets the
   audio: ``ulaw``, ``alaw`` (G.711, 8 kHz) or ``slin`` / ``slin12`` … ``slin48`` (16-bit
-  signed linear, little-endian, at 8 to 48 kHz); ``ptime`` the frame length (20 ms by
-  default), ``optimal_frame_size`` the size of what is sent back.
+  signed linear, little-endian, at 8 to 48 kHz); ``optimal_frame_size`` the size of what is
+  sent back (else ``ptime``'s worth, 20 ms by default).
 * BINARY frames are media, one track (``inbound``: what the channel hears), each the next
-  frame of the stream (Asterisk's media carries no timestamp). Audio that arrives before
+  frame of the stream (Asterisk's media carries no timestamp), the first one's length (in
+  the format's samples) the frame length the session counts in. Audio that arrives before
   ``MEDIA_START`` (Asterisk may send it first under load) is held, at most
   :data:`MAX_EARLY_FRAMES` frames, and given to the session right after the start; more
   is dropped and counted (``protocol.early_frames_dropped``).
@@ -289,6 +290,10 @@ class AsteriskCodec(common.Codec):
         return self._media(payload)
 
     def _media(self, payload: bytes) -> common.Media:
+        if not self.frames:  # the first frame's length is the stream's frame length
+            sample_bytes = 2 if self.encoding == "pcm16" else 1
+            self._frame_ms = max(1, round(len(payload) * 1000
+                                          / (self.sample_rate * sample_bytes)))
         timestamp = self.frames * self._frame_ms
         self.frames += 1
         return common.Media(self.stream_sid, common._MediaBody(

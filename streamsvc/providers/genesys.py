@@ -357,7 +357,10 @@ class GenesysCodec(common.Codec):
                                                "(audio, PCMU or L16, 8000 Hz)"})
             raise RemoteProtocolError("invalid open: no offered format is audio at 8000 Hz "
                                       "in PCMU or L16")
-        self._reply("opened", {"media": [chosen]})
+        opened: dict[str, object] = {"media": [chosen]}
+        if parameters.get("supportedLanguages") is True:
+            opened["supportedLanguages"] = []  # the service offers no languages of its own
+        self._reply("opened", opened)
         if is_probe_open(parameters):
             self.probe = True
             return common.Noted("probe", {"organization_id": _value(organization)},

@@ -92,17 +92,18 @@ def nonce_of(upgrade: Upgrade) -> str | None:
 
 
 def _requests(upgrade: Upgrade, public_ws_base: str | None) -> list[SimpleNamespace]:
-    """The request as Genesys may have signed it: as it arrived (its Host, its target),
-    and as the public URL names it (a proxy in front may rewrite both)."""
+    """The request as Genesys may have signed it: its authority as it arrived (Host) or as
+    the public URL names it, its target as it arrived or with the public URL's path prefix
+    (a proxy in front may rewrite either)."""
     headers = [(name, value) for name, value in upgrade.headers]
     target = upgrade.path + (f"?{upgrade.query}" if upgrade.query else "")
-    candidates = []
-    host = upgrade.get("host")
-    if host:
-        candidates.append(f"https://{host}{target}")
-    if public_ws_base:
+    authorities, targets = [upgrade.get("host")], [target]
+    if public_ws_base:  # the public URL's host, and its path prefix (stripped on the way in)
         base = urlsplit(public_ws_base)
-        candidates.append(f"https://{base.netloc}{base.path.rstrip('/')}{target}")
+        authorities.append(base.netloc)
+        targets.append(base.path.rstrip("/") + target)
+    candidates = [f"https://{authority}{path}" for authority in authorities if authority
+                  for path in targets]
     return [SimpleNamespace(method="GET", url=url, headers=_Headers(headers))
             for url in dict.fromkeys(candidates)]
 
