@@ -164,13 +164,20 @@ BIDIRECTIONAL_ONLY: Final = frozenset({"echo"})
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
-    """A handler as configured for a route: its name (built-in name or import string), the
-    factory it resolves to and the options it is created with."""
+    """A handler as configured for a route: its name (built-in name, import string, or a
+    named instance's name: its report goes under it), the factory it resolves to, the
+    options it is created with, and ``kind``: what a named instance ``use``-s (the built-in
+    name or import string), else its name."""
 
     name: str
     factory: HandlerFactory
     options: Mapping[str, Any] = field(default_factory=dict)
     queue_size: int | None = None  # overrides a queued handler's own queue_size
+    kind: str = ""  # set to ``name`` when empty
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", self.name)
 
     def create(self) -> AnyHandler:
         return self.factory(**self.options)
@@ -180,21 +187,28 @@ class HandlerSpec:
 QUEUE_SIZE_OPTION: Final = "queue_size"
 
 
-def resolve_handler(name: str, options: Mapping[str, Any], *, key: str) -> HandlerSpec:
+def resolve_handler(name: str, options: Mapping[str, Any], *, key: str,
+                    instance: str | None = None) -> HandlerSpec:
     """Resolve a built-in name or ``"package.module:Factory"`` and check that ``options``
     fit the factory's signature (``queue_size`` is taken by the chain, for queued
-    handlers), and its ``check_options(**options)`` when it has one. Raises
-    :class:`ConfigError` naming ``key`` otherwise."""
+    handlers), and its ``check_options(**options)`` when it has one. ``instance``: the
+    named instance (``[handlers.<instance>] use = "<name>"``) it is made for, whose name the
+    handler's report and any error carry. Raises :class:`ConfigError` naming ``key``
+    otherwise."""
+    label = instance or name
     factory = _import_factory(BUILTIN_HANDLERS.get(name, name), key=key)
     options = dict(options)
     queue_size = options.pop(QUEUE_SIZE_OPTION, None)
     if queue_size is not None and (not isinstance(queue_size, int) or queue_size < 1):
-        raise ConfigError(f"handlers.{name}.{QUEUE_SIZE_OPTION}",
+        raise ConfigError(f"handlers.{label}.{QUEUE_SIZE_OPTION}",
                           f"must be a whole number >= 1, got {queue_size!r}")
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as exc:
-        raise ConfigError(key, f"options do not fit handler {name!r}: {exc}") from None
+        where = f"handlers.{label}" if instance else key
+        raise ConfigError(where, f"options do not fit handler {name!r}"
+                          + (f" (instance {instance!r})" if instance else "")
+                          + f": {exc}") from None
     except ValueError:  # no signature to check (some builtins); creation will tell
         pass
     check = getattr(factory, "check_options", None)
@@ -202,8 +216,8 @@ def resolve_handler(name: str, options: Mapping[str, Any], *, key: str) -> Handl
         try:
             check(**options)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"handlers.{name}", str(exc)) from None
-    return HandlerSpec(name, factory, options, queue_size)
+            raise ConfigError(f"handlers.{label}", str(exc)) from None
+    return HandlerSpec(label, factory, options, queue_size, kind=name)
 
 
 def _import_factory(name: str, *, key: str) -> HandlerFactory:

@@ -17,6 +17,7 @@ f-strings.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import queue
@@ -28,7 +29,8 @@ from typing import IO, Any, Final
 import orjson
 import structlog
 
-__all__ = ["LogSink", "configure_logging", "dropped_lines", "flush_logging"]
+__all__ = ["LogSink", "PrintedLines", "capture_prints", "configure_logging", "dropped_lines",
+           "flush_logging"]
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -175,6 +177,45 @@ def _wants_colour(stream: IO[bytes]) -> bool:
         return os.isatty(stream.fileno())
     except (AttributeError, OSError, ValueError):
         return False
+
+
+# The characters of one printed line a log event carries.
+MAX_PRINTED_CHARS: Final = 2000
+
+
+class PrintedLines(io.TextIOBase):
+    """What the process ``print``-s (a handler, an SDK), as log events (``stdout.print``,
+    ``text``), one per line: stdout carries the JSON log only, and nothing printed can break
+    a line of it. :func:`capture_prints` puts one in place of ``sys.stdout``."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+        self._logger = structlog.get_logger("streamsvc.print")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        if len(self._partial) > MAX_PRINTED_CHARS:  # a line that never ends
+            lines.append(self._partial)
+            self._partial = ""
+        for line in lines:
+            if line:
+                self._logger.info("stdout.print", text=line[:MAX_PRINTED_CHARS])
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            line, self._partial = self._partial, ""
+            self._logger.info("stdout.print", text=line[:MAX_PRINTED_CHARS])
+
+
+def capture_prints() -> None:
+    """Route what is printed to stdout into the log (:class:`PrintedLines`); call after
+    :func:`configure_logging`, whose sink keeps writing to the real stdout."""
+    sys.stdout = PrintedLines()
 
 
 def configure_logging(*, log_format: str = "json", level: str = "info",

@@ -58,13 +58,15 @@ class Route:
             return self.channels
         for spec in self.handlers:
             tracks = spec.options.get("tracks", ("inbound",))
-            if spec.name in INBOUND_ONLY_HANDLERS or (
-                    spec.name == "forward" and list(tracks) == ["inbound"]):
+            if spec.kind in INBOUND_ONLY_HANDLERS or (
+                    spec.kind == "forward" and list(tracks) == ["inbound"]):
                 continue
             return "both"
         return "external"
 
 
+# The key of a named handler instance's table that says what it is an instance of.
+USE: Final = "use"
 # Built-in handlers that read the caller's (inbound) track only.
 INBOUND_ONLY_HANDLERS: Final = frozenset({"log", "dtmf", "echo", "handoff"})
 CHANNELS: Final = ("auto", "both", "external")
@@ -132,10 +134,15 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
     if not isinstance(bidirectional, bool):
         raise ConfigError(key + ".bidirectional", f"must be true or false, got {bidirectional!r}")
     for name in names:
-        if name in BIDIRECTIONAL_ONLY and not bidirectional:
-            raise ConfigError(key + ".handlers",
-                              f"{name!r} talks back: the route needs bidirectional = true")
+        if names.count(name) > 1:
+            raise ConfigError(key + ".handlers", f"{name!r} is listed twice: for a second "
+                              f"one with other options, make a named instance ([handlers."
+                              f"<name>] use = {name!r})")
     specs = tuple(_handler(name, options, key + ".handlers") for name in names)
+    for spec in specs:
+        if spec.kind in BIDIRECTIONAL_ONLY and not bidirectional:
+            raise ConfigError(key + ".handlers",
+                              f"{spec.name!r} talks back: the route needs bidirectional = true")
     context = ContextMapping.from_table(table(raw, "context"), key=key + ".context")
     twiml = table(raw, "twiml")
     check_keys(twiml, {"track", "after"}, key + ".twiml.")
@@ -159,7 +166,21 @@ def _route(raw: Any, index: int, options: Mapping[str, Any]) -> Route:
 
 
 def _handler(name: str, options: Mapping[str, Any], key: str) -> HandlerSpec:
+    """The handler a route names: a built-in or ``pkg.mod:Factory`` with its
+    ``[handlers.<name>]`` options, or a named instance (``[handlers.<name>]`` with ``use =
+    "<built-in or pkg.mod:Factory>"`` and its own options), so one handler can serve several
+    routes (or one route twice) with different options."""
     handler_options = options.get(name, {})
     if not isinstance(handler_options, dict):
         raise ConfigError(f"handlers.{name}", "must be a table of options")
-    return resolve_handler(name, handler_options, key=key)
+    if USE not in handler_options:
+        return resolve_handler(name, handler_options, key=key)
+    kind = handler_options[USE]
+    if not isinstance(kind, str) or not kind or kind == name:
+        raise ConfigError(f"handlers.{name}.{USE}", "must name a built-in handler or "
+                          f"'pkg.mod:Factory' other than the instance itself, got {kind!r}")
+    if kind in options and isinstance(options[kind], dict) and USE in options[kind]:
+        raise ConfigError(f"handlers.{name}.{USE}", f"{kind!r} is itself a named instance: "
+                          "use the built-in or 'pkg.mod:Factory' it uses")
+    own = {option: value for option, value in handler_options.items() if option != USE}
+    return resolve_handler(kind, own, key=f"handlers.{name}", instance=name)

@@ -470,6 +470,24 @@ class Session:
         self._events.append(BadFrame(reason, excerpt[:BAD_FRAME_EXCERPT_CHARS], self.bad_frames))
 
     @property
+    def provider(self) -> str:
+        """The stream's provider, as its route names it (``twilio``, ``genesys``, ...; on
+        an ``auto`` route, the one it told)."""
+        return self.codec.provider
+
+    @property
+    def encoding(self) -> str:
+        """The canonical name of the stream's audio: ``mulaw`` or ``alaw`` (G.711) or
+        ``pcm16`` (little-endian), whatever the provider calls it (:attr:`media_format`
+        keeps the provider's own string)."""
+        return self.codec.native_encoding
+
+    @property
+    def audio_format(self) -> str:
+        """``<encoding>/<sample rate>``: ``mulaw/8000``, ``pcm16/16000``, ..."""
+        return f"{self.encoding}/{self.sample_rate}"
+
+    @property
     def sample_rate(self) -> int:
         """The stream's audio rate (8000 until ``start`` says otherwise)."""
         return self.media_format.sample_rate if self.media_format else 8000

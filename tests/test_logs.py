@@ -20,7 +20,7 @@ import pytest
 import structlog
 
 from streamsvc.config import Route, Settings
-from streamsvc.logs import LogSink, configure_logging
+from streamsvc.logs import MAX_PRINTED_CHARS, LogSink, PrintedLines, configure_logging
 from streamsvc.server import StreamServer
 
 from .conftest import LogEvents, events
@@ -186,3 +186,64 @@ def test_the_console_script_imports_handlers_from_the_current_directory(
         _, stderr = process.communicate(timeout=30)
     assert "server.listening" == first.get("event"), stderr.decode()
     time.sleep(0)
+
+
+def test_what_a_handler_prints_becomes_log_lines_never_half_of_one(logs: LogEvents) -> None:
+    printed = PrintedLines()
+    print("hello from a handler\nand a second line", file=printed, end="")
+    print(" continued", file=printed)
+    print("x" * (MAX_PRINTED_CHARS + 10), file=printed, end="")
+    printed.flush()
+    assert ["hello from a handler", "and a second line continued",
+            "x" * MAX_PRINTED_CHARS] == [  # a line is cut at MAX_PRINTED_CHARS
+        line["text"] for line in events(logs, "stdout.print")]
+
+
+def test_the_served_process_keeps_stdout_json_when_a_handler_prints(tmp_path: Path) -> None:
+    (tmp_path / "noisy.py").write_text(
+        "from streamsvc import Handler\n"
+        "class Noisy(Handler):\n"
+        "    def on_start(self, session):\n"
+        "        print('a handler printing', 42)\n", encoding="utf-8")
+    (tmp_path / "config.toml").write_text(
+        '[[routes]]\npath = "/stream"\nhandlers = ["noisy:Noisy"]\n', encoding="utf-8")
+    script = (
+        "import asyncio, sys\n"
+        "from streamsvc.cli import main\n"
+        "sys.exit(main(['serve', '--config', 'config.toml', '--port', '0']))\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert process.stdout is not None
+    port = None
+    for line in process.stdout:
+        event = orjson.loads(line)
+        if event["event"] == "server.listening":
+            port = event["port"]
+            break
+    assert port is not None
+    replayed = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "replay", "--speed", "0",
+         str(Path(__file__).parent.parent / "fixtures" / "inbound_params.jsonl"),
+         "--url", f"ws://127.0.0.1:{port}/stream"], capture_output=True, timeout=60)
+    assert 0 == replayed.returncode, replayed.stderr
+    process.terminate()
+    rest, _ = process.communicate(timeout=30)
+    lines = [orjson.loads(line) for line in rest.splitlines()]  # every line is JSON
+    assert ["a handler printing 42"] == [line["text"] for line in lines
+                                         if line["event"] == "stdout.print"]
+
+
+def test_replay_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """As `streamsvc replay ... | head` when head is gone before the summary is written."""
+    fixture = Path(__file__).parent.parent / "fixtures" / "inbound_params.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamsvc", "replay", str(fixture), "--url",
+         "ws://127.0.0.1:9/stream"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()  # the reader is gone before anything is written
+    with process.stderr:
+        errors = process.stderr.read()
+    process.wait(timeout=60)
+    assert b"" == errors

@@ -358,3 +358,11 @@ def test_the_media_fast_path_gives_what_the_event_path_gives(frames: list[str]) 
         else:
             assert expected == queued
     assert general.close("closed") == fast.close("closed")
+
+
+def test_the_session_names_its_provider_and_its_audio_canonically() -> None:
+    session = Session()
+    session.receive_message(start())
+    assert ("twilio", "mulaw", "mulaw/8000", "audio/x-mulaw") == (
+        session.provider, session.encoding, session.audio_format,
+        session.media_format.encoding if session.media_format else None)

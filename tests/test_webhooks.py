@@ -639,5 +639,14 @@ async def test_the_default_webhook_answers_twiml_that_keeps_the_call_up(
     assert 200 == status
     verbs = [verb.tag for verb in ElementTree.fromstring(document)]
     assert ["Start", "Pause"] == verbs  # Twilio hangs up when the TwiML runs out
+    # The embedded default means it: a new user's first start carries no warning.
+    assert [] == [line for line in logs if line["log_level"] != "info"]
+
+
+async def test_a_configured_start_route_without_after_is_warned_about(
+        logs: LogEvents) -> None:
+    server = StreamServer(Settings(port=0, routes=(Route("/listen", ()),)))
+    await server.start()
+    await server.stop()
     (warning,) = events(logs, "twiml.default_after")
-    assert ["/stream"] == warning["routes"]
+    assert ["/listen"] == warning["routes"]

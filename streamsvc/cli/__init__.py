@@ -44,5 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     args = parser.parse_args(argv)
-    code: int = COMMANDS[args.command].run(args, parser, argv)
+    try:
+        code: int = COMMANDS[args.command].run(args, parser, argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`streamsvc replay ... | head`): what is left unwritten goes
+        # nowhere, quietly, instead of a traceback at the interpreter's last flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return code

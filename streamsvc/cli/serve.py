@@ -22,7 +22,7 @@ import structlog
 
 from streamsvc.config import SETTINGS, Settings, load_settings
 from streamsvc.exceptions import ConfigError
-from streamsvc.logs import configure_logging, flush_logging
+from streamsvc.logs import capture_prints, configure_logging, flush_logging
 from streamsvc.server import StreamServer
 
 __all__ = ["add_parser", "run"]
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
         print(f"streamsvc: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(log_format=settings.log_format, level=settings.log_level)
+    capture_prints()  # a handler's print() becomes a log line, never half of one
     if settings.workers > 1:
         return _run_workers(settings.workers, argv)
     try:

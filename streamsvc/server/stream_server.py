@@ -28,6 +28,7 @@ from streamsvc.providers.acs_auth import AcsAuthenticator
 from streamsvc.providers.credentials import NONCE_TTL_S, NonceMemory
 from streamsvc.providers.genesys_auth import nonce_of as genesys_nonce_of
 from streamsvc.providers.plivo import NONCE_HEADER as PLIVO_NONCE_HEADER
+from streamsvc.routes import DEFAULT_ROUTES
 from streamsvc.server.admission import Admitted, Refused, credentials_of, decide, route_auth
 from streamsvc.server.front import HttpFront
 from streamsvc.server.host import HostedCall, PendingCall, ShellCall
@@ -145,8 +146,10 @@ class StreamServer:
                 "routes": [route.path for route in self.settings.routes]}
 
     def _warn_about_default_twiml(self) -> None:
+        # The embedded default routes mean their <Pause>: only a configured route is told.
         kept_up = [route.path for route in self.settings.routes
-                   if not route.bidirectional and not route.after_twiml.strip()]
+                   if not route.bidirectional and not route.after_twiml.strip()
+                   and route not in DEFAULT_ROUTES]
         if kept_up:
             logger.warning("twiml.default_after", routes=kept_up, after=KEEP_CALL_UP_TWIML,
                            message="the voice webhook follows <Start><Stream> on these routes "
