@@ -9,7 +9,16 @@ payload bytes as they came, e.g. mu-law), ``tracks`` (default ``["inbound"]``),
 ``max_queue_frames`` (audio frames held while the service is slow or away, default 500:
 10 s of one track), ``reconnect_max_s`` (the longest wait between attempts, default 10),
 ``linger_s`` (how long after ``stop`` the service may go on answering before the
-connection is closed, default 2).
+connection is closed, default 2), ``messages`` (``all``, the default: the JSON messages
+below; ``none``: audio only, for services that take nothing else; one track then),
+``close_message`` (a text message sent last, before the close, e.g.
+``{"type":"CloseStream"}``, as some services want to flush their last result).
+
+``url`` and ``headers`` are templates: ``{call_sid}``, ``{stream_sid}``, ``{provider}``,
+``{sample_rate}``, ``{encoding}`` (what is sent: ``pcm16``, or the native ``mulaw``,
+``alaw``) and any name of the call's context (``{customerId}``) are filled in as the call
+starts (in the URL, URL-quoted; a context name the call does not have is left empty), so
+``url = "wss://stt.example.com/listen?encoding=linear16&sample_rate={sample_rate}"``.
 
 What the service receives, in order:
 
@@ -37,9 +46,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import string
 from collections.abc import Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import orjson
 import structlog
@@ -69,8 +79,11 @@ class ForwardHandler(AsyncHandler):
     def __init__(self, *, url: str, audio: str = "pcm16",
                  tracks: list[str] | tuple[str, ...] = ("inbound",),
                  headers: Mapping[str, str] | None = None, max_queue_frames: int = 500,
-                 reconnect_max_s: float = 10.0, linger_s: float = 2.0) -> None:
-        parts = urlsplit(url)
+                 reconnect_max_s: float = 10.0, linger_s: float = 2.0,
+                 messages: str = "all", close_message: str | None = None) -> None:
+        for template in (url, *(headers or {}).values()):
+            _check_template(template)
+        parts = urlsplit(_fill(url, {}, quote_values=True))
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"url must be ws:// or wss://HOST/PATH, got {url!r}")
         if audio not in ("pcm16", "native"):
@@ -78,7 +91,17 @@ class ForwardHandler(AsyncHandler):
         if max_queue_frames < 1 or reconnect_max_s <= 0 or linger_s < 0:
             raise ValueError("max_queue_frames must be >= 1, reconnect_max_s > 0 and "
                              "linger_s >= 0")
-        self.url = url
+        if messages not in ("all", "none"):
+            raise ValueError(f"messages must be all or none, got {messages!r}")
+        if messages == "none" and len(set(tracks)) > 1:
+            raise ValueError("messages = none sends audio only: one track (nothing would "
+                             "tell the tracks apart)")
+        if close_message is not None and not isinstance(close_message, str):
+            raise ValueError("close_message must be text")
+        self.url_template = self.url = url
+        self.header_templates = dict(headers or {})
+        self.messages = messages == "all"
+        self.close_message = close_message
         self.where = f"{parts.scheme}://{parts.netloc}{parts.path}"  # no query: may hold keys
         self.pcm16 = audio == "pcm16"
         self.tracks = frozenset(tracks)
@@ -107,9 +130,23 @@ class ForwardHandler(AsyncHandler):
 
     # The handler API.
 
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """ValueError for options no call could run with (read at start-up)."""
+        cls(**options)
+
     async def on_start(self, session: LiveSession) -> None:
         media_format = session.media_format
         sample_rate = media_format.sample_rate if media_format else 8000
+        values = {**session.context, "call_sid": session.call_sid or "",
+                  "stream_sid": session.stream_sid or "", "provider": session.provider,
+                  "sample_rate": str(sample_rate),
+                  "encoding": "pcm16" if self.pcm16 else session.encoding}
+        self.url = _fill(self.url_template, values, quote_values=True)
+        parts = urlsplit(self.url)
+        self.where = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        self.headers = {name: _fill(value, values) for name, value in
+                        self.header_templates.items()}
         self.start_message = orjson.dumps({
             "event": "start", "call_sid": session.call_sid, "stream_sid": session.stream_sid,
             "account_sid": session.account_sid, "tracks": list(session.tracks),
@@ -130,7 +167,7 @@ class ForwardHandler(AsyncHandler):
         if self.queued_frames >= self.max_queue_frames:
             self.dropped_frames += 1
             return
-        if len(self.tracks) > 1 and frame.track != self.last_track:
+        if self.messages and len(self.tracks) > 1 and frame.track != self.last_track:
             self.last_track = frame.track
             self._queue(orjson.dumps({"event": "track", "track": frame.track}).decode())
         self.queued_frames += 1
@@ -141,10 +178,12 @@ class ForwardHandler(AsyncHandler):
             self._queue(frame.payload)
 
     async def on_dtmf(self, event: wire.Dtmf) -> None:
-        self._queue(orjson.dumps({"event": "dtmf", "digit": event.digit}).decode())
+        if self.messages:
+            self._queue(orjson.dumps({"event": "dtmf", "digit": event.digit}).decode())
 
     async def on_mark(self, event: wire.Mark) -> None:
-        self._queue(orjson.dumps({"event": "mark", "name": event.name}).decode())
+        if self.messages:
+            self._queue(orjson.dumps({"event": "mark", "name": event.name}).decode())
 
     async def before_report(self, summary: CallSummary) -> None:
         # Send what is queued and the stop, so that the call summary counts them.
@@ -154,7 +193,10 @@ class ForwardHandler(AsyncHandler):
             self.sender.cancel()
             self._drop_audio()
             return
-        self._queue(orjson.dumps({"event": "stop", "reason": summary.reason}).decode())
+        if self.messages:
+            self._queue(orjson.dumps({"event": "stop", "reason": summary.reason}).decode())
+        if self.close_message is not None:
+            self._queue(self.close_message)
         self._queue(_STOP)
         with contextlib.suppress(asyncio.CancelledError):
             await self.sender
@@ -201,7 +243,8 @@ class ForwardHandler(AsyncHandler):
         """Send the queue over one connection; True once the call's stop was sent."""
         reader = asyncio.get_running_loop().create_task(self._read(connection))
         try:
-            await connection.send(self.start_message)
+            if self.messages:
+                await connection.send(self.start_message)
             self.away = False
             self.last_track = None
             while True:
@@ -239,3 +282,30 @@ class ForwardHandler(AsyncHandler):
         self.dropped_frames += self.queued_frames
         self.queued_frames = 0
         self.outbox = collections.deque(kept)
+
+
+_formatter: Final = string.Formatter()
+
+
+def _check_template(template: object) -> None:
+    """ValueError unless ``template`` is text whose ``{fields}`` are plain names."""
+    if not isinstance(template, str):
+        raise ValueError(f"url and header values must be text, got {template!r}")
+    try:
+        for _, field, spec, conversion in _formatter.parse(template):
+            if field is not None and (not field.isidentifier() or spec or conversion):
+                raise ValueError(f"{{{field}}} in {template!r}: a template names a call "
+                                 "field or a context name, nothing more")
+    except ValueError as exc:
+        raise ValueError(f"not a template: {exc}") from None
+
+
+def _fill(template: str, values: Mapping[str, str], *, quote_values: bool = False) -> str:
+    """``template`` with its ``{fields}`` from ``values`` (missing: empty), URL-quoted."""
+    parts = []
+    for literal, field, _, _ in _formatter.parse(template):
+        parts.append(literal)
+        if field is not None:
+            value = str(values.get(field, ""))
+            parts.append(quote(value, safe="") if quote_values else value)
+    return "".join(parts)
