@@ -153,6 +153,8 @@ def cpu_suite(*, quick: bool = False) -> None:
     if installed("fastapi") and installed("uvicorn"):
         variants[1:1] = [("fastapi + uvicorn, uvloop", "fastapi", "uvloop", "websockets"),
                          ("fastapi + uvicorn, asyncio", "fastapi", "asyncio", "websockets")]
+        variants.append(("streamsvc mounted in FastAPI (asgi)", "asgi", "uvloop",
+                         "websockets"))
     if fast:
         variants += [("picows listener, no parse (floor)", "floor", "uvloop", "auto"),
                      ("streamsvc default (picows, uvloop)", "service", "uvloop", "auto"),

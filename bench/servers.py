@@ -151,11 +151,43 @@ async def run_fastapi(port: int, stop: asyncio.Event) -> dict[str, Any]:
     return {"frames": fastapi_app.frames}
 
 
+async def run_asgi(port: int, stop: asyncio.Event) -> dict[str, Any]:
+    """streamsvc mounted in a FastAPI app (streamsvc.asgi), served by uvicorn."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from streamsvc.asgi import StreamsvcApp
+
+    voice = StreamsvcApp(Settings(ping_interval_s=0, max_connections=100_000,
+                                  routes=(Route("/stream", ()),), idle_timeout_s=60))
+    app = FastAPI(lifespan=voice.lifespan)
+    app.mount("", voice)
+
+    class Server(uvicorn.Server):
+        def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
+            return contextlib.nullcontext()  # SIGTERM is this process's "print and exit"
+
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                   lifespan="on", ws="auto"))
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
+        await asyncio.sleep(0.05)
+    print(json.dumps({"ready": True}), flush=True)
+    await stop.wait()
+    frames = 0
+    if voice.server is not None:
+        metrics = voice.server.metrics
+        frames = metrics.frames["inbound"] + metrics.frames["outbound"]
+    server.should_exit = True
+    await serving
+    return {"frames": frames}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=["service", "service-latency", "service-recorder",
-                                            "bare", "naive", "fastapi", "floor"])
+                                            "bare", "naive", "fastapi", "floor", "asgi"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--transport", choices=["auto", "websockets", "picows"],
@@ -185,6 +217,8 @@ def main() -> None:
             coroutine = run_floor(args.port, stop)
         elif args.variant == "fastapi":
             coroutine = run_fastapi(args.port, stop)
+        elif args.variant == "asgi":
+            coroutine = run_asgi(args.port, stop)
         else:
             coroutine = run_bare(args.port, stop, naive=args.variant == "naive")
         return await coroutine

@@ -12,7 +12,7 @@ import dataclasses
 import http
 import time
 from collections.abc import Awaitable, Iterable
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import structlog
@@ -92,6 +92,8 @@ class StreamServer:
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
         self.acs_auth: AcsAuthenticator | None = None  # ACS routes with acs_audience set
         # Plivo's nonces, remembered so a captured signature opens one stream only.
+        # Calls carried by a host that brings its own socket (streamsvc.asgi).
+        self.hosted_calls: set[Any] = set()
         self.nonces = NonceMemory()
         self.credentials = credentials_of(settings, None, self.nonces)  # again with ACS's
         # A fleet sharing Redis (redis_url): set by start().
@@ -111,7 +113,10 @@ class StreamServer:
     def shutting_down(self) -> bool:
         return self._shutting_down
 
-    async def start(self) -> None:
+    async def start(self, *, listen: bool = True) -> None:
+        """Start: the fleet, ACS's signing keys, the shared metrics, then (``listen``)
+        the transport on the host and port. ``listen=False``: everything but the socket,
+        for a host that brings its own (:mod:`streamsvc.asgi`)."""
         s = self.settings
         if s.redis_url is not None:
             self.fleet = FleetNode(s, self.streams)
@@ -127,6 +132,13 @@ class StreamServer:
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))
+        auth = {route.path: route_auth(route, s) for route in s.routes}
+        signed = any(check is not None for check in auth.values())
+        if not listen:
+            logger.info("server.mounted", routes=[route.path for route in s.routes],
+                        signed=signed, auth=auth)
+            self._warn_about_default_twiml()
+            return
         if s.effective_transport == "picows":
             from streamsvc.server.transports import picows_transport  # only when it is installed
 
@@ -135,9 +147,8 @@ class StreamServer:
         else:
             self._server = await websockets_transport.serve(self)
             self.port = self._server.sockets[0].getsockname()[1]
-        auth = {route.path: route_auth(route, s) for route in s.routes}
         logger.info("server.listening", **self._where(), transport=s.effective_transport,
-                    signed=any(check is not None for check in auth.values()), auth=auth)
+                    signed=signed, auth=auth)
         self._warn_about_default_twiml()
 
     def _where(self) -> dict[str, object]:
@@ -222,6 +233,12 @@ class StreamServer:
                     self.metrics.share.publish()  # the final counts, no call active
 
     async def _stop(self) -> None:
+        hosted = list(self.hosted_calls)
+        if hosted:  # calls a host of ours carries (ASGI): closed, then summarized
+            self._shutting_down = True
+            for call in hosted:
+                call.close_for_shutdown()
+            await asyncio.gather(*(call.finished for call in hosted))
         if self._fast_server is not None:
             self._shutting_down = True
             self._fast_server.close()
