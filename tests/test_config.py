@@ -118,27 +118,34 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
         load_settings(config_path=str(tmp_path / "absent.toml"), env={})
 
 
-def test_the_readme_documents_every_setting() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).parent.parent
+# The README and every docs page: the places a reader copies settings and examples from.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_the_configuration_page_documents_every_setting() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     for setting in SETTINGS:
-        assert f"| `{setting.key}`" in readme, setting.key
-        assert f"`{setting.flag}`" in readme, setting.flag
-        assert f"`{setting.env[0]}`" in readme, setting.env[0]
+        assert f"| `{setting.key}`" in page, setting.key
+        assert f"`{setting.flag}`" in page, setting.flag
+        assert f"`{setting.env[0]}`" in page, setting.env[0]
 
 
-def test_every_toml_example_in_the_readme_loads(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    # The reader's own handler package that the README's example names.
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_toml_example_in_the_readme_and_the_docs_loads(
+        page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reader's own handler package that the examples name.
     (tmp_path / "myapp").mkdir()
     (tmp_path / "myapp" / "__init__.py").write_text("")
     (tmp_path / "myapp" / "handlers.py").write_text(
         "class Transcriber:\n"
         "    def __init__(self, language: str) -> None:\n"
-        "        self.language = language\n")
+        "        self.language = language\n"
+        "class Greeter:\n"
+        "    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    blocks = [block.split("```", 1)[0] for block in readme.split("```toml\n")[1:]]
-    assert len(blocks) >= 2
+    text_of_page = page.read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in text_of_page.split("```toml\n")[1:]]
     for text in blocks:
         # The credentials the README sets beside its examples, in the environment.
         settings = load_settings(config_path=toml(tmp_path, text), env={

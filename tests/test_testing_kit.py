@@ -107,3 +107,32 @@ def test_the_docs_example_runs_as_written() -> None:
     test = namespace["test_my_bot_answers_the_caller"]
     assert callable(test)
     test()
+
+
+def test_the_readmes_greeter_runs_as_written() -> None:
+    """The README's talk-back snippet, played with a key press during its greeting."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    [code] = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]
+              if "class Greeter" in block]
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    greeter = namespace["Greeter"]()  # type: ignore[operator]
+    pressed = play(from_plan(SessionPlan(inbound=[0] * 16_000, dtmf=[("5", 0.5)])),
+                   [greeter], bidirectional=True)
+    quiet = namespace["Greeter"]()  # type: ignore[operator]
+    play(from_plan(SessionPlan(inbound=[0] * 24_000)), [quiet], bidirectional=True)
+    assert (["cleared"], ["played"], 1) == (greeter.results, quiet.results, pressed.clears)
+
+
+def test_the_readmes_handler_and_its_test_run_as_written() -> None:
+    """The README's "Write a handler, and test it": its handler, then its test of it."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    namespace: dict[str, object] = {}
+    for number, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+    tests = [value for name, value in namespace.items() if name.startswith("test_")]
+    assert tests
+    for test in tests:
+        assert callable(test)
+        test()
