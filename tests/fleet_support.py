@@ -140,6 +140,18 @@ def metric(text: str, name: str) -> float:
     return 0.0
 
 
+
+
+def documented_location() -> str:
+    """The ``location / { ... }`` block of docs/going-live.md's nginx snippet: the fleet
+    tests put the documented proxy in front of their instances."""
+    page = (Path(__file__).parent.parent / "docs" / "going-live.md").read_text(
+        encoding="utf-8")
+    snippet = page.split("```nginx\n", 1)[1].split("```", 1)[0]
+    start = snippet.index("    location / {")
+    end = snippet.index("\n    }\n", start) + len("\n    }")
+    return snippet[start:end]
+
 class Nginx:
     """nginx as the fleet's load balancer: WebSocket upgrades passed through, a request an
     instance refuses with 503 (draining) or cannot take retried on the next."""
@@ -167,20 +179,12 @@ http {{
   uwsgi_temp_path {root}/uwsgi;
   scgi_temp_path {root}/scgi;
   map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-  upstream fleet {{
+  upstream streamsvc {{
 {servers}
   }}
   server {{
     listen 127.0.0.1:{self.port};
-    location / {{
-      proxy_pass http://fleet;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade $http_upgrade;
-      proxy_set_header Connection $connection_upgrade;
-      proxy_set_header Host $host;
-      proxy_next_upstream error timeout http_503 non_idempotent;
-      proxy_read_timeout 60s;
-    }}
+{documented_location()}
   }}
 }}
 """)
