@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from streamsvc.builtins.log import LogHandler
+from streamsvc.cli.reference import MEANINGS, with_settings_table
 from streamsvc.config import SETTINGS, Settings, load_settings
 from streamsvc.exceptions import ConfigError
 
@@ -129,6 +130,14 @@ def test_the_configuration_page_documents_every_setting() -> None:
         assert f"| `{setting.key}`" in page, setting.key
         assert f"`{setting.flag}`" in page, setting.flag
         assert f"`{setting.env[0]}`" in page, setting.env[0]
+
+
+def test_the_settings_reference_is_what_the_code_generates() -> None:
+    """docs/configuration.md's table comes from SETTINGS and streamsvc/cli/reference.py:
+    on a difference, run `python -m streamsvc.cli.reference` (after editing those)."""
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert {setting.key for setting in SETTINGS} == set(MEANINGS)
+    assert with_settings_table(page) == page
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
