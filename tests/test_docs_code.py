@@ -8,6 +8,7 @@ docs/testing.md, docs/asgi.md, docs/genesys.md, docs/context.md) are played ther
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,18 @@ def test_every_python_block_of_the_page_runs(page: Path) -> None:
 def test_the_pages_with_python_are_the_ones_expected() -> None:
     assert {"README.md", "asgi.md", "context.md", "fleet.md", "genesys.md", "handlers.md",
             "testing.md"} <= {page.name for page in PAGES}
+
+
+def test_every_log_event_the_code_emits_is_in_the_log_events_reference() -> None:
+    """A log event is a public contract: each name a logger call in the package writes
+    (a literal name) has its row in docs/log-events.md."""
+    emitted = set()
+    for module in (ROOT / "streamsvc").rglob("*.py"):
+        emitted |= set(re.findall(
+            r'logger\.(?:debug|info|warning|error|exception)\(\s*"([a-z_]+\.[a-z_.]+)"',
+            module.read_text(encoding="utf-8")))
+    page = (ROOT / "docs" / "log-events.md").read_text(encoding="utf-8")
+    documented = {name for row in page.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`([a-z_<>]+\.[a-z_.]+)`", row.split("|")[1])}
+    assert len(emitted) > 60
+    assert [] == sorted(emitted - documented)
