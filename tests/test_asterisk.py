@@ -320,3 +320,9 @@ def test_the_docs_routes_load(tmp_path: Path) -> None:
     settings = load_settings(config_path=str(tmp_path / "asterisk.toml"), env={})
     assert [("/asterisk", "asterisk", True)] == [
         (route.path, route.provider, route.bidirectional) for route in settings.routes]
+
+
+def test_a_text_frame_that_is_not_utf8_is_a_bad_frame() -> None:
+    session, _ = started(json_start())
+    session.receive_message(b"MEDIA_XOFF \xff\xfe")
+    assert [BadFrame] == [type(e) for e in session.events_received()]

@@ -164,50 +164,35 @@ def synth(args: argparse.Namespace) -> int:
         account_sid=args.account_sid or (str(uuid.uuid4()) if args.provider == "genesys"
                                          else "AC" + secrets.token_hex(16)),
     )
+    extra: dict[str, Any] = {}  # header fields of the provider's own
     if args.provider == "asterisk":
-        path = args.path if args.path != "/stream" else "/asterisk"
         rate = 0 if args.asterisk_format == "ulaw" else args.sample_rate
         control = args.asterisk_control == "json"
-        header = {"description": args.description, "path": path, "provider": "asterisk",
-                  "expect": asterisk_expected(plan, sample_rate=rate, json_control=control)}
+        expect = asterisk_expected(plan, sample_rate=rate, json_control=control)
         frames = synthesize_asterisk(plan, sample_rate=rate, json_control=control)
     elif args.provider == "jambonz":
-        path = args.path if args.path != "/stream" else "/jambonz"
-        header = {"description": args.description, "path": path, "provider": "jambonz",
-                  "expect": jambonz_expected(plan, sample_rate=args.sample_rate)}
+        expect = jambonz_expected(plan, sample_rate=args.sample_rate)
         frames = synthesize_jambonz(plan, sample_rate=args.sample_rate)
     elif args.provider == "genesys":
-        path = args.path if args.path != "/stream" else "/genesys"
-        header = {"description": args.description, "path": path, "provider": "genesys",
-                  "headers": genesys_headers(plan), "expect": genesys_expected(plan)}
-        frames = synthesize_genesys(plan)
+        extra["headers"] = genesys_headers(plan)
+        expect, frames = genesys_expected(plan), synthesize_genesys(plan)
     elif vonage:
-        path = args.path if args.path != "/stream" else "/vonage"
-        header = {"description": args.description, "path": path, "provider": "vonage",
-                  "expect": vonage_expected(plan, sample_rate=args.sample_rate)}
+        expect = vonage_expected(plan, sample_rate=args.sample_rate)
         frames = synthesize_vonage(plan, sample_rate=args.sample_rate)
     elif args.provider == "plivo":
-        path = args.path if args.path != "/stream" else "/plivo"
-        header = {"description": args.description, "path": path, "provider": "plivo",
-                  "expect": plivo_expected(plan)}
-        frames = synthesize_plivo(plan)
+        expect, frames = plivo_expected(plan), synthesize_plivo(plan)
     elif args.provider == "exotel":
-        path = args.path if args.path != "/stream" else "/exotel"
-        header = {"description": args.description, "path": path, "provider": "exotel",
-                  "expect": exotel_expected(plan)}
-        frames = synthesize_exotel(plan)
+        expect, frames = exotel_expected(plan), synthesize_exotel(plan)
     elif telnyx:
-        path = args.path if args.path != "/stream" else "/telnyx"
-        header = {"description": args.description, "path": path, "provider": "telnyx",
-                  "expect": telnyx_expected(plan, client_state=args.client_state)}
+        expect = telnyx_expected(plan, client_state=args.client_state)
         frames = synthesize_telnyx(plan, client_state=args.client_state)
-    else:
-        header = {"description": args.description, "path": args.path,
-                  "expect": expected_outcome(plan)}
-        if args.provider == "signalwire":  # Twilio's frames, from SignalWire
-            header["provider"] = "signalwire"
-            header["path"] = args.path if args.path != "/stream" else "/signalwire"
-        frames = synthesize(plan)
+    else:  # Twilio's frames (SignalWire speaks them too)
+        expect, frames = expected_outcome(plan), synthesize(plan)
+    header: dict[str, Any] = {"description": args.description, "path": args.path}
+    if args.provider != "twilio":  # on its own route, unless --path says otherwise
+        header["provider"] = args.provider
+        header["path"] = args.path if args.path != "/stream" else f"/{args.provider}"
+    header.update(extra, expect=expect)
     _write_fixture(args.output, header, frames)
     print(f"{args.output}: {len(frames)} frames, {header['expect']['frames']} media frames")
     return 0

@@ -71,7 +71,6 @@ MAX_HELD_OUT_BYTES: Final = 640_000
 # Context names taken from one MEDIA_START (channel variables and query parameters).
 MAX_CONTEXT_NAMES: Final = 128
 MAX_VALUE_CHARS: Final = 4096
-_any: Final = msgspec.json.Decoder()
 _encoder: Final = msgspec.json.Encoder()
 _KNOWN: Final = frozenset({"MEDIA_START", "DTMF_END", "MEDIA_XOFF", "MEDIA_XON",
                            "MEDIA_MARK_PROCESSED", "STATUS", "ERROR", "QUEUE_DRAINED",
@@ -184,19 +183,17 @@ class AsteriskCodec(common.Codec):
     def parse(self, frame: bytes | str) -> common.Event:
         """One control message (plain text or JSON) as a common event; raises
         RemoteProtocolError."""
-        text = frame.decode("utf-8", "strict") if isinstance(frame, bytes) else frame
-        if text.lstrip().startswith("{"):
-            try:
-                message = _any.decode(text)
-            except msgspec.DecodeError as exc:
-                raise RemoteProtocolError(f"not JSON: {exc}") from None
-            if not isinstance(message, dict) or not isinstance(message.get("event"), str):
-                raise RemoteProtocolError("not an Asterisk event: no `event` name")
-            name, fields, bare = message["event"], message, ""
-            json_format = True
+        try:
+            text = frame.decode("utf-8", "strict") if isinstance(frame, bytes) else frame
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"not text: {exc}") from None
+        fields: Mapping[str, Any]
+        json_format = text.lstrip().startswith("{")
+        if json_format:
+            fields, name = common.tagged_object(text, "event")
+            bare = ""
         else:
             name, fields, bare = plain_fields(text)
-            json_format = False
         if name not in _KNOWN:
             if not name.isupper() or len(name) > 40:
                 raise RemoteProtocolError(f"not an Asterisk event: {name[:40]!r}")

@@ -81,7 +81,6 @@ TRACK_OF: Final = {"external": "inbound", "internal": "outbound"}
 # What a route may ask for: "both" channels, or the "external" one alone.
 CHANNEL_CHOICES: Final = ("both", "external")
 _FORMATS: Final = ("PCMU", "L16")
-_any: Final = msgspec.json.Decoder()
 _encoder: Final = msgspec.json.Encoder()
 _DURATION: Final = re.compile(
     r"P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?")
@@ -255,13 +254,7 @@ class GenesysCodec(common.Codec):
 
     def parse(self, frame: bytes | str) -> common.Event:
         """One text message as a common event; raises RemoteProtocolError."""
-        try:
-            message = _any.decode(frame)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"not JSON: {exc}") from None
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            raise RemoteProtocolError("not a Genesys message: no `type`")
-        kind = message["type"]
+        message, kind = common.tagged_object(frame, "type")
         parameters = message.get("parameters")
         parameters = parameters if isinstance(parameters, dict) else {}
         self._sequence(message)

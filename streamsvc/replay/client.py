@@ -25,12 +25,12 @@ import json
 import statistics
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
@@ -45,10 +45,11 @@ from streamsvc.replay.check import (
     log_size,
     wait_for_outcomes,
 )
-from streamsvc.replay.fixture import Fixture
+from streamsvc.replay.fixture import Fixture, json_object
 from streamsvc.replay.signing import SIGNERS, Signing, acs_token, upgrade_headers
 
-__all__ = ["ReplayReport", "SessionResult", "acs_token", "replay", "replay_session"]
+__all__ = ["PeerConnection", "ReplayReport", "SessionResult", "acs_token", "play_as_platform",
+           "replay", "replay_session"]
 
 # Twilio's own frames are small; be generous with what the server may send back.
 CLIENT_MAX_MESSAGE_BYTES = 1 << 20
@@ -197,17 +198,8 @@ async def replay_session(
             additional_headers=upgrade, open_timeout=10,
             subprotocols=[Subprotocol(offered)] if offered else None,
         ) as connection:
-            kind = provider(fixture.provider).peer
-            peer = _PEERS.get(kind, _Peer)(connection, result, stream_sid, kind,
-                                           _playback_rate(fixture))
-            reader = asyncio.create_task(peer.read())
-            try:
-                await _send_frames(connection, fixture, speed, replacements, result, peer)
-                await peer.finished()
-                await connection.close()
-            finally:
-                await reader
-                peer.stop()
+            await play_as_platform(connection, fixture, result, speed=speed,
+                                   replacements=replacements)
             result.close_code = connection.close_code
             result.close_reason = connection.close_reason
             result.ok = connection.close_code in (1000, None)
@@ -232,6 +224,36 @@ async def replay_session(
                         + _no_start(result.close_code, exc.rcvd.reason if exc.rcvd else None,
                                     fixture.provider))
     return result
+
+
+class PeerConnection(Protocol):
+    """What the platform's side of a replay uses of a WebSocket connection (websockets'
+    client connection, or :mod:`streamsvc.testing`'s in-memory one)."""
+
+    async def send(self, message: str | bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]: ...
+
+
+async def play_as_platform(connection: PeerConnection, fixture: Fixture,
+                           result: SessionResult, *, speed: float = 1.0,
+                           replacements: list[tuple[str, str]] | None = None) -> None:
+    """Play ``fixture`` over ``connection`` as its provider would: its frames at their
+    times (``speed``), what the service sends answered by the provider's peer (marks,
+    playback, its session protocol), then the close; counts go into ``result``."""
+    kind = provider(fixture.provider).peer
+    peer = _PEERS.get(kind, _Peer)(connection, result, result.stream_sid, kind,
+                                   _playback_rate(fixture))
+    reader = asyncio.create_task(peer.read())
+    try:
+        await _send_frames(connection, fixture, speed, replacements or [], result, peer)
+        await peer.finished()
+        await connection.close()
+    finally:
+        await reader
+        peer.stop()
 
 
 def _playback_rate(fixture: Fixture) -> int:
@@ -291,7 +313,7 @@ def _rejected(status: int, url: str, headers: dict[str, str], provider: str) -> 
 
 
 async def _send_frames(
-    connection: ClientConnection, fixture: Fixture, speed: float,
+    connection: PeerConnection, fixture: Fixture, speed: float,
     replacements: list[tuple[str, str]], result: SessionResult, peer: _Peer,
 ) -> None:
     started = _now()
@@ -325,21 +347,12 @@ def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
-def _json_object(message: str) -> dict[str, Any] | None:
-    """A text message the service sent, as a JSON object, or None."""
-    try:
-        event = json.loads(message)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
 class _Peer:
     """Answers what the server sends, as the provider does: plays outbound audio in real
     time, answers marks when playback reaches them in the provider's own shape (``peer``,
     the provider registry row's), flushes on ``clear``."""
 
-    def __init__(self, connection: ClientConnection, result: SessionResult,
+    def __init__(self, connection: PeerConnection, result: SessionResult,
                  stream_sid: str | None, peer: str = "mark",
                  bytes_per_second: int = PLAYBACK_BYTES_PER_SECOND) -> None:
         self.connection = connection
@@ -398,7 +411,7 @@ class _Peer:
         if isinstance(message, bytes):  # audio in binary frames (Vonage's)
             self._queue_audio(len(message), now)
             return
-        event = _json_object(message)
+        event = json_object(message)
         if event is None:
             return
         kind = event.get("event") or {"AudioData": "media", "StopAudio": "clear"}.get(
@@ -585,7 +598,7 @@ class _GenesysPeer(_Peer):
             self.completion = asyncio.get_running_loop().call_later(
                 self.playback_ends - now, self._completed)
             return
-        event = _json_object(message)
+        event = json_object(message)
         if event is None:
             return
         if isinstance(event.get("seq"), int):
@@ -649,7 +662,7 @@ class _AsteriskPeer(_Peer):
         if isinstance(message, bytes):
             self._queue_audio(len(message), now)
             return
-        event = _json_object(message) if message.lstrip().startswith("{") else None
+        event = json_object(message) if message.lstrip().startswith("{") else None
         self.json = event is not None
         name, _, rest = message.strip().partition(" ")
         command = str(event.get("command")) if event is not None else name
@@ -682,7 +695,7 @@ class _JambonzPeer(_Peer):
         if isinstance(message, bytes):
             self._queue_audio(len(message), now)
             return
-        event = _json_object(message)
+        event = json_object(message)
         if event is None:
             return
         kind = event.get("type")

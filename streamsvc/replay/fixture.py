@@ -27,7 +27,8 @@ from streamsvc import wire
 from streamsvc.exceptions import RemoteProtocolError
 from streamsvc.providers import codec_for
 
-__all__ = ["FIXTURE_VERSION", "Fixture", "FixtureError", "FixtureFrame", "load_fixture"]
+__all__ = ["FIXTURE_VERSION", "Fixture", "FixtureError", "FixtureFrame", "json_object",
+           "load_fixture"]
 
 FIXTURE_VERSION: Final = 1
 
@@ -131,7 +132,7 @@ def load_fixture(path: str | Path) -> Fixture:
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise FixtureError(f"{path}: empty")
-    header = _json_object(lines[0])
+    header = json_object(lines[0])
     if header is not None and "streamsvc_fixture" in header:
         return Fixture(path.name, _structured_frames(path, lines[1:]), header)
     if not any(_event_name(line) == "start" for line in lines):
@@ -143,11 +144,12 @@ def load_fixture(path: str | Path) -> Fixture:
 
 
 def _event_name(line: str) -> object:
-    message = _json_object(line)
+    message = json_object(line)
     return message.get("event") if message else None
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def json_object(text: str) -> dict[str, Any] | None:
+    """``text`` as a JSON object, or None when it is not one."""
     try:
         value = json.loads(text)
     except ValueError:
@@ -158,7 +160,7 @@ def _json_object(text: str) -> dict[str, Any] | None:
 def _structured_frames(path: Path, lines: list[str]) -> tuple[FixtureFrame, ...]:
     frames = []
     for number, line in enumerate(lines, start=2):
-        entry = _json_object(line)
+        entry = json_object(line)
         if entry is None or not isinstance(entry.get("at_ms"), int | float):
             raise FixtureError(f"{path}:{number}: expected {{\"at_ms\": ..., \"frame\": ...}}")
         if "sent" in entry or "sent_binary" in entry:
@@ -191,7 +193,7 @@ def _raw_frames(lines: Iterable[str]) -> Iterable[FixtureFrame]:
 
 
 def _media_timestamp(line: str) -> float | None:
-    message = _json_object(line)
+    message = json_object(line)
     if not message or message.get("event") != "media":
         return None
     media = message.get("media")

@@ -42,10 +42,8 @@ from streamsvc.audio import to_pcm16
 from streamsvc.config import Route, Settings
 from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.handlers import AnyHandler, HandlerSpec, resolve_handler
-from streamsvc.providers import provider
-from streamsvc.replay import client as replay_client
-from streamsvc.replay.client import SessionResult
-from streamsvc.replay.fixture import Fixture, load_fixture
+from streamsvc.replay.client import SessionResult, play_as_platform
+from streamsvc.replay.fixture import Fixture, json_object, load_fixture
 from streamsvc.replay.synth import SessionPlan, expected_outcome, synthesize
 from streamsvc.server.admission import Admitted
 from streamsvc.server.call import CallCore
@@ -165,19 +163,7 @@ async def _play(server: StreamServer, route: Route, fixture: Fixture) -> CallRes
     connection = _MemoryConnection(call)
     result = SessionResult(fixture.name, fixture.stream_sid(), fixture.call_sid(),
                            dict(fixture.expect), fixture.provider)
-    kind = provider(fixture.provider).peer
-    peer = replay_client._PEERS.get(kind, replay_client._Peer)(
-        connection, result, fixture.stream_sid(), kind,  # type: ignore[arg-type]
-        replay_client._playback_rate(fixture))
-    reader = asyncio.get_running_loop().create_task(peer.read())
-    try:
-        await replay_client._send_frames(connection, fixture, 1.0, [], result,  # type: ignore[arg-type]
-                                         peer)
-        await peer.finished()
-        await connection.close()
-    finally:
-        await reader
-        peer.stop()
+    await play_as_platform(connection, fixture, result)
     await call.done()
     session = call.session
     audio = b"".join(to_pcm16(frame, session.encoding) for frame in connection.audio)
@@ -308,7 +294,7 @@ class _MemoryConnection:
 def _audio_in(text: str) -> list[bytes]:
     """The audio a text message of the service's carries (Twilio-shaped ``media``, ACS's
     ``AudioData``, Plivo's ``playAudio``, jambonz's ``playAudio``), as native bytes."""
-    message = replay_client._json_object(text)
+    message = json_object(text)
     if message is None:
         return []
     body = message.get("media") or message.get("AudioData") or message.get("data") or {}
