@@ -8,7 +8,7 @@ paused, then hands the call back to the Architect flow with what it learned.
   to ``queue:disputes`` (``disconnect`` with the call's id, the target and the context as
   ``outputVariables``, for the flow to route on).
 
-Route it on a bidirectional ``genesys`` path (``docs/genesys.md``)::
+Route it on a bidirectional ``genesys`` path (``docs/providers/genesys.md``)::
 
     [[routes]]
     path = "/genesys-bot"

@@ -314,7 +314,8 @@ async def test_a_peer_that_closes_mid_call_loses_nothing_it_sent(server: StreamS
 
 
 def test_the_docs_routes_load(tmp_path: Path) -> None:
-    page = (Path(__file__).parent.parent / "docs" / "asterisk.md").read_text(encoding="utf-8")
+    page = (Path(__file__).parent.parent / "docs" / "providers" / "asterisk.md").read_text(
+        encoding="utf-8")
     [toml] = [block.split("```", 1)[0] for block in page.split("```toml\n")[1:]]
     (tmp_path / "asterisk.toml").write_text(toml, encoding="utf-8")
     settings = load_settings(config_path=str(tmp_path / "asterisk.toml"), env={})

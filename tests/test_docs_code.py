@@ -3,7 +3,7 @@ namespace (as a reader pastes them one after the other), so a renamed API or a t
 here. Blocks written for an async REPL (top-level ``await``: the fleet's client) are
 compiled as such and their imports run; running them needs a fleet, which
 tests/test_fleet.py has. Pages whose examples the tests also play (the README's handler,
-docs/testing.md, docs/asgi.md, docs/genesys.md, docs/context.md) are played there."""
+docs/testing.md, docs/asgi.md, docs/providers/genesys.md, docs/context.md) are played there."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from streamsvc.cli import log_reference
 
 ROOT = Path(__file__).parent.parent
 PAGES = [page for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -56,16 +58,51 @@ def test_the_pages_with_python_are_the_ones_expected() -> None:
             "testing.md"} <= {page.name for page in PAGES}
 
 
-def test_every_log_event_the_code_emits_is_in_the_log_events_reference() -> None:
-    """A log event is a public contract: each name a logger call in the package writes
-    (a literal name) has its row in docs/log-events.md."""
+def _emitted_event_names() -> set[str]:
+    """Each event name a logger call in the package writes as a literal."""
     emitted = set()
     for module in (ROOT / "streamsvc").rglob("*.py"):
         emitted |= set(re.findall(
             r'logger\.(?:debug|info|warning|error|exception)\(\s*"([a-z_]+\.[a-z_.]+)"',
             module.read_text(encoding="utf-8")))
-    page = (ROOT / "docs" / "log-events.md").read_text(encoding="utf-8")
-    documented = {name for row in page.splitlines() if row.startswith("| `")
-                  for name in re.findall(r"`([a-z_<>]+\.[a-z_.]+)`", row.split("|")[1])}
+    return emitted
+
+
+def test_the_log_events_page_is_the_one_the_code_table_generates() -> None:
+    """One place owns the log-event reference: docs/log-events.md is what
+    ``python -m streamsvc.cli.log_reference`` writes from its table."""
+    committed = (ROOT / "docs" / "log-events.md").read_text(encoding="utf-8")
+    assert log_reference.page() == committed, (
+        "docs/log-events.md differs from the table: run python -m streamsvc.cli.log_reference")
+
+
+def test_every_log_event_the_code_emits_is_in_the_log_events_reference() -> None:
+    """A log event is a public contract: each name a logger call in the package writes
+    (a literal name) has its row in the table."""
+    emitted = _emitted_event_names()
+    documented = {name for event in log_reference.EVENTS for name in event.names}
     assert len(emitted) > 60
     assert [] == sorted(emitted - documented)
+
+
+def test_the_log_events_reference_keeps_no_event_nothing_writes() -> None:
+    """Each name in the table is written somewhere: a literal logger call, a name passed
+    to a logging helper, or a platform codec's ``wire.Noted`` (logged as
+    ``<provider>.<name>``; Asterisk's are its command names, lower-cased)."""
+    emitted = _emitted_event_names()
+    sources = {module: module.read_text(encoding="utf-8")
+               for module in (ROOT / "streamsvc").rglob("*.py")}
+    everything = "\n".join(sources.values())
+    stale = []
+    for name in (name for event in log_reference.EVENTS for name in event.names):
+        if name in emitted or f'"{name}"' in everything:
+            continue
+        provider, _, suffix = name.partition(".")
+        codec = ROOT / "streamsvc" / "providers" / f"{provider}.py"
+        if codec.exists() and any(f'"{word}"' in sources[codec]
+                                  for word in (suffix, suffix.upper())):
+            continue
+        if f'{{codec.provider}}.{suffix}"' in everything:
+            continue
+        stale.append(name)
+    assert [] == stale

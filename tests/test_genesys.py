@@ -579,7 +579,7 @@ async def test_the_bundled_sessions_replay_to_their_expected_outcome(
 
 # -- the docs page and its example ---------------------------------------------------------
 
-DOCS = Path(__file__).parent.parent / "docs" / "genesys.md"
+DOCS = Path(__file__).parent.parent / "docs" / "providers" / "genesys.md"
 
 
 def test_the_docs_show_the_example_bot_as_it_is_and_their_routes_load(tmp_path: Path) -> None:

@@ -213,7 +213,8 @@ async def test_the_bundled_sessions_replay_to_their_expected_outcome(
 
 
 def test_the_docs_routes_and_verb_load(tmp_path: Path) -> None:
-    page = (Path(__file__).parent.parent / "docs" / "jambonz.md").read_text(encoding="utf-8")
+    page = (Path(__file__).parent.parent / "docs" / "providers" / "jambonz.md").read_text(
+        encoding="utf-8")
     tomls = [block.split("```", 1)[0] for block in page.split("```toml\n")[1:]]
     (tmp_path / "jambonz.toml").write_text("\n".join(tomls), encoding="utf-8")
     settings = load_settings(config_path=str(tmp_path / "jambonz.toml"), env={})

@@ -124,7 +124,7 @@ MEANINGS: Final[dict[str, str]] = {
         'the API key of the Genesys AudioHook / Audio Connector integration: with '
         '`genesys_client_secret`, upgrades on `provider = "genesys"` routes need its RFC '
         '9421 signature (403 `missing_signature` / `bad_signature` / `expired_signature` / '
-        '`replayed_signature` otherwise; `docs/genesys.md`)'),
+        '`replayed_signature` otherwise; `docs/providers/genesys.md`)'),
     "genesys_client_secret": (
         "the integration's client secret, base64 as Genesys shows it: the signature's HMAC "
         'key'),
@@ -135,11 +135,11 @@ MEANINGS: Final[dict[str, str]] = {
     "asterisk_basic_auth": (
         '`USER:PASSWORD` of the `websocket_client.conf` connection Asterisk dials: when '
         'set, upgrades on `provider = "asterisk"` routes need `Authorization: Basic` with '
-        'it (403 `missing_token` / `bad_token` otherwise; `docs/asterisk.md`)'),
+        'it (403 `missing_token` / `bad_token` otherwise; `docs/providers/asterisk.md`)'),
     "jambonz_basic_auth": (
         "`USER:PASSWORD` of the `listen` verb's `wsAuth`: when set, upgrades on `provider = "
         '"jambonz"` routes need `Authorization: Basic` with it (403 otherwise; '
-        '`docs/jambonz.md`)'),
+        '`docs/providers/jambonz.md`)'),
     "vonage_api_base_url": (
         "where Vonage's Voice API is reached (https; the tests point it at a local "
         'stand-in)'),

@@ -76,7 +76,7 @@ MAX_VALUE_CHARS: Final = 4096
 # How far a position may be from the audio received before it is counted (one 20 ms frame
 # of rounding either way, Genesys writes positions to the hundredth of a second).
 POSITION_SLACK_MS: Final = 20
-# Channels to tracks (documented in docs/genesys.md).
+# Channels to tracks (documented in docs/providers/genesys.md).
 TRACK_OF: Final = {"external": "inbound", "internal": "outbound"}
 # What a route may ask for: "both" channels, or the "external" one alone.
 CHANNEL_CHOICES: Final = ("both", "external")
