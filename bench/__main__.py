@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import parse, server, stages
+from . import forward, parse, server, stages
 
 SUITES = {
     "parse": parse.main,
@@ -14,6 +14,7 @@ SUITES = {
     "capacity": server.capacity_suite,
     "memory": server.memory_suite,
     "bus": server.bus_suite,
+    "forward": forward.suite,
 }
 
 

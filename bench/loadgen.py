@@ -17,16 +17,37 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
 import json
+import shutil
 import socket
 import statistics
 import struct
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 FRAME_S = 0.020
 SLOTS = 20  # sub-ticks per 20 ms period over which calls are spread
 _KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+SOURCE = Path(__file__).with_name("loadgen.c")
+
+
+def compiled_loadgen() -> Path | None:
+    """``bench/loadgen.c`` compiled (once per version of the source), or None without a C
+    compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    binary = Path(tempfile.gettempdir()) / f"streamsvc-loadgen-{digest}"
+    if not binary.exists():
+        partial = binary.with_suffix(".partial")
+        subprocess.run([compiler, "-O2", "-o", str(partial), str(SOURCE)], check=True)
+        partial.replace(binary)
+    return binary
 
 
 def frame(text: bytes) -> bytes:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .loadgen import compiled_loadgen
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LATENCY_LIMIT_MS = 20.0
 
@@ -70,9 +72,14 @@ def run_load(variant: str, calls: int, seconds: float, *, loop: str = "asyncio",
         url = f"ws://127.0.0.1:{port}/stream"
         warm_up_frames = warm_up(url)
         rss_before = rss_kb(server.pid)
-        command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--calls", str(calls),
-                   "--seconds", str(seconds)]
-        command += ["--both-tracks"] * both_tracks + ["--idle"] * idle
+        binary = None if idle else compiled_loadgen()
+        if binary is not None:
+            command = [str(binary), "127.0.0.1", str(port), "/stream", str(calls),
+                       str(seconds), "2" if both_tracks else "1", "0"]
+        else:
+            command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--calls",
+                       str(calls), "--seconds", str(seconds)]
+            command += ["--both-tracks"] * both_tracks + ["--idle"] * idle
         generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                                      preexec_fn=pin(LOAD_CPU))
         assert generator.stdout is not None
@@ -226,8 +233,12 @@ def passes(run: dict[str, Any]) -> bool:
 
 
 def capacity_suite(*, quick: bool = False) -> None:
-    for transport in ("websockets", "picows") if installed("picows") else ("websockets",):
-        capacity(transport, quick=quick)
+    """The served process beside the in-process service (bench.served), then the
+    in-process service on the websockets transport."""
+    from . import served
+
+    served.suite(quick=quick)
+    capacity("websockets", quick=quick)
 
 
 def capacity(transport: str, *, quick: bool) -> None:

@@ -12,6 +12,10 @@
 * ``floor``: a picows listener that counts frames and parses nothing: what any server on
   the default transport pays per frame (kernel, event loop, WebSocket framing) before doing
   anything with it;
+* ``naive-forward``: the naive server forwarding each call to ``--sink``, as a forwarder
+  written from Twilio's samples does: ``json.loads``, ``base64.b64decode``,
+  ``audioop.ulaw2lin`` on every frame, one websockets client per call sending each 20 ms
+  frame as it comes;
 * ``fastapi``: the same work in a FastAPI WebSocket route served by uvicorn, as Twilio's
   current Python sample is written (``websocket.iter_text()``, ``json.loads``,
   ``base64.b64decode``); uvicorn's own WebSocket implementation choice (``ws="auto"``).
@@ -106,6 +110,33 @@ async def run_bare(port: int, stop: asyncio.Event, naive: bool) -> dict[str, Any
     return {"frames": frames}
 
 
+async def run_naive_forward(port: int, stop: asyncio.Event, sink: str) -> dict[str, Any]:
+    import audioop
+
+    from websockets.asyncio.client import connect
+
+    frames = 0
+
+    async def handler(connection: ServerConnection) -> None:
+        nonlocal frames
+        async with connect(sink, compression=None) as forward:
+            async for message in connection:
+                event = json.loads(message)
+                if event.get("event") == "media":
+                    mulaw = base64.b64decode(event["media"]["payload"])
+                    await forward.send(audioop.ulaw2lin(mulaw, 2))
+                    frames += 1
+                elif event.get("event") == "start":
+                    await forward.send(json.dumps({"event": "start", "call_sid":
+                                                   event["start"]["callSid"]}))
+
+    async with serve(handler, "127.0.0.1", port, ping_interval=None, compression=None,
+                     max_size=65536):
+        print(json.dumps({"ready": True}), flush=True)
+        await stop.wait()
+    return {"frames": frames}
+
+
 async def run_floor(port: int, stop: asyncio.Event) -> dict[str, Any]:
     from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
@@ -187,7 +218,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=["service", "service-latency", "service-recorder",
-                                            "bare", "naive", "fastapi", "floor", "asgi"])
+                                            "bare", "naive", "naive-forward", "fastapi",
+                                            "floor", "asgi"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--transport", choices=["auto", "websockets", "picows"],
@@ -196,6 +228,7 @@ def main() -> None:
     parser.add_argument("--redis-url", help="service variants: run as a fleet member")
     parser.add_argument("--publish-audio", action="store_true",
                         help="with --redis-url: the route publishes its audio")
+    parser.add_argument("--sink", help="naive-forward: the WebSocket URL to forward to")
     args = parser.parse_args()
     configure_logging(level="error")  # keep stdout for the result line
 
@@ -213,6 +246,8 @@ def main() -> None:
             directory = tempfile.mkdtemp(prefix="streamsvc-bench-")
             recorder = resolve_handler("recorder", {"dir": directory}, key="bench")
             coroutine = run_service(args.port, (recorder,), stop, args.transport)
+        elif args.variant == "naive-forward":
+            coroutine = run_naive_forward(args.port, stop, args.sink)
         elif args.variant == "floor":
             coroutine = run_floor(args.port, stop)
         elif args.variant == "fastapi":

@@ -154,6 +154,14 @@ class _QueueRunner:
                     return
         finally:
             self._notify_drained()
+            # The slot refers to this runner: let go of it, so that the ended call is freed
+            # by reference counting. A finished runner takes nothing more.
+            self.slot = _FINISHED
+
+
+# What a finished runner has in place of its slot: a failed one, so put() drops everything.
+_FINISHED: Final = _Slot("finished", Handler())
+_FINISHED.failed = True
 
 
 def _held_bytes(method: str, args: tuple[Any, ...]) -> int:

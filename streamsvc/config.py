@@ -143,6 +143,7 @@ class Settings:
     ping_timeout_s: float = 20.0
     handler_stop_timeout_s: float = 10.0
     drain_timeout_s: float = 25.0
+    gc_full_interval_s: float = 600.0
     # Webhooks
     webhook_path: str = "/twiml"
     status_callback_path: str = "/stream-status"
@@ -381,6 +382,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("drain_timeout_s", ("STREAMSVC_DRAIN_TIMEOUT_S",), float,
             "on SIGTERM, seconds calls in progress may go on before they are closed (1001)",
             minimum=0.0),
+    Setting("gc_full_interval_s", ("STREAMSVC_GC_FULL_INTERVAL_S",), float,
+            "seconds between the served process's full garbage collections while calls run "
+            "(0: CPython's own collector)", minimum=0.0),
     # Webhooks
     Setting("webhook_path", ("STREAMSVC_WEBHOOK_PATH",), str,
             "voice webhook answering TwiML that streams to this service (first route; "

@@ -167,6 +167,16 @@ class LiveSession(Session):
                 raise TypeError(f"hand-off parameters are text: {name!r}")
         return self._hand_off(to, dict(parameters or {}))
 
+    def release(self) -> None:
+        """The call is over: drop the server's callbacks (which refer back to the call), so
+        that the ended call is freed as soon as nothing refers to it, without waiting for
+        the cycle collector. What a handler still asks of the session afterwards does
+        nothing (talk-back, context) or raises (hand-off, hang-up)."""
+        self._wake = _nothing
+        self._context_updated = None
+        self._hand_off = _ended_hand_off
+        self._end_call = _ended_call
+
     def hang_up(self) -> None:
         """End the call: the platform's own message (Genesys's ``disconnect``, reason
         ``completed``), after which the platform closes the stream (the service closes it
@@ -329,3 +339,15 @@ class LiveSession(Session):
 def _resolve(future: asyncio.Future[MarkResult], result: MarkResult) -> None:
     if not future.done():
         future.set_result(result)
+
+
+def _nothing() -> None:
+    """A released session's wake: nothing listens any more."""
+
+
+def _ended_hand_off(to: str, parameters: Mapping[str, str]) -> asyncio.Future[HandOffResult]:
+    raise LocalProtocolError("the call has ended: nothing can hand it off")
+
+
+def _ended_call() -> None:
+    raise LocalProtocolError("the call has ended")

@@ -40,6 +40,7 @@ class FakeStt:
     drop_first: bool = False
     starts: list[dict[str, object]] = field(default_factory=list)
     audio_bytes: int = 0
+    sizes: list[int] = field(default_factory=list)  # of each binary message
     stops: list[dict[str, object]] = field(default_factory=list)
 
     async def handle(self, connection: ServerConnection) -> None:
@@ -48,6 +49,7 @@ class FakeStt:
         seconds, heard_here = 0, 0
         async for message in connection:
             if isinstance(message, bytes):
+                self.sizes.append(len(message))
                 self.audio_bytes += len(message)
                 heard_here += len(message)
                 if self.drop_first and len(self.starts) == 1 and heard_here >= 8000:
@@ -67,6 +69,12 @@ async def stt() -> AsyncIterator[tuple[FakeStt, Server]]:
     fake = FakeStt()
     async with serve(fake.handle, "127.0.0.1", 0) as server:
         yield fake, server
+
+
+@pytest.fixture(params=["picows", "websockets"])
+def client(request: pytest.FixtureRequest) -> str:
+    """Each WebSocket client ``forward`` can send with."""
+    return str(request.param)
 
 
 async def run_call(handlers: tuple[HandlerSpec, ...], fixture_name: str, *,
@@ -109,11 +117,11 @@ async def test_the_stt_example_forwards_every_frame_and_logs_each_transcript(
 
 
 async def test_forward_reconnects_and_sends_start_again(stt: tuple[FakeStt, Server],
-                                                        logs: LogEvents) -> None:
+                                                        logs: LogEvents, client: str) -> None:
     fake, stt_server = stt
     fake.drop_first = True
     url = f"ws://127.0.0.1:{stt_server.sockets[0].getsockname()[1]}/listen"
-    forward = resolve_handler("forward", {"url": url}, key="t")
+    forward = resolve_handler("forward", {"url": url, "client": client}, key="t")
     await run_call((forward,), "inbound_params.jsonl", speed=1)  # a 4 s call
     (stopped,) = events(logs, "stream.stopped")
     report = stopped["handlers"]["forward"]
@@ -127,8 +135,9 @@ async def test_forward_reconnects_and_sends_start_again(stt: tuple[FakeStt, Serv
 
 
 async def test_forward_to_a_service_that_is_down_drops_and_counts_and_the_call_goes_on(
-        logs: LogEvents) -> None:
-    forward = resolve_handler("forward", {"url": "ws://127.0.0.1:9/nothing"}, key="t")
+        logs: LogEvents, client: str) -> None:
+    forward = resolve_handler("forward", {"url": "ws://127.0.0.1:9/nothing",
+                                          "client": client}, key="t")
     result = await run_call((forward, HandlerSpec("log", LogHandler)), "inbound_params.jsonl")
     assert result.ok
     (stopped,) = events(logs, "stream.stopped")
@@ -136,6 +145,27 @@ async def test_forward_to_a_service_that_is_down_drops_and_counts_and_the_call_g
     report = stopped["handlers"]["forward"]
     assert (0, 204) == (report["frames_sent"], report["dropped_frames"])
     assert 1 == len(events(logs, "forward.disconnected"))  # once, not per frame
+    assert client == report["client"]
+
+
+@pytest.mark.parametrize("batch_ms", [20, 100, 60])
+async def test_forward_gathers_batch_ms_of_audio_per_message(
+        stt: tuple[FakeStt, Server], logs: LogEvents, client: str, batch_ms: int) -> None:
+    """Each binary message carries ``batch_ms`` of the track (the last one what was left
+    when the call ended); every frame is counted once, in order."""
+    fake, stt_server = stt
+    url = f"ws://127.0.0.1:{stt_server.sockets[0].getsockname()[1]}/listen"
+    forward = resolve_handler("forward", {"url": url, "client": client,
+                                          "batch_ms": batch_ms}, key="t")
+    await run_call((forward,), "inbound_params.jsonl")
+    (stopped,) = events(logs, "stream.stopped")
+    report = stopped["handlers"]["forward"]
+    per_message = batch_ms // 20
+    whole, left = divmod(204, per_message)
+    assert [per_message * 320] * whole + [left * 320] * bool(left) == fake.sizes
+    assert (204, 0, len(fake.sizes) + 2) == (  # and the start and stop messages
+        report["frames_sent"], report["dropped_frames"], report["messages_sent"])
+    assert [{"event": "stop", "reason": "stop"}] == fake.stops
 
 
 async def test_the_dtmf_bot_answers_key_presses_and_barges_in(logs: LogEvents,

@@ -108,6 +108,11 @@ async def test_a_json_service_gets_the_start_events_and_stop_then_its_closing_me
     ({"url": "ws://x", "messages": "some"}, "messages must be all or none"),
     ({"url": "ws://x", "messages": "none", "tracks": ["inbound", "outbound"]}, "one track"),
     ({"url": "http://x/{call_sid}"}, "ws:// or wss://"),
+    ({"url": "ws://x", "batch_ms": 30}, "batch_ms must be a multiple of 20"),
+    ({"url": "ws://x", "batch_ms": 0}, "batch_ms must be a multiple of 20"),
+    ({"url": "ws://x", "batch_ms": 1020}, "batch_ms must be a multiple of 20"),
+    ({"url": "ws://x", "batch_ms": True}, "batch_ms must be a multiple of 20"),
+    ({"url": "ws://x", "client": "aiohttp"}, "client must be auto, picows or websockets"),
 ])
 def test_options_no_call_could_run_with_fail_at_start_up(options: dict[str, object],
                                                          said: str) -> None:

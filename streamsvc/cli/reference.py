@@ -176,6 +176,12 @@ MEANINGS: Final[dict[str, str]] = {
     "handler_stop_timeout_s": 'seconds queued handlers get to catch up and finish `on_stop`',
     "drain_timeout_s": (
         'on SIGTERM, how long calls in progress may go on before they are closed with 1001'),
+    "gc_full_interval_s": (
+        '`streamsvc serve` freezes what start-up made, turns off CPython\'s own full garbage '
+        'collections (each walks every live call\'s objects: a stall of 100 ms and more at '
+        '2,000 calls) and runs one itself this often while calls are in progress, and once '
+        'when none is (`server.gc`); `0`: CPython\'s collector as it is (see '
+        '[docs/performance.md](performance.md))'),
     "webhook_path": (
         'voice webhook answering TwiML that streams to this service (see "Passing call '
         'context into the stream"); on a Vonage route, the answer URL answering an NCCO '

@@ -24,6 +24,7 @@ from streamsvc.config import SETTINGS, Settings, load_settings
 from streamsvc.exceptions import ConfigError
 from streamsvc.logs import capture_prints, configure_logging, flush_logging
 from streamsvc.server import StreamServer
+from streamsvc.server.gc_policy import GcPolicy
 
 __all__ = ["add_parser", "run"]
 
@@ -167,13 +168,21 @@ async def _run_server(settings: Settings) -> None:
 
     restore = on_signals(asyncio.get_running_loop(), on_signal)
     server = StreamServer(settings)
+    collector = GcPolicy(settings.gc_full_interval_s, lambda: server.active_calls,
+                         lambda: server.calls_begun)
+    collecting: asyncio.Task[None] | None = None
     try:
+        collector.apply()  # before the loop-lag probe starts: its collection is start-up's
         await server.start()
+        collecting = asyncio.get_running_loop().create_task(collector.run())
         try:
             await drain.wait()
         finally:
             await server.drain(settings.drain_timeout_s, abort=abort)
     finally:
+        if collecting is not None:
+            collecting.cancel()
+        collector.restore()
         restore()
 
 

@@ -478,6 +478,9 @@ class CallCore:
             counts[address] -= 1
             if counts[address] <= 0:
                 del counts[address]
+        # The session's callbacks are this call's methods: without them the ended call is
+        # freed by reference counting, not left for a full collection (a loop stall).
+        self.session.release()
 
     def _hold_media(self, media: wire.Media) -> None:
         if self._held is not None and len(self._held) < MAX_HELD_EVENTS:

@@ -28,6 +28,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from streamsvc.logs import dropped_lines
+from streamsvc.server.loop_lag import BUCKETS_S as LOOP_LAG_BUCKETS_S
+from streamsvc.server.loop_lag import LoopLag
 
 if TYPE_CHECKING:
     from streamsvc.fleet.node import FleetNode
@@ -95,6 +97,7 @@ class Metrics(Collector):
         self.acs_callbacks: collections.Counter[str] = collections.Counter()
         self.handler_latency: dict[str, LatencyHistogram] = collections.defaultdict(
             LatencyHistogram)
+        self.loop_lag = LoopLag()  # sampled while the server runs
         self.share: WorkerShare | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -211,6 +214,19 @@ class Metrics(Collector):
                 buckets.append((_bound(bound), cumulative))
             latency.add_metric([handler], buckets, histogram.total)
         yield latency
+        lag = self.loop_lag
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LOOP_LAG_BUCKETS_S, float("inf")), lag.counts, strict=True):
+            cumulative += count
+            buckets.append((_bound(bound), cumulative))
+        loop_lag = HistogramMetricFamily(
+            "streamsvc_event_loop_lag_seconds",
+            "How late the event loop ran a callback that was due (sampled every 5 ms): "
+            "periodic stalls show here.")
+        loop_lag.add_metric([], buckets, lag.total)
+        yield loop_lag
+        yield _gauge("streamsvc_event_loop_lag_max_seconds",
+                     "The longest event-loop lag in the last 60 s.", lag.recent_max())
 
 
 def _bus_families(bus: FleetNode) -> Iterator[Metric]:
@@ -296,7 +312,10 @@ class WorkerShare:
                 family_values = values.setdefault(name, {})
                 for sample_name, labels, value in samples:
                     key = (sample_name, tuple(sorted(labels.items())))
-                    family_values[key] = family_values.get(key, 0.0) + value
+                    if name.endswith("_max_seconds"):  # the worst worker's, not a sum
+                        family_values[key] = max(family_values.get(key, 0.0), value)
+                    else:
+                        family_values[key] = family_values.get(key, 0.0) + value
         for name, family in families.items():
             for (sample_name, labels), value in values[name].items():
                 family.add_sample(sample_name, dict(labels), value)

@@ -87,6 +87,8 @@ class StreamServer:
         self._server: Server | None = None
         self._fast_server: asyncio.Server | None = None  # transport = "picows"
         self._publisher: asyncio.Task[None] | None = None  # shares metrics with workers
+        self._loop_lag: asyncio.Task[None] | None = None  # samples the event loop's lag
+        self.calls_begun = 0  # connections taken since start
         self.picows_calls: set[ShellCall] = set()  # their connections in progress
         self._shutting_down = False
         self.stop_deadline: float | None = None  # loop time by which a drain must be done
@@ -132,6 +134,7 @@ class StreamServer:
         if s.shared_metrics_dir is not None:
             share = self.metrics.share_with_workers(s.shared_metrics_dir)
             self._publisher = asyncio.get_running_loop().create_task(_publish(share))
+        self._loop_lag = asyncio.get_running_loop().create_task(self.metrics.loop_lag.run())
         auth = {route.path: route_auth(route, s) for route in s.routes}
         signed = any(check is not None for check in auth.values())
         if not listen:
@@ -226,6 +229,9 @@ class StreamServer:
                 await self.fleet.stop()
             if self.acs_auth is not None:
                 self.acs_auth.stop()
+            if self._loop_lag is not None:
+                self._loop_lag.cancel()
+                self._loop_lag = None
             if self._publisher is not None:
                 self._publisher.cancel()
                 self._publisher = None
@@ -438,6 +444,7 @@ class StreamServer:
                 settings.acs_callback_path, *context, HEALTH_PATH, READY_PATH, METRICS_PATH]
 
     def call_began(self) -> None:
+        self.calls_begun += 1
         self.metrics.active_calls += 1
         self._idle.clear()
 

@@ -258,8 +258,11 @@ class _Listener(WSListener):
             self.context.run(call.frame, frame)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if self.call is not None:
-            self.context.run(self.call.disconnected)
+        # picows calls nothing more: the call (which refers to the transport, which refers
+        # to this listener) is let go, so that it is freed once it has finished.
+        call, self.call = self.call, None
+        if call is not None:
+            self.context.run(call.disconnected)
 
 
 class _PicowsCall(CallCore):
@@ -422,6 +425,7 @@ class _PicowsCall(CallCore):
         return "aborted"
 
     def _done(self) -> None:
+        self.timers.clear()
         self.closed()
         self.server.picows_calls.discard(self)
         self.server.call_ended()

@@ -108,6 +108,9 @@ async def _handle(server: TransportHost, connection: ServerConnection) -> None:
     finally:
         call.closed()
         server.call_ended()
+        # websockets' connection objects refer to each other: whatever of ours they hold
+        # would wait for a full collection.
+        del connection.admitted  # type: ignore[attr-defined]
 
 
 def _http_aware_connection(server: TransportHost) -> type[ServerConnection]:
@@ -228,6 +231,8 @@ class _Call(CallCore):
             await self._drain()
             if self.writer is not None:
                 self.writer.cancel()
+                # Its CancelledError's traceback refers back to this call: let go of it.
+                self.writer = None
 
     async def _await_start(self) -> bool:
         """Receive until ``start``; False if the stream ended or timed out first."""
