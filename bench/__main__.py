@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import forward, parse, server, stages
+from . import forward, parse, served, server, stages
 
 SUITES = {
     "parse": parse.main,
@@ -15,6 +15,7 @@ SUITES = {
     "memory": server.memory_suite,
     "bus": server.bus_suite,
     "forward": forward.suite,
+    "gc": served.ramp_suite,
 }
 
 

@@ -1,5 +1,8 @@
 """A cheap load generator: many Twilio-like real-time streams from one process, over raw
-sockets, so that the server under test gets the CPU.
+sockets, so that the server under test gets the CPU. The suites use its compiled twin,
+``bench/loadgen.c`` (the same streams at about 13 us of CPU a frame on loopback, most of
+it the kernel's; :func:`compiled_loadgen` builds it with the machine's C compiler), and
+fall back to this one where there is none.
 
     python -m bench.loadgen --url ws://127.0.0.1:8080/stream --calls 500 --seconds 10
 

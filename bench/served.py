@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -226,3 +227,83 @@ def _report(process: str, tracks: str, calls: int, step: dict[str, Any]) -> bool
               "measurement, not of the server")
         return False
     return passes(step)
+
+
+def ramp_once(interval_s: float, waves: int, calls_per_wave: int, gap_s: float,
+              directory: Path) -> dict[str, Any]:
+    """``streamsvc serve`` with ``gc_full_interval_s = interval_s`` while calls join in
+    waves, each wave streaming until the end: the latency over every frame and the
+    longest loop stall, from the first wave's start to the last call's end."""
+    binary = compiled_loadgen()
+    if binary is None:
+        raise RuntimeError("the ramp needs the compiled load generator (a C compiler)")
+    port = free_port()
+    config = directory / f"ramp-{port}.toml"
+    config.write_text(
+        f"[server]\nport = {port}\nmax_connections = 10000\n"
+        f"gc_full_interval_s = {interval_s}\n\n[[routes]]\npath = \"/stream\"\n"
+        'handlers = ["bench.latency:LatencyHandler"]\n', encoding="utf-8")
+    log = directory / f"ramp-{port}.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "streamsvc", "serve", "--config",
+                                   str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                  cwd=ROOT, preexec_fn=pin(SERVER_CPU))
+    try:
+        while b'"server.listening"' not in log.read_bytes():
+            if server.poll() is not None:
+                raise RuntimeError(log.read_text())
+            time.sleep(0.05)
+        before = lag_buckets(port)
+        generators = []
+        total_s = waves * gap_s + 4.0
+        for wave in range(waves):
+            generator = subprocess.Popen(
+                [str(binary), "127.0.0.1", str(port), "/stream", str(calls_per_wave),
+                 str(total_s - wave * gap_s), "1", str(wave * 100_000)],
+                stdout=subprocess.PIPE, text=True, preexec_fn=pin(LOAD_CPU))
+            assert generator.stdout is not None
+            generator.stdout.readline()
+            generators.append(generator)
+            time.sleep(gap_s)
+        for generator in generators:
+            assert generator.stdout is not None
+            generator.stdout.read()
+            generator.wait()
+        stall = longest_stall_ms(before, lag_buckets(port))
+        server.terminate()
+        server.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            server.kill()
+    reports = []
+    for line in log.read_bytes().splitlines():
+        if b'"stream.stopped"' in line:
+            reports += [r for r in json.loads(line)["handlers"].values()
+                        if "latency_0_1ms" in r]
+    return {"latency_ms": latency.percentiles(latency.merge(reports)), "stall_ms": stall}
+
+
+def ramp_suite(*, quick: bool = False) -> None:
+    """The collection policy's effect: calls joining while others stream, with
+    ``gc_full_interval_s`` at its default and at 0 (CPython's own collector), rounds
+    interleaved."""
+    waves, per_wave, gap_s, repeats = (4, 100, 1.0, 1) if quick else (6, 125, 1.5, 3)
+    print(f"\ngc: {waves} waves of {per_wave} calls joining {gap_s:g} s apart while the "
+          f"earlier ones stream (streamsvc serve, the latency handler), median of {repeats} "
+          "(min-max), rounds interleaved")
+    print(f"{'collector':36} {'p99 ms':>7} {'spread':>11} {'max ms':>7} {'spread':>11} "
+          f"{'stall ms':>9} {'spread':>11}")
+    variants = [("policy (gc_full_interval_s = 600)", 600.0),
+                ("CPython's own (gc_full_interval_s = 0)", 0.0)]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
+    with tempfile.TemporaryDirectory(prefix="streamsvc-ramp-") as directory:
+        for _ in range(repeats):
+            for name, interval in variants:
+                runs[name].append(ramp_once(interval, waves, per_wave, gap_s, Path(directory)))
+    for name, _ in variants:
+        p99 = [r["latency_ms"].get("p99", 0.0) for r in runs[name]]
+        worst = [r["latency_ms"].get("max", 0.0) for r in runs[name]]
+        stall = [r["stall_ms"] for r in runs[name]]
+        print(f"{name:36} " + " ".join(
+            f"{statistics.median(values):7.1f} {min(values):5.1f}-{max(values):<5.1f}"
+            for values in (p99, worst, stall)), flush=True)
