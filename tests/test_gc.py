@@ -24,7 +24,7 @@ from streamsvc.handlers import resolve_handler
 from streamsvc.replay import replay
 from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
-from streamsvc.server.gc_policy import NO_AUTOMATIC_FULL, GcPolicy
+from streamsvc.server.gc_policy import NO_AUTOMATIC_FULL, GcPolicy, calls_between, interval_for
 from streamsvc.server.loop_lag import BUCKETS_S, LoopLag
 from tests.conftest import BUNDLED, LogEvents, events, until
 
@@ -158,6 +158,33 @@ async def test_the_policy_collects_once_no_call_is_in_progress(
         await until(lambda: policy.collections == 2)
     finally:
         running.cancel()
+
+
+async def test_the_policy_collects_after_twice_the_calls_in_progress_have_begun(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("streamsvc.server.gc_policy.CHECK_EVERY_S", 0.01)
+    monkeypatch.setattr("streamsvc.server.gc_policy.MIN_CALLS_BETWEEN", 5)
+    begun = [0]
+    policy = GcPolicy(3600, lambda: 4, lambda: begun[0])
+    running = asyncio.get_running_loop().create_task(policy.run())
+    try:
+        await asyncio.sleep(0.02)  # the policy has looked once
+        begun[0] = 7  # fewer than twice the 4 in progress
+        await asyncio.sleep(0.05)
+        assert 0 == policy.collections
+        begun[0] = 8
+        await until(lambda: policy.collections == 1)
+    finally:
+        running.cancel()
+    assert (5, 1000, 5000) == (calls_between(0), calls_between(500), calls_between(2500))
+
+
+def test_the_policy_applies_on_picows_only() -> None:
+    """websockets' connections are cycles of the library's own: every ended one is
+    garbage for the collector, so CPython's collector stays on that transport."""
+    assert 600 == interval_for(Settings(transport="picows"))
+    assert 0 == interval_for(Settings(transport="websockets"))
+    assert 0 == interval_for(Settings(transport="picows", gc_full_interval_s=0))
 
 
 def test_loop_lag_counts_each_sample_and_keeps_the_last_minutes_longest() -> None:

@@ -207,10 +207,11 @@ EVENTS: Final[tuple[Event, ...]] = (
            'server.stop_timeout',),
           '`pid`, `exit_code`, `restart_in_s`; `deaths`; `within_s`, `active_calls`'),
     Event(('server.gc',),
-          ('`reason` (`interval`: every `gc_full_interval_s` while calls run | `idle`: once '
-           'no call is), `duration_ms`, `collected` (objects freed), `active_calls`: a full '
-           'garbage collection `streamsvc serve` ran (debug level; info when it took 50 ms '
-           'or more)')),
+          ('`reason` (`interval`: every `gc_full_interval_s` while calls run | `calls`: '
+           'twice as many calls as are in progress, at least 1,000, began since the last | '
+           '`idle`: once no call is), `duration_ms`, `collected` (objects freed), '
+           '`active_calls`: a full garbage collection `streamsvc serve` ran (debug level; '
+           'info when it took 50 ms or more)')),
     Event(('server.loop_stall',),
           ('`lag_ms` (the event loop ran a due callback this late: a handler blocking, a '
            'long garbage collection; 100 ms or more, at most once per 10 s), `not_logged` '

@@ -177,10 +177,12 @@ MEANINGS: Final[dict[str, str]] = {
     "drain_timeout_s": (
         'on SIGTERM, how long calls in progress may go on before they are closed with 1001'),
     "gc_full_interval_s": (
-        '`streamsvc serve` freezes what start-up made, turns off CPython\'s own full garbage '
-        'collections (each walks every live call\'s objects: a stall of 100 ms and more at '
-        '2,000 calls) and runs one itself this often while calls are in progress, and once '
-        'when none is (`server.gc`); `0`: CPython\'s collector as it is (see '
+        'on the picows transport (the default), `streamsvc serve` freezes what start-up '
+        'made, turns off CPython\'s own full garbage collections (each walks every live '
+        'call\'s objects: a stall of 100 ms and more at 2,000 calls) and runs one itself this '
+        'often while calls are in progress, sooner once twice as many calls as are in '
+        'progress (at least 1,000) have begun since the last, and once when none is '
+        '(`server.gc`); `0`, or the websockets transport: CPython\'s collector as it is (see '
         '[docs/performance.md](performance.md))'),
     "webhook_path": (
         'voice webhook answering TwiML that streams to this service (see "Passing call '

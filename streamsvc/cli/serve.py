@@ -24,7 +24,7 @@ from streamsvc.config import SETTINGS, Settings, load_settings
 from streamsvc.exceptions import ConfigError
 from streamsvc.logs import capture_prints, configure_logging, flush_logging
 from streamsvc.server import StreamServer
-from streamsvc.server.gc_policy import GcPolicy
+from streamsvc.server.gc_policy import GcPolicy, interval_for
 
 __all__ = ["add_parser", "run"]
 
@@ -168,7 +168,7 @@ async def _run_server(settings: Settings) -> None:
 
     restore = on_signals(asyncio.get_running_loop(), on_signal)
     server = StreamServer(settings)
-    collector = GcPolicy(settings.gc_full_interval_s, lambda: server.active_calls,
+    collector = GcPolicy(interval_for(settings), lambda: server.active_calls,
                          lambda: server.calls_begun)
     collecting: asyncio.Task[None] | None = None
     try:

@@ -14,10 +14,14 @@ With ``gc_full_interval_s`` above 0 (the default, 600), the served process:
 * keeps CPython's young collections as they are (they walk recent objects only: a few
   thousand) and turns off its own full collections;
 * runs a full collection itself every ``gc_full_interval_s`` seconds while calls are in
-  progress (what a handler's reference cycles left is freed then), and once as soon as
-  no call is: ``server.gc`` says what each took and freed.
+  progress, or sooner once twice as many calls as are in progress (at least 1,000) have
+  begun since the last one (what a handler's reference cycles left is freed then), and
+  once as soon as no call is: ``server.gc`` says what each took and freed.
 
-``gc_full_interval_s = 0`` leaves CPython's collector as it is."""
+On the picows transport (the default) only: websockets' connection objects refer to one
+another (the library's design), so on that transport every ended connection is garbage for
+the collector and CPython's own collector stays. ``gc_full_interval_s = 0`` leaves it as
+it is on any transport."""
 
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ from typing import Final
 
 import structlog
 
-__all__ = ["GcPolicy"]
+from streamsvc.config import Settings
+
+__all__ = ["GcPolicy", "calls_between", "interval_for"]
 
 logger = structlog.get_logger("streamsvc.server")
 
@@ -37,6 +43,7 @@ logger = structlog.get_logger("streamsvc.server")
 NO_AUTOMATIC_FULL: Final = 1 << 30
 CHECK_EVERY_S: Final = 1.0
 SLOW_COLLECTION_S: Final = 0.05  # a full collection this long is logged at info
+MIN_CALLS_BETWEEN: Final = 1000
 
 
 class GcPolicy:
@@ -81,13 +88,14 @@ class GcPolicy:
             collected=collected, active_calls=self.active_calls())
 
     async def run(self) -> None:
-        """Collect every ``full_interval_s`` while calls are in progress, and once each
-        time none is; until cancelled."""
+        """Collect every ``full_interval_s`` while calls are in progress, sooner when as
+        many calls have come and gone as :meth:`calls_between` says, and once each time
+        none is; until cancelled."""
         if not self.enabled:
             return
         loop = asyncio.get_running_loop()
         last = loop.time()
-        begun = self.calls_begun()
+        begun = collected_at = self.calls_begun()
         calls_since = False  # start-up just collected
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
@@ -95,10 +103,28 @@ class GcPolicy:
             active = self.active_calls()
             if active or self.calls_begun() != begun:
                 calls_since, begun = True, self.calls_begun()
+            reason = None
             if active == 0:
                 if calls_since:  # calls came and went since the last collection
-                    self.collect("idle")
-                    calls_since, last = False, now
+                    reason = "idle"
             elif now - last >= self.full_interval_s:
-                self.collect("interval")
-                last = now
+                reason = "interval"
+            elif begun - collected_at >= calls_between(active):
+                reason = "calls"
+            if reason is not None:
+                self.collect(reason)
+                calls_since, last, collected_at = False, now, begun
+
+
+def interval_for(settings: Settings) -> float:
+    """The policy's interval for a server with ``settings``: 0 (CPython's collector) on the
+    websockets transport, whose connections are reference cycles of the library's own."""
+    return settings.gc_full_interval_s if settings.effective_transport == "picows" else 0.0
+
+
+def calls_between(active: int) -> int:
+    """How many calls may begin between two full collections while ``active`` are in
+    progress: twice as many, at least :data:`MIN_CALLS_BETWEEN`. What a handler's cycles
+    leave per call waits for at most that many calls (CPython's own rule collects each
+    time a quarter of the objects are new: calls replacing a quarter of the live ones)."""
+    return max(MIN_CALLS_BETWEEN, 2 * active)
