@@ -39,10 +39,11 @@ What the service receives, in order:
 * ``{"event": "stop", "reason"}`` when the call ends; the service may still answer (a last
   transcript) until it closes the connection, or ``linger_s`` has passed.
 
-The call never waits for the service. With picows, audio is converted and written to the
-connection in the receive loop itself, as it comes: no queue, no task switch per frame
-(when the service reads slower than the call speaks, up to ``max_queue_frames`` of audio
-waits in the socket's buffer, then frames are dropped and counted). While the connection
+The call never waits for the service. With picows, audio is converted in the receive loop
+itself, as it comes, and written with every call's other writes of that turn of the event
+loop, back to back at its end: no queue, no task switch per frame (when the service reads
+slower than the call speaks, up to ``max_queue_frames`` of audio waits in the socket's
+buffer, then frames are dropped and counted). While the connection
 is being made, and with websockets, frames wait in a bounded queue that one task per call
 sends. When the queue is full, or when a connection is lost, audio is dropped and counted
 (``dropped_frames`` in the call summary). A lost connection is retried with exponential
