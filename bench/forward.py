@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .loadgen import compiled_loadgen
+from .served import start_served
 from .server import LOAD_CPU, SERVER_CPU, cpu_seconds, free_port, installed, pin, warm_up
 
 ROOT = Path(__file__).parent.parent
@@ -34,17 +35,14 @@ def _ready(process: subprocess.Popen[str]) -> None:
         raise RuntimeError(f"not ready: {line!r}")
 
 
-def _served_command(port: int, sink: str, options: dict[str, Any] | None,
-                    directory: Path) -> list[str]:
-    config = directory / f"forward-{port}.toml"
+def _served_config(port: int, sink: str, options: dict[str, Any] | None) -> str:
     lines = ["[server]", f"port = {port}", "max_connections = 10000", "",
              "[[routes]]", 'path = "/stream"',
              f"handlers = {json.dumps(['forward'] if options is not None else [])}"]
     if options is not None:
         lines += ["", "[handlers.forward]", f'url = "{sink}/listen?call={{call_sid}}"']
         lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return [sys.executable, "-m", "streamsvc", "serve", "--config", str(config)]
+    return "\n".join(lines) + "\n"
 
 
 def run_once(variant: str, options: dict[str, Any] | None, calls: int, seconds: float,
@@ -56,7 +54,7 @@ def run_once(variant: str, options: dict[str, Any] | None, calls: int, seconds: 
     sink = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port", str(sink_port)],
                             stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             preexec_fn=pin(LOAD_CPU))
-    server: subprocess.Popen[str] | None = None
+    server: subprocess.Popen[Any] | None = None
     log = directory / f"{variant}-{port}.log"
     try:
         _ready(sink)
@@ -67,15 +65,7 @@ def run_once(variant: str, options: dict[str, Any] | None, calls: int, seconds: 
                 cwd=ROOT, preexec_fn=pin(SERVER_CPU))
             _ready(server)
         else:
-            with log.open("wb") as out:
-                server = subprocess.Popen(_served_command(port, sink_url, options, directory),
-                                          stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                          preexec_fn=pin(SERVER_CPU), text=True)
-            deadline = time.monotonic() + 30
-            while b'"server.listening"' not in log.read_bytes():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"streamsvc serve did not start: {log.read_text()}")
-                time.sleep(0.05)
+            server = start_served(_served_config(port, sink_url, options), log)
         url = f"ws://127.0.0.1:{port}/stream"
         warm_frames = warm_up(url)
         command = ([str(binary), "127.0.0.1", str(port), "/stream", str(calls),

@@ -96,28 +96,47 @@ def longest_stall_ms(before: dict[float, float], after: dict[float, float]) -> f
     return highest * 1000
 
 
+LATENCY_ROUTE = '[[routes]]\npath = "/stream"\nhandlers = ["bench.latency:LatencyHandler"]\n'
+
+
+def start_served(config: str, log: Path) -> subprocess.Popen[bytes]:
+    """``streamsvc serve --config`` with ``config`` (TOML), pinned to the server's core,
+    its log in ``log``; returns once it listens."""
+    path = log.with_suffix(".toml")
+    path.write_text(config, encoding="utf-8")
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "streamsvc", "serve", "--config",
+                                   str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                  cwd=ROOT, preexec_fn=pin(SERVER_CPU))
+    deadline = time.monotonic() + 30
+    while b'"server.listening"' not in log.read_bytes():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"streamsvc serve did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return server
+
+
+def stopped_lines(log: Path) -> tuple[list[dict[str, Any]], int]:
+    """From a served process's log: the latency handler's reports, and the frames its
+    calls' summaries counted."""
+    reports, received = [], 0
+    for line in log.read_bytes().splitlines():
+        if b'"stream.stopped"' in line:
+            stopped = json.loads(line)
+            received += sum(stopped["frames"].values())
+            reports += [r for r in stopped["handlers"].values() if "latency_0_1ms" in r]
+    return reports, received
+
+
 def run_step(binary: Path | None, calls: int, seconds: float, tracks: int,
              directory: Path) -> dict[str, Any]:
     port = free_port()
-    config = directory / "streamsvc.toml"
-    config.write_text(
-        "[server]\n"
-        f"port = {port}\n"
-        "max_connections = 10000  # the default 1000 is below what is measured here\n\n"
-        "[[routes]]\n"
-        'path = "/stream"\n'
-        'handlers = ["bench.latency:LatencyHandler"]\n', encoding="utf-8")
     log = directory / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "streamsvc", "serve", "--config",
-                                   str(config)], stdout=out, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, preexec_fn=pin(SERVER_CPU))
+    # max_connections: the default 1,000 is below what is measured here.
+    server = start_served(f"[server]\nport = {port}\nmax_connections = 10000\n\n"
+                          + LATENCY_ROUTE, log)
     try:
-        deadline = time.monotonic() + 30
-        while b'"server.listening"' not in log.read_bytes():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamsvc serve did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
         generators = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                                        cwd=ROOT, preexec_fn=pin(LOAD_CPU))
                       for command in load_command(binary, port, calls, seconds, tracks)]
@@ -147,13 +166,7 @@ def run_step(binary: Path | None, calls: int, seconds: float, tracks: int,
     finally:
         with contextlib.suppress(ProcessLookupError):
             server.kill()
-    reports, received = [], 0
-    for line in log.read_bytes().splitlines():
-        if b'"stream.stopped"' not in line:
-            continue
-        stopped = json.loads(line)
-        received += sum(stopped["frames"].values())
-        reports += [r for r in stopped["handlers"].values() if "latency_0_1ms" in r]
+    reports, received = stopped_lines(log)
     sent = sum(load["frames_sent"] for load in loads)
     return {"calls": sum(load["calls"] for load in loads),
             "failed": sum(load["failed"] for load in loads), "frames_sent": sent,
@@ -238,21 +251,10 @@ def ramp_once(interval_s: float, waves: int, calls_per_wave: int, gap_s: float,
     if binary is None:
         raise RuntimeError("the ramp needs the compiled load generator (a C compiler)")
     port = free_port()
-    config = directory / f"ramp-{port}.toml"
-    config.write_text(
-        f"[server]\nport = {port}\nmax_connections = 10000\n"
-        f"gc_full_interval_s = {interval_s}\n\n[[routes]]\npath = \"/stream\"\n"
-        'handlers = ["bench.latency:LatencyHandler"]\n', encoding="utf-8")
     log = directory / f"ramp-{port}.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "streamsvc", "serve", "--config",
-                                   str(config)], stdout=out, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, preexec_fn=pin(SERVER_CPU))
+    server = start_served(f"[server]\nport = {port}\nmax_connections = 10000\n"
+                          f"gc_full_interval_s = {interval_s}\n\n" + LATENCY_ROUTE, log)
     try:
-        while b'"server.listening"' not in log.read_bytes():
-            if server.poll() is not None:
-                raise RuntimeError(log.read_text())
-            time.sleep(0.05)
         before = lag_buckets(port)
         generators = []
         total_s = waves * gap_s + 4.0
@@ -275,11 +277,7 @@ def ramp_once(interval_s: float, waves: int, calls_per_wave: int, gap_s: float,
     finally:
         with contextlib.suppress(ProcessLookupError):
             server.kill()
-    reports = []
-    for line in log.read_bytes().splitlines():
-        if b'"stream.stopped"' in line:
-            reports += [r for r in json.loads(line)["handlers"].values()
-                        if "latency_0_1ms" in r]
+    reports, _ = stopped_lines(log)
     return {"latency_ms": latency.percentiles(latency.merge(reports)), "stall_ms": stall}
 
 

@@ -233,23 +233,10 @@ class _AsgiCall(CallCore):
     def send_now(self, frame: bytes) -> None:
         self.outgoing.put_nowait(frame)
 
-    def _close(self, code: int, reason: str, why: StopReason) -> None:
+    def close_with(self, code: int, reason: str, why: StopReason) -> None:
         if self.closing is None:
             self.closing = why
             self.outgoing.put_nowait((code, reason))
-
-    def end_stream(self, reason: str, why: StopReason = "handed_off") -> None:
-        self._close(1000, reason, why)
-
-    def close_for_policy(self, reason: str) -> None:
-        self._close(CLOSE_POLICY_VIOLATION, reason, "error")
-
-    def hand_over(self) -> None:
-        self.moved = True
-        self._close(1001, "moving to another instance", "shutdown")
-
-    def close_for_shutdown(self) -> None:
-        self._close(1001, "server shutting down", "shutdown")
 
     async def _write(self) -> None:
         with contextlib.suppress(OSError, RuntimeError):  # the client is gone
@@ -302,17 +289,17 @@ class _AsgiCall(CallCore):
             frame: bytes = data if isinstance(data, bytes) else (
                 message.get("text") or "").encode()
             if len(frame) > limit:
-                self._close(1009, "message too big", "error")
+                self.close_with(1009, "message too big", "error")
                 continue
             if self.closing is not None:
                 continue  # closing: what still comes is not part of the stream
             self.frames_received += 1
             self.receive(frame, binary)
             if self.session.state is State.STOPPED:
-                self._close(1000, "", "stop")
+                self.close_with(1000, "", "stop")
             elif self.session.state is State.AWAITING_START and (
                     why := self.no_start_coming()):
-                self._close(CLOSE_POLICY_VIOLATION, why, "error")
+                self.close_with(CLOSE_POLICY_VIOLATION, why, "error")
 
     async def _watch(self) -> None:
         """The start timeout, then the idle watchdog."""
@@ -320,12 +307,12 @@ class _AsgiCall(CallCore):
         await asyncio.sleep(settings.start_timeout_s)
         if self.session.state is State.AWAITING_START and self.closing is None:
             self.log_start_timeout()
-            self._close(CLOSE_POLICY_VIOLATION, "no start message in time", "error")
+            self.close_with(CLOSE_POLICY_VIOLATION, "no start message in time", "error")
             return
         while self.closing is None:
             await asyncio.sleep(self.idle_check_s)
             if self.went_idle():
-                self._close(CLOSE_POLICY_VIOLATION, "no frame in time", "aborted")
+                self.close_with(CLOSE_POLICY_VIOLATION, "no frame in time", "aborted")
 
 
 # ``uvicorn streamsvc.asgi:app``: the service on its own, the settings from the environment.

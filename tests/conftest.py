@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
+from websockets.asyncio.server import ServerConnection, serve
 
 LogEvents = list[dict[str, Any]]
 
@@ -59,3 +61,35 @@ async def until(predicate: Callable[[], object]) -> None:
 def transport(request: pytest.FixtureRequest) -> str:
     """Each transport the server can run on: the tests that take this run on both."""
     return str(request.param)
+
+
+class SttStandIn:
+    """A speech-to-text service's stand-in for ``forward``: each connection's request
+    (path, headers) and the messages it received."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.messages: list[list[str | bytes]] = []
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.requests]
+
+    async def handle(self, connection: ServerConnection) -> None:
+        assert connection.request is not None
+        self.requests.append((connection.request.path, dict(connection.request.headers)))
+        received: list[str | bytes] = []
+        self.messages.append(received)
+        with contextlib.suppress(Exception):
+            async for message in connection:
+                received.append(message)
+
+
+@contextlib.asynccontextmanager
+async def stt_stand_in() -> AsyncIterator[SttStandIn]:
+    """A :class:`SttStandIn` listening on a free loopback port."""
+    stand_in = SttStandIn()
+    async with serve(stand_in.handle, "127.0.0.1", 0) as listening:
+        stand_in.port = listening.sockets[0].getsockname()[1]
+        yield stand_in

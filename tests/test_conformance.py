@@ -15,14 +15,12 @@ import urllib.parse
 import urllib.request
 import wave
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from streamsvc import wire
@@ -37,7 +35,7 @@ from streamsvc.replay.fixture import Fixture, load_fixture
 from streamsvc.replay.signing import SIGNERS
 from streamsvc.server import StreamServer
 from streamsvc.session import CallSummary, Session
-from tests.conftest import BUNDLED, LogEvents, events, outcome_of, until
+from tests.conftest import BUNDLED, LogEvents, SttStandIn, events, outcome_of, stt_stand_in, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PUBLIC = "wss://voice.example.com"
@@ -83,31 +81,14 @@ def read_context(port: int, call_id: str, token: str | None = CONTEXT_TOKEN
         return error.code, {}
 
 
-@dataclass
-class Receiver:
-    """A speech-to-text stand-in: what the forward handler sent, per connection."""
-
-    port: int = 0
-    calls: list[list[str | bytes]] = field(default_factory=list)
-
-    async def handle(self, connection: ServerConnection) -> None:
-        messages: list[str | bytes] = []
-        self.calls.append(messages)
-        with contextlib.suppress(Exception):
-            async for message in connection:
-                messages.append(message)
-
-
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    stand_in = Receiver()
-    async with serve(stand_in.handle, "127.0.0.1", 0) as listening:
-        stand_in.port = listening.sockets[0].getsockname()[1]
+async def receiver() -> AsyncIterator[SttStandIn]:
+    async with stt_stand_in() as stand_in:
         yield stand_in
 
 
 @pytest.fixture
-async def server(tmp_path: Path, receiver: Receiver) -> AsyncIterator[StreamServer]:
+async def server(tmp_path: Path, receiver: SttStandIn) -> AsyncIterator[StreamServer]:
     _, jwks = write_acs_keys(tmp_path / "keys")
 
     def handlers(name: str) -> tuple[HandlerSpec, ...]:
@@ -156,7 +137,7 @@ def decoded(fixture: Fixture, provider: str) -> tuple[bytes, int, int]:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_every_handler_gets_the_calls_audio_and_events_on_every_provider(
-        provider: str, server: StreamServer, receiver: Receiver, tmp_path: Path,
+        provider: str, server: StreamServer, receiver: SttStandIn, tmp_path: Path,
         logs: LogEvents) -> None:
     fixture = load_fixture(FIXTURES / BUNDLED[provider])
     report = await replay([fixture], f"ws://127.0.0.1:{server.port}/{provider}", speed=0,
@@ -174,9 +155,9 @@ async def test_every_handler_gets_the_calls_audio_and_events_on_every_provider(
     audio, rate, _ = decoded(fixture, provider)
     assert rate == started["media_format"]["sample_rate"]
     # forward: a start naming the stream's true rate, then exactly the decoded audio.
-    await until(lambda: receiver.calls and any(
-        isinstance(m, str) and '"stop"' in m for m in receiver.calls[-1]))
-    [messages] = receiver.calls
+    await until(lambda: receiver.messages and any(
+        isinstance(m, str) and '"stop"' in m for m in receiver.messages[-1]))
+    [messages] = receiver.messages
     start = orjson.loads(messages[0])
     assert ("start", "pcm16", rate) == (start["event"], start["audio"]["encoding"],
                                        start["audio"]["sample_rate"])

@@ -4,14 +4,12 @@ a JSON-speaking one, each against a local stand-in of that style."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
 
 from streamsvc.builtins.forward import ForwardHandler
 from streamsvc.config import ConfigError, Route, Settings
@@ -20,38 +18,18 @@ from streamsvc.replay import replay
 from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 
-from .conftest import LogEvents, events, until
+from .conftest import LogEvents, SttStandIn, events, stt_stand_in, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
-class Service:
-    """A speech-to-text stand-in: each connection's request and messages."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        self.messages: list[list[str | bytes]] = []
-
-    async def handle(self, connection: ServerConnection) -> None:
-        assert connection.request is not None
-        self.requests.append((connection.request.path, dict(connection.request.headers)))
-        received: list[str | bytes] = []
-        self.messages.append(received)
-        with contextlib.suppress(Exception):
-            async for message in connection:
-                received.append(message)
-
-
 @pytest.fixture
-async def service() -> AsyncIterator[Service]:
-    stand_in = Service()
-    async with serve(stand_in.handle, "127.0.0.1", 0) as listening:
-        stand_in.port = listening.sockets[0].getsockname()[1]
+async def service() -> AsyncIterator[SttStandIn]:
+    async with stt_stand_in() as stand_in:
         yield stand_in
 
 
-async def run_call(service: Service, options: dict[str, object], logs: LogEvents) -> None:
+async def run_call(service: SttStandIn, options: dict[str, object], logs: LogEvents) -> None:
     forward = resolve_handler("forward", options, key="handlers")
     server = StreamServer(Settings(port=0, routes=(Route("/stream", (forward,)),)))
     await server.start()
@@ -65,7 +43,7 @@ async def run_call(service: Service, options: dict[str, object], logs: LogEvents
 
 
 async def test_an_audio_only_service_gets_its_url_headers_audio_and_closing_message(
-        service: Service, logs: LogEvents) -> None:
+        service: SttStandIn, logs: LogEvents) -> None:
     await run_call(service, {
         "url": f"ws://127.0.0.1:{service.port}/v1/listen?encoding=linear16"
                "&sample_rate={sample_rate}&call={call_sid}&customer={customerId}"
@@ -88,7 +66,7 @@ async def test_an_audio_only_service_gets_its_url_headers_audio_and_closing_mess
 
 
 async def test_a_json_service_gets_the_start_events_and_stop_then_its_closing_message(
-        service: Service, logs: LogEvents) -> None:
+        service: SttStandIn, logs: LogEvents) -> None:
     await run_call(service, {"url": f"ws://127.0.0.1:{service.port}/stream/{{call_sid}}",
                              "close_message": '{"event":"flush"}', "linger_s": 0.2}, logs)
     [(path, _)] = service.requests

@@ -4,19 +4,17 @@ end to end, two routes forwarding to two stand-in speech-to-text services."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
 
 from streamsvc.config import ConfigError, load_settings
 from streamsvc.replay import replay
 from streamsvc.replay.fixture import load_fixture
 from streamsvc.server import StreamServer
 
-from .conftest import LogEvents, events, until
+from .conftest import LogEvents, SttStandIn, events, stt_stand_in, until
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -85,34 +83,14 @@ def test_config_errors_name_the_instance_and_the_key(tmp_path: Path, toml: str, 
     assert said in str(error.value)
 
 
-class Stt:
-    """A speech-to-text stand-in: what each connection sent."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.paths: list[str] = []
-        self.messages: list[list[str | bytes]] = []
-
-    async def handle(self, connection: ServerConnection) -> None:
-        assert connection.request is not None
-        self.paths.append(connection.request.path)
-        received: list[str | bytes] = []
-        self.messages.append(received)
-        with contextlib.suppress(Exception):
-            async for message in connection:
-                received.append(message)
-
-
 @pytest.fixture
-async def stts() -> AsyncIterator[tuple[Stt, Stt]]:
-    one, two = Stt(), Stt()
-    async with serve(one.handle, "127.0.0.1", 0) as a, serve(two.handle, "127.0.0.1", 0) as b:
-        one.port, two.port = a.sockets[0].getsockname()[1], b.sockets[0].getsockname()[1]
+async def stts() -> AsyncIterator[tuple[SttStandIn, SttStandIn]]:
+    async with stt_stand_in() as one, stt_stand_in() as two:
         yield one, two
 
 
 async def test_two_routes_forward_to_two_services_with_their_own_options(
-        tmp_path: Path, stts: tuple[Stt, Stt], logs: LogEvents) -> None:
+        tmp_path: Path, stts: tuple[SttStandIn, SttStandIn], logs: LogEvents) -> None:
     one, two = stts
     settings = settings_of(tmp_path, TWO_ROUTES.format(one=one.port, two=two.port,
                                                        dir=tmp_path / "rec"))

@@ -171,7 +171,6 @@ class ForwardHandler(AsyncHandler):
         self.session: LiveSession | None = None  # set by on_start, before any on_media
         self.encoding = "pcm16"  # the stream's own, set by on_start
         self.direct: _Link | None = None  # open, caught up, sends from the receive loop
-        self.fast: _PicowsLink | None = None  # the same, when it is picows'
         self.decode: Callable[[bytes], bytes] | None = None  # to PCM16, when it is needed
         self.track_messages = False  # a text message says which track the audio is
         self.max_buffered_bytes = 0  # what the socket may hold for the service (on_start)
@@ -235,20 +234,6 @@ class ForwardHandler(AsyncHandler):
         if track not in self.tracks:
             return
         if self.frames_per_message == 1:
-            fast = self.fast
-            if fast is not None and not self.outbox and (
-                    track == self.last_track or not self.track_messages):
-                # The hot path, all in one place: converted, written with the turn's others.
-                payload = frame.payload
-                if self.decode is not None:
-                    payload = self.decode(payload)
-                if fast.buffer_size() > self.max_buffered_bytes:
-                    self.dropped_frames += 1  # the service reads slower than the call
-                    return
-                fast.writes.add(fast.write, fast.binary, payload)
-                self.messages_sent += 1
-                self.frames_sent += 1
-                return
             self._audio(track, frame.payload, 1)
             return
         gathered = self.gathered.get(track)
@@ -358,7 +343,7 @@ class ForwardHandler(AsyncHandler):
             except (OSError, ConnectionClosed):
                 pass
             finally:
-                self.direct = self.fast = None
+                self.direct = None
                 await link.close()
             # The connection was lost mid-call: what was on its way is gone.
             self.away = True
@@ -406,13 +391,11 @@ class ForwardHandler(AsyncHandler):
                     self.frames_sent += frames
                 if link.direct:
                     self.direct = link  # caught up: the receive loop sends from now on
-                    self.fast = link if isinstance(link, _PicowsLink) else None
                 self.wakeup.clear()
                 waking = asyncio.ensure_future(self.wakeup.wait())
                 await asyncio.wait({waking, lost}, return_when=asyncio.FIRST_COMPLETED)
                 waking.cancel()
-                # The outbox has something (the stop) or the link is gone.
-                self.direct = self.fast = None
+                self.direct = None  # the outbox has something (the stop) or the link is gone
                 if lost.done():
                     return False
         finally:

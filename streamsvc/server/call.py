@@ -30,7 +30,12 @@ from streamsvc.context.handoff import (
     plan_twiml,
 )
 from streamsvc.context.store import CallContext
-from streamsvc.exceptions import HANDED_OFF_REASON, LocalProtocolError, RemoteProtocolError
+from streamsvc.exceptions import (
+    CLOSE_POLICY_VIOLATION,
+    HANDED_OFF_REASON,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from streamsvc.fleet.audio import AudioBatcher
 from streamsvc.handlers import RawFrame
 from streamsvc.live import HandOffResult, LiveSession
@@ -462,9 +467,19 @@ class CallCore:
         logger.warning("stream.evicted", reason=reason, bad_frames=self.session.bad_frames)
         self.close_for_policy(reason)
 
+    def close_with(self, code: int, reason: str, why: StopReason) -> None:
+        """Close the connection with ``code`` and ``reason``; ``why`` is the summary's
+        reason. A shell that closes every way alike implements this and inherits the four
+        below; the others override those."""
+        raise NotImplementedError
+
     def close_for_policy(self, reason: str) -> None:
         """Close the connection with 1008 and ``reason`` (the transport's own way)."""
-        raise NotImplementedError
+        self.close_with(CLOSE_POLICY_VIOLATION, reason, "error")
+
+    def close_for_shutdown(self) -> None:
+        """Close the connection with 1001: the server is stopping."""
+        self.close_with(1001, "server shutting down", "shutdown")
 
     def closed(self) -> None:
         """The connection is over (the transport calls this once, started or not)."""
@@ -734,7 +749,7 @@ class CallCore:
     def end_stream(self, reason: str, why: StopReason = "handed_off") -> None:
         """Close the stream normally (1000 with ``reason``): the call goes on elsewhere
         (``why``: the summary's reason, where the transport does not learn it)."""
-        raise NotImplementedError
+        self.close_with(1000, reason, why)
 
     def _publish_frame_rate(self, event: str, **fields: object) -> None:
         """A DTMF or mark entry for the bus: at most :data:`MAX_CALL_EVENTS_PUBLISHED` a
@@ -917,7 +932,8 @@ class CallCore:
     def hand_over(self) -> None:
         """Close the stream (1001) for another instance to resume the call (a drain in a
         fleet, on a bidirectional route)."""
-        raise NotImplementedError
+        self.moved = True
+        self.close_with(1001, "moving to another instance", "shutdown")
 
 
 def _ignore(media: wire.Media) -> None:

@@ -40,7 +40,6 @@ from websockets.exceptions import ConnectionClosed
 from streamsvc import wire
 from streamsvc.audio import to_pcm16
 from streamsvc.config import Route, Settings
-from streamsvc.exceptions import CLOSE_POLICY_VIOLATION
 from streamsvc.handlers import AnyHandler, HandlerSpec, resolve_handler
 from streamsvc.replay.client import SessionResult, play_as_platform
 from streamsvc.replay.fixture import Fixture, json_object, load_fixture
@@ -194,17 +193,7 @@ class _MemoryCall(CallCore):
         assert self.connection is not None
         self.connection.to_peer(frame)
 
-    def end_stream(self, reason: str, why: StopReason = "handed_off") -> None:
-        self._close(1000, reason, why)
-
-    def close_for_policy(self, reason: str) -> None:
-        self._close(CLOSE_POLICY_VIOLATION, reason, "error")
-
-    def hand_over(self) -> None:
-        self.moved = True
-        self._close(1001, "moving to another instance", "shutdown")
-
-    def _close(self, code: int, reason: str, why: StopReason) -> None:
+    def close_with(self, code: int, reason: str, why: StopReason) -> None:
         self.reason = self.reason or why
         if self.connection is not None:
             self.connection.closed_by_service(code, reason)
